@@ -1,0 +1,311 @@
+"""The custom resources users apply: ``CredentialPool`` and ``ProviderChain`` (SPEC §2), and the Secret
+shape they point at.
+
+These pydantic models are the single source of the resource schemas: the CRD YAML in ``crds/`` is
+generated from them. Specs forbid unknown fields, so a typo in a hand-written manifest is an error
+with a path, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from keyroute.core.classes import ErrorClass
+from keyroute.core.durations import DURATION_PATTERN, parse_duration
+
+GROUP = "keyroute.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+_NAME = re.compile(NAME_PATTERN)
+URL_PATTERN = r"^https?://[^\s/$.?#][^\s]*$"
+
+
+def _check_duration(value: str) -> str:
+    parse_duration(value)
+    return value
+
+
+def _check_url(value: str) -> str:
+    if not re.match(URL_PATTERN, value):
+        raise ValueError(f"not an http(s) URL: {value!r}")
+    return value.rstrip("/")
+
+
+Duration = Annotated[str, Field(pattern=DURATION_PATTERN, max_length=32), AfterValidator(_check_duration)]
+URL = Annotated[str, Field(pattern=URL_PATTERN, max_length=2048), AfterValidator(_check_url)]
+Name = Annotated[str, Field(pattern=NAME_PATTERN, min_length=1, max_length=63)]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class _Status(BaseModel):
+    # Status is written by the operator; tolerate fields from newer versions rather than fail a read.
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class Strategy(enum.StrEnum):
+    """How a pool picks among its healthy credentials."""
+
+    FILL_FIRST = "FillFirst"
+    ROUND_ROBIN = "RoundRobin"
+    LEAST_USED = "LeastUsed"
+    RANDOM = "Random"
+
+
+class ApiStyle(enum.StrEnum):
+    """How the key is presented upstream: ``openai`` = ``Authorization: Bearer``, ``anthropic`` = ``x-api-key``."""
+
+    OPENAI = "openai"
+    ANTHROPIC = "anthropic"
+
+
+class CredentialState(enum.StrEnum):
+    AVAILABLE = "Available"
+    COOLING_DOWN = "CoolingDown"
+    EXHAUSTED = "Exhausted"
+    REJECTED = "Rejected"
+    MISSING = "Missing"
+
+
+# --- CredentialPool ---------------------------------------------------------------------------------
+
+
+class SecretKeyRef(_Spec):
+    name: Name
+    key: Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")]
+
+
+class CredentialSpec(_Spec):
+    name: Name
+    secret_ref: SecretKeyRef = Field(alias="secretRef")
+    priority: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+    base_url: URL | None = Field(default=None, alias="baseURL")
+
+
+class Cooldowns(_Spec):
+    rate_limited: Duration = Field(default="60s", alias="rateLimited")
+    billing: Duration = "1h"
+    auth_failed: Duration = Field(default="5m", alias="authFailed")
+    max: Duration = "1h"
+
+
+class CredentialPoolSpec(_Spec):
+    provider: Name
+    strategy: Strategy = Strategy.FILL_FIRST
+    credentials: Annotated[list[CredentialSpec], Field(min_length=1, max_length=256)]
+    cooldowns: Cooldowns = Cooldowns()
+    share_cooldowns: bool = Field(default=True, alias="shareCooldowns")
+
+    @field_validator("credentials")
+    @classmethod
+    def _unique_names(cls, value: list[CredentialSpec]) -> list[CredentialSpec]:
+        _require_unique([c.name for c in value], "credential")
+        return value
+
+
+class Condition(_Status):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    last_transition_time: str = Field(alias="lastTransitionTime")
+    observed_generation: int | None = Field(default=None, alias="observedGeneration")
+
+
+class CredentialStatus(_Status):
+    name: str
+    state: CredentialState
+    reason: str | None = None
+    until: str | None = None
+    last_error_code: int | None = Field(default=None, alias="lastErrorCode")
+    fingerprint: str | None = None
+    last_transition_time: str | None = Field(default=None, alias="lastTransitionTime")
+    reported_by: str | None = Field(default=None, alias="reportedBy")
+
+
+class CredentialPoolStatus(_Status):
+    observed_generation: int | None = Field(default=None, alias="observedGeneration")
+    conditions: list[Condition] = []
+    available: int | None = None
+    total: int | None = None
+    credentials: list[CredentialStatus] = []
+
+
+# --- ProviderChain ----------------------------------------------------------------------------------
+
+
+class PoolRef(_Spec):
+    name: Name
+
+
+class Timeouts(_Spec):
+    """Unset fields inherit from the chain, then from the defaults below."""
+
+    connect: Duration | None = None
+    first_byte: Duration | None = Field(default=None, alias="firstByte")
+    idle: Duration | None = None
+    request: Duration | None = None
+
+
+DEFAULT_TIMEOUTS = {"connect": "5s", "first_byte": "30s", "idle": "30s", "request": "10m"}
+
+
+class ProviderEntry(_Spec):
+    name: Name | None = None
+    provider: Name
+    base_url: URL = Field(alias="baseURL")
+    credential_pool_ref: PoolRef = Field(alias="credentialPoolRef")
+    api: ApiStyle = ApiStyle.OPENAI
+    models: Annotated[dict[str, Annotated[str, Field(min_length=1)]], Field(max_length=256)] = {}
+    timeouts: Timeouts | None = None
+
+    @property
+    def entry_name(self) -> str:
+        """The entry's name: ``name`` if given, else its provider."""
+        return self.name or self.provider
+
+
+class Fallback(_Spec):
+    restore_after: Duration = Field(default="60s", alias="restoreAfter")
+    on: Annotated[list[ErrorClass], Field(max_length=16)] | None = None
+    max_wait: Duration = Field(default="5s", alias="maxWait")
+    context_length: Annotated[list[Name], Field(max_length=16)] = Field(default=[], alias="contextLength")
+    max_attempts: Annotated[int, Field(ge=1, le=32)] = Field(default=8, alias="maxAttempts")
+
+
+class ProviderChainSpec(_Spec):
+    providers: Annotated[list[ProviderEntry], Field(min_length=1, max_length=16)]
+    fallback: Fallback = Fallback()
+    timeouts: Timeouts = Timeouts()
+
+    @model_validator(mode="after")
+    def _names(self) -> ProviderChainSpec:
+        names = [p.entry_name for p in self.providers]
+        _require_unique(names, "provider entry")
+        unknown = [n for n in self.fallback.context_length if n not in names]
+        if unknown:
+            raise ValueError(f"fallback.contextLength names unknown entries: {', '.join(unknown)}")
+        return self
+
+
+class LastFallback(_Status):
+    from_: str = Field(alias="from")
+    to: str
+    reason: str
+    time: str
+    pod: str | None = None
+
+
+class RenderedConfigRef(_Status):
+    name: str
+    hash: str
+
+
+class ProviderChainStatus(_Status):
+    observed_generation: int | None = Field(default=None, alias="observedGeneration")
+    conditions: list[Condition] = []
+    active_provider: str | None = Field(default=None, alias="activeProvider")
+    sidecars: int | None = None
+    sidecars_on_fallback: int | None = Field(default=None, alias="sidecarsOnFallback")
+    last_fallback: LastFallback | None = Field(default=None, alias="lastFallback")
+    config: RenderedConfigRef | None = None
+
+
+# --- Objects ----------------------------------------------------------------------------------------
+
+
+class ObjectMeta(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: Name
+    namespace: str = "default"
+    uid: str | None = None
+    generation: int | None = None
+    resource_version: str | None = Field(default=None, alias="resourceVersion")
+    labels: dict[str, str] = {}
+    annotations: dict[str, str] = {}
+
+
+class _Object(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    api_version: str = Field(default=API_VERSION, alias="apiVersion")
+    metadata: ObjectMeta
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def namespace(self) -> str:
+        return self.metadata.namespace
+
+
+class CredentialPool(_Object):
+    kind: Literal["CredentialPool"] = "CredentialPool"
+    spec: CredentialPoolSpec
+    status: CredentialPoolStatus | None = None
+
+
+class ProviderChain(_Object):
+    kind: Literal["ProviderChain"] = "ProviderChain"
+    spec: ProviderChainSpec
+    status: ProviderChainStatus | None = None
+
+
+class Secret(_Object):
+    """A core v1 Secret, reduced to what keyroute reads."""
+
+    api_version: str = Field(default="v1", alias="apiVersion")
+    kind: Literal["Secret"] = "Secret"
+    data: dict[str, str] = {}
+    string_data: dict[str, str] = Field(default={}, alias="stringData", repr=False)
+
+    def __repr__(self) -> str:
+        # Never show values, even base64-encoded ones.
+        return f"Secret({self.namespace}/{self.name}, keys={sorted(self.values())})"
+
+    __str__ = __repr__
+
+    def values(self) -> dict[str, str]:
+        """Decoded values; ``stringData`` wins over ``data`` as on the API server.
+
+        A ``data`` value that is not valid base64 maps to ``None``-like absence: it is left out.
+        """
+        out: dict[str, str] = {}
+        for k, v in self.data.items():
+            try:
+                out[k] = base64.b64decode(v, validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError, ValueError):
+                continue
+        out.update(self.string_data)
+        return out
+
+
+def _require_unique(names: list[str], what: str) -> None:
+    seen: set[str] = set()
+    dupes = sorted({n for n in names if n in seen or seen.add(n)})  # type: ignore[func-returns-value]
+    if dupes:
+        raise ValueError(f"duplicate {what} names: {', '.join(dupes)}")
+
+
+def parse_object(doc: dict[str, Any]) -> CredentialPool | ProviderChain | Secret | None:
+    """Parse one manifest document; ``None`` for kinds keyroute does not read."""
+    kind = doc.get("kind")
+    if kind == "CredentialPool":
+        return CredentialPool.model_validate(doc)
+    if kind == "ProviderChain":
+        return ProviderChain.model_validate(doc)
+    if kind == "Secret":
+        return Secret.model_validate(doc)
+    return None
