@@ -162,7 +162,9 @@ def parse_config(text: str | bytes) -> SidecarConfig:
     try:
         data: Any = json.loads(text)
     except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config is not valid JSON: {type(e).__name__} at position {getattr(e, 'pos', '?')}") from None
+        raise ConfigError(
+            f"config is not valid JSON: {type(e).__name__} at position {getattr(e, 'pos', '?')}"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError("config must be a JSON object")
     try:

@@ -1,0 +1,179 @@
+"""``keyroute``: one command for every role of the image.
+
+- ``keyroute sidecar``: the proxy beside an agent (``--config`` rendered file, or ``--manifests`` local mode)
+- ``keyroute demo``: the sidecar in front of two misbehaving fake providers, narrated live
+- ``keyroute check``: validate manifests and show what a chain would route, without any key
+- ``keyroute render``: write the sidecar config the operator would render from manifests
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from keyroute import __version__
+from keyroute.logs import setup_logging
+
+log = logging.getLogger("keyroute")
+
+
+def _run(coro: Coroutine[Any, Any, int], loop: str) -> int:
+    if loop in ("auto", "uvloop"):
+        try:
+            import uvloop
+
+            return int(uvloop.run(coro))
+        except ImportError:
+            if loop == "uvloop":
+                raise
+    return asyncio.run(coro)
+
+
+async def _serve_sidecar(args: argparse.Namespace) -> int:
+    from keyroute.core.config import ConfigError
+    from keyroute.sidecar.app import Address, Sidecar
+    from keyroute.sidecar.sources import ConfigSource, ManifestSource, RenderedConfigFile
+
+    source: ConfigSource
+    if args.config:
+        source = RenderedConfigFile(Path(args.config))
+    else:
+        source = ManifestSource(Path(args.manifests), chain=args.chain, namespace=args.namespace)
+    sidecar = Sidecar(
+        source,
+        listen=Address.parse(args.listen),
+        admin_listen=Address.parse(args.admin_listen) if args.admin_listen != "off" else None,
+        reload_interval=args.reload_interval,
+    )
+    try:
+        await sidecar.start()
+    except (ConfigError, ValueError) as e:
+        log.error(
+            "cannot start: config is invalid", extra={"kr": {"source": source.describe(), "error": str(e)}}
+        )
+        return 2
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await sidecar.stop()
+    return 0
+
+
+def _cmd_sidecar(args: argparse.Namespace) -> int:
+    if bool(args.config) == bool(args.manifests):
+        print("keyroute sidecar: give exactly one of --config FILE or --manifests PATH", file=sys.stderr)
+        return 2
+    setup_logging(args.log_level, args.log_format)
+    return _run(_serve_sidecar(args), args.loop)
+
+
+def _load_manifests(args: argparse.Namespace) -> Any:
+    from keyroute.core.manifests import parse_manifests, render_manifests
+    from keyroute.sidecar.manifest_files import read_manifest_texts
+
+    return render_manifests(
+        parse_manifests(read_manifest_texts(Path(args.manifests))), args.chain, args.namespace
+    )
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    try:
+        result = _load_manifests(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg = result.config
+    print(f"chain {cfg.chain.namespace}/{cfg.chain.name}: config hash {cfg.content_hash()}")
+    for e in cfg.entries:
+        pool = next(p for p in cfg.pools if p.name == e.pool)
+        creds = ", ".join(f"{c.name} ({c.fingerprint})" for c in pool.credentials)
+        print(
+            f"  route  {e.name:<16} {e.provider:<12} {e.base_url}  pool {pool.name} [{pool.strategy}]: {creds}"
+        )
+    for x in cfg.excluded:
+        what = f"entry {x.entry}" if x.entry else f"credential {x.pool}/{x.credential}"
+        print(f"  skip   {what}: {x.reason}: {x.message}")
+    return 0 if cfg.entries else 1
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    try:
+        result = _load_manifests(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # The output holds key values: it goes to a file, never to a terminal by default.
+    out = Path(args.output)
+    out.write_text(result.config.to_json())
+    out.chmod(0o600)
+    print(f"wrote {out} (hash {result.config.content_hash()}; contains keys, mode 0600)")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from keyroute.demo import run_demo
+
+    setup_logging("warning" if not args.verbose else "info", "json")
+    return _run(run_demo(duration=args.duration, rate=args.rate), "auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="keyroute", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--version", action="version", version=f"keyroute {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def manifests_args(sp: argparse.ArgumentParser, required: bool) -> None:
+        sp.add_argument(
+            "--manifests", required=required, metavar="PATH", help="YAML file or directory of manifests"
+        )
+        sp.add_argument("--chain", help="ProviderChain name when the manifests hold several")
+        sp.add_argument("--namespace", help="namespace of the chain (default: any)")
+
+    s = sub.add_parser("sidecar", help="run the routing proxy beside an agent")
+    s.add_argument("--config", metavar="FILE", help="rendered config (file, or the mounted Secret directory)")
+    manifests_args(s, required=False)
+    s.add_argument("--listen", default="127.0.0.1:8411", help="proxy address (default 127.0.0.1:8411)")
+    s.add_argument("--admin-listen", default="0.0.0.0:8412", help="metrics and health address, or 'off'")
+    s.add_argument("--reload-interval", type=float, default=1.0, help="seconds between config checks")
+    s.add_argument("--log-level", default="info")
+    s.add_argument("--log-format", choices=["json", "text"], default="json")
+    s.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto")
+    s.set_defaults(func=_cmd_sidecar)
+
+    d = sub.add_parser("demo", help="watch the sidecar route around failing providers (no cluster, no keys)")
+    d.add_argument("--duration", type=float, default=24.0, help="seconds to run (default 24)")
+    d.add_argument("--rate", type=float, default=8.0, help="requests per second (default 8)")
+    d.add_argument("--verbose", action="store_true", help="also print the sidecar's JSON logs")
+    d.set_defaults(func=_cmd_demo)
+
+    c = sub.add_parser("check", help="validate manifests and show what would be routed")
+    manifests_args(c, required=True)
+    c.set_defaults(func=_cmd_check)
+
+    r = sub.add_parser("render", help="write the sidecar config rendered from manifests")
+    manifests_args(r, required=True)
+    r.add_argument("--output", "-o", required=True, help="file to write (mode 0600)")
+    r.set_defaults(func=_cmd_render)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

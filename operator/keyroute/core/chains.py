@@ -1,0 +1,237 @@
+"""A provider chain at run time: its entries (each owning its provider's pool) and, per requested model,
+which entry serves and when a failed entry may be probed again.
+
+Structure carries the invariant (SPEC §1): an :class:`Entry` is built with its pool and refuses a pool
+of another provider; a request attempt is (entry, lease, base URL) and the base URL comes from that
+entry or from the leased credential's own override. There is no "current pool" or "current base URL"
+anywhere, so nothing one provider does can change another provider's host or keys.
+
+Restore (SPEC §2 ``fallback.restoreAfter``): an entry a request had to leave is skipped until its
+restore time; the first request after that probes it with the real call (one probe at a time per
+model and entry); a failed probe doubles the wait (capped by ``restoreMax``, 4 h); a success clears
+it. The same rule serves every entry, the primary included, so a chain of three degrades and recovers
+one step at a time. Entries still waiting are tried last, as a last resort, except after a
+``Timeout``: a silent route is never retried.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from keyroute.core.actions import Action, ActionKind
+from keyroute.core.classes import ErrorClass
+from keyroute.core.config import SidecarConfig
+from keyroute.core.pools import Credential, Pool
+from keyroute.core.resources import ApiStyle
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One provider of the chain, bound to its own pool."""
+
+    index: int
+    name: str
+    provider: str
+    api: ApiStyle
+    base_url: str
+    pool: Pool
+    models: Mapping[str, str]
+    connect: float
+    first_byte: float
+    idle: float
+
+    def __post_init__(self) -> None:
+        if self.pool.provider != self.provider:
+            raise ValueError(
+                f"entry {self.name} is provider {self.provider}; pool {self.pool.name} belongs to {self.pool.provider}"
+            )
+
+    def upstream_model(self, model: str) -> str:
+        """The model id to send to this provider for the model the agent asked for."""
+        if not self.models:
+            return model
+        return self.models.get(model) or self.models.get("*") or model
+
+    def base_url_for(self, cred: Credential) -> str:
+        """The base URL of an attempt: the credential's override (same provider) or the entry's."""
+        return cred.base_url or self.base_url
+
+
+@dataclass(slots=True)
+class Restore:
+    """An entry a request had to leave: when to probe it again and how long the next wait is."""
+
+    backoff: float
+    restore_at: float
+    reason: ErrorClass | None
+    probing: bool = False
+
+
+@dataclass(slots=True)
+class ModelState:
+    """Chain state for one requested model: SPEC §3 keeps fallback and restore per model."""
+
+    serving: str | None = None
+    restores: dict[str, Restore] = field(default_factory=dict)
+
+
+class Chain:
+    """The chain's entries and per-model routing state."""
+
+    def __init__(
+        self, config: SidecarConfig, *, rng: random.Random | None = None, previous: Chain | None = None
+    ):
+        self.config = config
+        self.name = config.chain.name
+        self.namespace = config.chain.namespace
+        self.fallback = config.fallback
+        self.request_timeout = config.request_timeout
+        old_pools = previous.pools if previous is not None else {}
+        self.pools: dict[str, Pool] = {
+            p.name: Pool(p, rng=rng, previous=old_pools.get(p.name)) for p in config.pools
+        }
+        self.entries: tuple[Entry, ...] = tuple(
+            Entry(
+                index=i,
+                name=e.name,
+                provider=e.provider,
+                api=e.api,
+                base_url=e.base_url.rstrip("/"),
+                pool=self.pools[e.pool],
+                models=dict(e.models),
+                connect=e.timeouts.connect,
+                first_byte=e.timeouts.first_byte,
+                idle=e.timeouts.idle,
+            )
+            for i, e in enumerate(config.entries)
+        )
+        self.by_name = {e.name: e for e in self.entries}
+        self.fallback_on = frozenset(config.fallback.on) if config.fallback.on is not None else None
+        self.models: dict[str, ModelState] = {}
+        if previous is not None:
+            # Keep routing state for entries that still exist; a removed entry's state goes with it.
+            for model, st in previous.models.items():
+                kept = {n: r for n, r in st.restores.items() if n in self.by_name}
+                for r in kept.values():
+                    r.probing = False
+                serving = st.serving if st.serving in self.by_name else None
+                self.models[model] = ModelState(serving=serving, restores=kept)
+
+    @property
+    def primary(self) -> Entry | None:
+        return self.entries[0] if self.entries else None
+
+    def state(self, model: str) -> ModelState:
+        st = self.models.get(model)
+        if st is None:
+            st = self.models[model] = ModelState()
+        return st
+
+    def plan(self, model: str, now: float) -> tuple[list[Entry], list[Entry]]:
+        """Entries to try for a new request, in order, and the probes this request claimed.
+
+        Entries waiting for their restore time come last (never those that went silent); an entry
+        whose restore time has passed is probed by this request unless another already is.
+        """
+        st = self.state(model)
+        ready: list[Entry] = []
+        waiting: list[Entry] = []
+        probes: list[Entry] = []
+        for e in self.entries:
+            r = st.restores.get(e.name)
+            if r is None:
+                ready.append(e)
+            elif r.restore_at <= now and not r.probing:
+                r.probing = True
+                probes.append(e)
+                ready.append(e)
+            elif r.reason is not ErrorClass.TIMEOUT:
+                waiting.append(e)
+        return ready + waiting, probes
+
+    def release_probe(self, model: str, entry: Entry) -> None:
+        """A claimed probe that never reached its entry: let the next request probe it."""
+        r = self.state(model).restores.get(entry.name)
+        if r is not None:
+            r.probing = False
+
+    def entry_failed(self, model: str, entry: Entry, cls: ErrorClass, now: float) -> None:
+        """A request left ``entry`` because of ``cls``: start (or lengthen) its restore wait."""
+        st = self.state(model)
+        r = st.restores.get(entry.name)
+        if r is None:
+            st.restores[entry.name] = Restore(
+                backoff=self.fallback.restore_after, restore_at=now + self.fallback.restore_after, reason=cls
+            )
+            return
+        if r.restore_at > now and not r.probing:
+            return  # already waiting; a request that was in flight does not extend the wait
+        r.backoff = min(r.backoff * 2, self.fallback.restore_max)
+        r.restore_at = now + r.backoff
+        r.reason = cls
+        r.probing = False
+
+    def served(self, model: str, entry: Entry, now: float, reason: ErrorClass | None) -> list[Action]:
+        """``entry`` answered a request for ``model``: clear its wait, and report a change of serving entry."""
+        st = self.state(model)
+        st.restores.pop(entry.name, None)
+        previous = st.serving or (self.primary.name if self.primary else None)
+        st.serving = entry.name
+        if previous == entry.name:
+            return []
+        primary = self.primary
+        if primary is not None and entry.name == primary.name:
+            return [
+                Action(
+                    kind=ActionKind.PRIMARY_RESTORED,
+                    at=now,
+                    namespace=self.namespace,
+                    object_name=self.name,
+                    model=model or None,
+                    from_entry=previous,
+                    to_entry=entry.name,
+                )
+            ]
+        return [
+            Action(
+                kind=ActionKind.FALLBACK_ACTIVATED,
+                at=now,
+                namespace=self.namespace,
+                object_name=self.name,
+                error_class=reason,
+                model=model or None,
+                from_entry=previous,
+                to_entry=entry.name,
+            )
+        ]
+
+    def on_fallback(self, model: str) -> bool:
+        """Whether ``model`` is served by an entry other than the primary."""
+        st = self.models.get(model)
+        primary = self.primary
+        return bool(st and st.serving and primary and st.serving != primary.name)
+
+    def earliest_usable(self, model: str, now: float) -> float | None:
+        """When any entry of the chain could next serve ``model``: the soonest key or restore time."""
+        best: float | None = None
+        st = self.models.get(model)
+        for e in self.entries:
+            t = e.pool.earliest_available(e.upstream_model(model), now)
+            if t is None:
+                continue
+            r = st.restores.get(e.name) if st else None
+            if r is not None and r.reason is ErrorClass.TIMEOUT:
+                # Other waiting entries are still tried as a last resort; a silent one is not.
+                t = max(t, r.restore_at)
+            if best is None or t < best:
+                best = t
+        return best
+
+    def expire(self, now: float) -> list[Action]:
+        """Time-driven transitions of every pool (cooldowns that ended)."""
+        out: list[Action] = []
+        for pool in self.pools.values():
+            out.extend(pool.expire(now))
+        return out

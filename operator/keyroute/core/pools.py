@@ -1,0 +1,355 @@
+"""A provider's credential pool: which key to send next, and what a failure does to the key that was sent.
+
+This is where "what happens on a 429" lives for credentials. Every failure is attributed through the
+:class:`Lease` the request was given, i.e. to the exact credential that was sent, never to "the pool's
+current key" (SPEC §1). A pool belongs to one provider; the chain refuses to give it to another.
+
+Time is a parameter (``now``, wall-clock epoch seconds, the clock providers' reset times use).
+
+Decisions where the spec is silent:
+
+- Leases are soft: a key may be leased to several requests at once (providers meter per key, not per
+  connection), but ``LeastUsed`` counts leases in flight, and a failure reported through a lease taken
+  *before* the key's current cooldown started does not escalate that cooldown. Twenty concurrent
+  requests that all get the same 429 are one rate limit, not twenty consecutive ones.
+- ``UsageLimit`` without a reset time cools down for ``max``.
+- The sole-key cap (60 s) applies to every cooldown but ``Billing`` and ``Revoked``, provider resets
+  included: a pool's only key is retried at least once a minute.
+- ``Billing`` takes the longer of ``billing`` and the provider's reset: it is never shortened.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+
+from keyroute.core.actions import Action, ActionKind
+from keyroute.core.classes import ErrorClass
+from keyroute.core.classify import Classification
+from keyroute.core.config import CooldownConfig, PoolConfig
+from keyroute.core.resources import CredentialState, Strategy
+
+SOLE_KEY_CAP = 60.0
+#: Model scope key for blocks that apply to every model.
+ALL_MODELS = "*"
+
+_PER_MODEL = frozenset({ErrorClass.RATE_LIMITED})
+_STATE_FOR = {
+    ErrorClass.RATE_LIMITED: CredentialState.COOLING_DOWN,
+    ErrorClass.USAGE_LIMIT: CredentialState.COOLING_DOWN,
+    ErrorClass.AUTH_FAILED: CredentialState.COOLING_DOWN,
+    ErrorClass.BILLING: CredentialState.EXHAUSTED,
+    ErrorClass.REVOKED: CredentialState.REJECTED,
+}
+_ACTION_FOR = {
+    CredentialState.COOLING_DOWN: ActionKind.COOLED_DOWN,
+    CredentialState.EXHAUSTED: ActionKind.EXHAUSTED,
+    CredentialState.REJECTED: ActionKind.REJECTED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """A key and its identity. ``key`` is excluded from repr so it cannot reach a log by accident."""
+
+    name: str
+    key: str = field(repr=False)
+    fingerprint: str
+    priority: int
+    base_url: str | None = None
+
+
+@dataclass(slots=True)
+class Block:
+    """Why a credential is not usable, and until when (``None``: until its Secret value changes)."""
+
+    state: CredentialState
+    error_class: ErrorClass
+    since: float
+    until: float | None
+    status: int | None = None
+    # Set for blocks learned from another pod's report (fleet cooldowns).
+    reported_by: str | None = None
+
+    def active(self, now: float) -> bool:
+        return self.until is None or self.until > now
+
+
+@dataclass(slots=True)
+class Health:
+    """Mutable per-credential state, owned by exactly one pool."""
+
+    blocks: dict[str, Block] = field(default_factory=dict)  # scope (model or ALL_MODELS) → block
+    strikes: dict[str, int] = field(default_factory=dict)  # consecutive rate limits per model
+    epoch: int = 0  # bumped whenever a block is set; leases remember it
+    in_flight: int = 0
+    uses: int = 0
+    last_status: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One credential handed to one attempt. Outcomes are recorded through it, so they reach that key."""
+
+    pool: Pool
+    credential: Credential
+    model: str
+    epoch: int
+
+
+class Pool:
+    """The credentials of one provider, with their health and the pool's selection strategy."""
+
+    def __init__(self, config: PoolConfig, *, rng: random.Random | None = None, previous: Pool | None = None):
+        self.name = config.name
+        self.namespace = config.namespace
+        self.provider = config.provider
+        self.strategy = config.strategy
+        self.cooldowns: CooldownConfig = config.cooldowns
+        self.share_cooldowns = config.share_cooldowns
+        self.credentials: tuple[Credential, ...] = tuple(
+            Credential(
+                name=c.name, key=c.key, fingerprint=c.fingerprint, priority=c.priority, base_url=c.base_url
+            )
+            for c in config.credentials
+        )
+        self._rng = rng or random.Random()
+        self._cursor = 0
+        self.health: dict[str, Health] = {}
+        for cred in self.credentials:
+            old = previous.carry_over(cred) if previous is not None else None
+            self.health[cred.name] = old if old is not None else Health()
+
+    def carry_over(self, cred: Credential) -> Health | None:
+        """This pool's state for ``cred`` if the same credential (name and key value) is here."""
+        for mine in self.credentials:
+            if mine.name == cred.name and mine.fingerprint == cred.fingerprint:
+                health = self.health[mine.name]
+                health.in_flight = 0  # leases of the old pool are released on the old pool
+                return health
+        return None
+
+    # --- selection ------------------------------------------------------------------------------
+
+    def usable(self, cred: Credential, model: str, now: float) -> bool:
+        """Whether ``cred`` may be sent for ``model`` at ``now``."""
+        blocks = self.health[cred.name].blocks
+        if not blocks:
+            return True
+        for scope in (ALL_MODELS, model):
+            b = blocks.get(scope)
+            if b is not None and b.active(now):
+                return False
+        return True
+
+    def acquire(self, model: str, now: float, exclude: Collection[str] = ()) -> Lease | None:
+        """Lease the next credential for ``model`` by the pool's strategy, or ``None`` if none is usable."""
+        candidates = [c for c in self.credentials if c.name not in exclude and self.usable(c, model, now)]
+        if not candidates:
+            return None
+        cred = self._pick(candidates)
+        health = self.health[cred.name]
+        health.in_flight += 1
+        health.uses += 1
+        return Lease(pool=self, credential=cred, model=model, epoch=health.epoch)
+
+    def _pick(self, candidates: list[Credential]) -> Credential:
+        if self.strategy is Strategy.FILL_FIRST or len(candidates) == 1:
+            return candidates[0]
+        if self.strategy is Strategy.ROUND_ROBIN:
+            order = {c.name: i for i, c in enumerate(self.credentials)}
+            n = len(self.credentials)
+            chosen = min(candidates, key=lambda c: (order[c.name] - self._cursor) % n)
+            self._cursor = (order[chosen.name] + 1) % n
+            return chosen
+        if self.strategy is Strategy.LEAST_USED:
+            return min(candidates, key=lambda c: (self.health[c.name].in_flight, self.health[c.name].uses))
+        return self._rng.choice(candidates)
+
+    def release(self, lease: Lease) -> None:
+        """End a lease (the attempt is over, whatever its outcome)."""
+        health = self.health.get(lease.credential.name)
+        if health is not None and health.in_flight > 0 and lease.pool is self:
+            health.in_flight -= 1
+
+    def earliest_available(self, model: str, now: float) -> float | None:
+        """When some credential becomes usable for ``model`` (``now`` if one is); ``None`` if none ever will."""
+        best: float | None = None
+        for cred in self.credentials:
+            blocks = self.health[cred.name].blocks
+            until = now
+            for scope in (ALL_MODELS, model):
+                b = blocks.get(scope)
+                if b is not None and b.active(now):
+                    if b.until is None:
+                        until = float("inf")
+                        break
+                    until = max(until, b.until)
+            if until != float("inf") and (best is None or until < best):
+                best = until
+        return best
+
+    def blocking_class(self, model: str, now: float) -> ErrorClass | None:
+        """The class of the block that ends soonest for ``model``: why this pool has nothing to offer."""
+        found: tuple[float, ErrorClass] | None = None
+        for cred in self.credentials:
+            for scope in (ALL_MODELS, model):
+                b = self.health[cred.name].blocks.get(scope)
+                if b is not None and b.active(now):
+                    key = b.until if b.until is not None else float("inf")
+                    if found is None or key < found[0]:
+                        found = (key, b.error_class)
+        return found[1] if found else None
+
+    # --- outcomes -------------------------------------------------------------------------------
+
+    def record_success(self, lease: Lease, now: float) -> list[Action]:
+        """The credential answered: its rate-limit streak for this model ends."""
+        health = self._own(lease)
+        if health is None:
+            return []
+        health.strikes.pop(lease.model, None)
+        health.last_status = 200
+        return []
+
+    def record_failure(self, lease: Lease, verdict: Classification, now: float) -> list[Action]:
+        """Apply a failure to the credential that was sent. Provider-level classes leave it alone."""
+        health = self._own(lease)
+        cls = verdict.error_class
+        state = _STATE_FOR.get(cls)
+        if health is None or state is None:
+            return []
+        cred = lease.credential
+        health.last_status = verdict.status
+        scope = lease.model if cls in _PER_MODEL else ALL_MODELS
+        current = health.blocks.get(scope)
+        if current is not None and current.active(now) and lease.epoch != health.epoch:
+            # Reported through a lease taken before the current block: same incident, not a new one.
+            # A later provider reset may still extend it.
+            if (
+                verdict.reset_at is not None
+                and current.until is not None
+                and verdict.reset_at > current.until
+            ):
+                current.until = self._cap(verdict.reset_at, now, cls)
+            return []
+        if cls is ErrorClass.RATE_LIMITED:
+            health.strikes[scope] = health.strikes.get(scope, 0) + 1
+        until = self._until(cls, verdict.reset_at, health.strikes.get(scope, 1), now)
+        health.blocks[scope] = Block(
+            state=state, error_class=cls, since=now, until=until, status=verdict.status
+        )
+        health.epoch += 1
+        return [
+            Action(
+                kind=_ACTION_FOR[state],
+                at=now,
+                namespace=self.namespace,
+                object_name=self.name,
+                error_class=cls,
+                credential=cred.name,
+                fingerprint=cred.fingerprint,
+                until=until,
+                model=lease.model if scope != ALL_MODELS else None,
+                status=verdict.status,
+                message=verdict.message,
+            )
+        ]
+
+    def _own(self, lease: Lease) -> Health | None:
+        # A lease from a pool replaced by a reload must not touch this pool's state.
+        if lease.pool is not self:
+            return None
+        return self.health.get(lease.credential.name)
+
+    def _until(self, cls: ErrorClass, reset_at: float | None, strikes: int, now: float) -> float | None:
+        cd = self.cooldowns
+        if cls is ErrorClass.REVOKED:
+            return None
+        if cls is ErrorClass.BILLING:
+            return max(now + cd.billing, reset_at or 0.0)
+        if reset_at is not None and reset_at > now:
+            until = reset_at
+        elif cls is ErrorClass.RATE_LIMITED:
+            until = now + min(cd.rate_limited * 2 ** max(strikes - 1, 0), cd.max)
+        elif cls is ErrorClass.USAGE_LIMIT:
+            until = now + cd.max
+        else:  # AUTH_FAILED
+            until = now + cd.auth_failed
+        return self._cap(until, now, cls)
+
+    def _cap(self, until: float, now: float, cls: ErrorClass) -> float:
+        if cls is not ErrorClass.BILLING and self.usable_count() <= 1:
+            return min(until, now + SOLE_KEY_CAP)
+        return until
+
+    def usable_count(self) -> int:
+        """Credentials that are not rejected or exhausted: what the sole-key cap counts."""
+        n = 0
+        for cred in self.credentials:
+            b = self.health[cred.name].blocks.get(ALL_MODELS)
+            if b is None or b.state is CredentialState.COOLING_DOWN:
+                n += 1
+        return n
+
+    # --- time and state -------------------------------------------------------------------------
+
+    def expire(self, now: float) -> list[Action]:
+        """Drop blocks whose time has passed, returning a restoration action for each credential freed."""
+        actions: list[Action] = []
+        for cred in self.credentials:
+            blocks = self.health[cred.name].blocks
+            ended = [s for s, b in blocks.items() if not b.active(now)]
+            for scope in ended:
+                b = blocks.pop(scope)
+                actions.append(
+                    Action(
+                        kind=ActionKind.RESTORED,
+                        at=now,
+                        namespace=self.namespace,
+                        object_name=self.name,
+                        error_class=b.error_class,
+                        credential=cred.name,
+                        fingerprint=cred.fingerprint,
+                        model=scope if scope != ALL_MODELS else None,
+                        message=f"was {b.state}",
+                    )
+                )
+        return actions
+
+    def state(self, name: str, now: float) -> tuple[CredentialState, Block | None]:
+        """The credential's state as status reports it: the all-model block first, else any model's."""
+        blocks = self.health[name].blocks
+        b = blocks.get(ALL_MODELS)
+        if b is not None and b.active(now):
+            return b.state, b
+        for scope, b in blocks.items():
+            if scope != ALL_MODELS and b.active(now):
+                return b.state, b
+        return CredentialState.AVAILABLE, None
+
+    def apply_block(self, name: str, fingerprint: str, block: Block, model: str | None = None) -> bool:
+        """Adopt a block another pod reported (fleet cooldowns). Ignored if the key value differs."""
+        cred = next((c for c in self.credentials if c.name == name), None)
+        if cred is None or cred.fingerprint != fingerprint:
+            return False
+        health = self.health[name]
+        scope = model or ALL_MODELS
+        current = health.blocks.get(scope)
+        if (
+            current is not None
+            and current.until is not None
+            and block.until is not None
+            and current.until >= block.until
+        ):
+            return False
+        health.blocks[scope] = block
+        health.epoch += 1
+        return True
+
+    def snapshot(self, now: float) -> Iterable[tuple[Credential, CredentialState, Block | None]]:
+        """Every credential with its current state, in priority order."""
+        for cred in self.credentials:
+            st, block = self.state(cred.name, now)
+            yield cred, st, block

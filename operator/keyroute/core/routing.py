@@ -1,0 +1,287 @@
+"""One agent request's way through the chain: which attempt next, and what an outcome means.
+
+The sidecar's HTTP shell asks :meth:`Route.next` for an attempt, performs it, and tells
+:meth:`Route.report` what happened; the route answers whether to hand the response to the agent or to
+go on. Everything the SPEC §3 table says about "then" is decided here, in one place:
+
+- credential classes (RateLimited, UsageLimit, Billing, AuthFailed, Revoked): next key of the same pool
+  at once; with none left, wait out a short reset (≤ ``maxWait``, once per entry) or fall back;
+- Overloaded: next key once, then fall back;
+- ServerError, ConnectionError: retry once on the same provider (another key if there is one);
+- Timeout, ModelNotFound, UpstreamRateLimited: fall back at once;
+- ClientError: the agent gets the answer, unless it says the prompt is too long and the chain names
+  ``contextLength`` entries, which are tried next, in order.
+
+``fallback.on`` narrows which classes may leave an entry: any other class hands the provider's answer
+to the agent. Every request is bounded by ``maxAttempts`` upstream attempts and the request deadline.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass, field
+
+from keyroute.core.actions import Action, ActionKind
+from keyroute.core.chains import Chain, Entry
+from keyroute.core.classes import CREDENTIAL_CLASSES, ErrorClass
+from keyroute.core.classify import Classification
+from keyroute.core.pools import Lease
+
+#: Jitter added to a short wait, so sidecars that saw the same reset do not return in lockstep.
+WAIT_JITTER = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One upstream call: this entry, this leased credential, this base URL. Immutable by design."""
+
+    entry: Entry
+    lease: Lease
+    base_url: str
+    model: str  # the model id sent upstream
+    connect: float
+    first_byte: float
+    idle: float
+    probe: bool = False
+
+    @property
+    def credential_name(self) -> str:
+        return self.lease.credential.name
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Sleep until ``until`` (same clock as ``now``), then ask again."""
+
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
+class Exhausted:
+    """Nothing more to try. ``retry_after`` is in seconds from ``now``."""
+
+    retry_after: float
+
+
+class Verdict(enum.Enum):
+    RETURN = "return"  # give this upstream answer to the agent
+    CONTINUE = "continue"  # ask next() again
+
+
+@dataclass(slots=True)
+class AttemptRecord:
+    """What one attempt (or a skipped entry) came to; the ``attempts`` of a chain_exhausted body."""
+
+    provider: str
+    error_class: ErrorClass | None
+    credential: str | None = None
+    status: int | None = None
+    skipped: bool = False
+    message: str = ""
+
+    def as_json(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "provider": self.provider,
+            "class": str(self.error_class) if self.error_class else None,
+        }
+        if self.credential:
+            out["credential"] = self.credential
+        if self.status is not None:
+            out["status"] = self.status
+        if self.skipped:
+            out["skipped"] = True
+        if self.message:
+            out["message"] = self.message
+        return out
+
+
+@dataclass(slots=True)
+class _EntryProgress:
+    tried: set[str] = field(default_factory=set)
+    retried: bool = False
+    waited: bool = False
+    allow_tried: bool = False
+    last: ErrorClass | None = None
+
+
+class Route:
+    """The state of one request's walk along the chain."""
+
+    def __init__(self, chain: Chain, model: str, now: float, *, rng: random.Random | None = None):
+        self.chain = chain
+        self.model = model
+        self.deadline = now + chain.request_timeout
+        self.max_attempts = chain.fallback.max_attempts
+        self.order, self._probes = chain.plan(model, now)
+        self.pos = 0
+        self.count = 0
+        self.records: list[AttemptRecord] = []
+        self.actions: list[Action] = []
+        self.reason: ErrorClass | None = None  # why the last entry was left
+        self._progress: dict[str, _EntryProgress] = {}
+        self._context_mode = False
+        self._rng = rng or random.Random()
+        self._finished = False
+
+    # --- asking --------------------------------------------------------------------------------
+
+    def next(self, now: float) -> Attempt | Wait | Exhausted:
+        """The next thing to do."""
+        while True:
+            if self.count >= self.max_attempts or now >= self.deadline or self.pos >= len(self.order):
+                return self._exhausted(now)
+            entry = self.order[self.pos]
+            prog = self._progress.setdefault(entry.name, _EntryProgress())
+            upstream = entry.upstream_model(self.model)
+            exclude = () if prog.allow_tried else prog.tried
+            lease = entry.pool.acquire(upstream, now, exclude)
+            if lease is None and prog.tried and prog.retried and not prog.allow_tried:
+                # A same-provider retry may reuse the key that failed if it is the only one.
+                lease = entry.pool.acquire(upstream, now)
+            if lease is not None:
+                self.count += 1
+                remaining = max(self.deadline - now, 0.001)
+                return Attempt(
+                    entry=entry,
+                    lease=lease,
+                    base_url=entry.base_url_for(lease.credential),
+                    model=upstream,
+                    connect=min(entry.connect, remaining),
+                    first_byte=min(entry.first_byte, remaining),
+                    idle=entry.idle,
+                    probe=entry in self._probes,
+                )
+            # No usable key here. Wait out a short reset rather than leave the entry (SPEC §4).
+            soonest = entry.pool.earliest_available(upstream, now)
+            max_wait = self.chain.fallback.max_wait
+            if soonest is not None and not prog.waited and soonest - now <= max_wait:
+                until = soonest + self._rng.uniform(0, WAIT_JITTER)
+                if until < self.deadline:
+                    prog.waited = True
+                    prog.allow_tried = True
+                    return Wait(until=until)
+            cls = prog.last or entry.pool.blocking_class(upstream, now) or ErrorClass.RATE_LIMITED
+            if not prog.tried:
+                self.records.append(
+                    AttemptRecord(
+                        provider=entry.name, error_class=cls, skipped=True, message="no usable credential"
+                    )
+                )
+            self._leave(entry, cls, now)
+
+    # --- telling -------------------------------------------------------------------------------
+
+    def report(self, attempt: Attempt, verdict: Classification | None, now: float) -> Verdict:
+        """Record the outcome of ``attempt`` (``None``: success) and say what to do with the answer."""
+        lease = attempt.lease
+        pool = lease.pool
+        pool.release(lease)
+        entry = attempt.entry
+        if verdict is None:
+            self.actions.extend(pool.record_success(lease, now))
+            if not self._context_mode:
+                self.actions.extend(self.chain.served(self.model, entry, now, self.reason))
+            self._finish()
+            return Verdict.RETURN
+        self.actions.extend(pool.record_failure(lease, verdict, now))
+        cls = verdict.error_class
+        self.records.append(
+            AttemptRecord(
+                provider=entry.name,
+                error_class=cls,
+                credential=lease.credential.name,
+                status=verdict.status,
+                message=verdict.message,
+            )
+        )
+        prog = self._progress.setdefault(entry.name, _EntryProgress())
+        prog.tried.add(lease.credential.name)
+        prog.last = cls
+        if cls is ErrorClass.CLIENT_ERROR:
+            if verdict.context_length and self._switch_to_context_entries(entry):
+                return Verdict.CONTINUE
+            self._finish()
+            return Verdict.RETURN
+        if cls in CREDENTIAL_CLASSES:
+            prog.allow_tried = False
+            return Verdict.CONTINUE  # next() rotates, waits or leaves
+        if (
+            cls in (ErrorClass.OVERLOADED, ErrorClass.SERVER_ERROR, ErrorClass.CONNECTION_ERROR)
+            and not prog.retried
+        ):
+            prog.retried = True
+            prog.allow_tried = False
+            if cls is ErrorClass.OVERLOADED and not self._has_other_key(entry, prog, now):
+                return self._leave_or_return(entry, cls, now)
+            return Verdict.CONTINUE
+        return self._leave_or_return(entry, cls, now)
+
+    def abandon(self) -> None:
+        """The request ended without a verdict (the agent went away): release what it holds."""
+        self._finish()
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _has_other_key(self, entry: Entry, prog: _EntryProgress, now: float) -> bool:
+        upstream = entry.upstream_model(self.model)
+        return any(
+            c.name not in prog.tried and entry.pool.usable(c, upstream, now) for c in entry.pool.credentials
+        )
+
+    def _leave_or_return(self, entry: Entry, cls: ErrorClass, now: float) -> Verdict:
+        if self.chain.fallback_on is not None and cls not in self.chain.fallback_on:
+            self._finish()
+            return Verdict.RETURN
+        self._leave(entry, cls, now)
+        return Verdict.CONTINUE
+
+    def _leave(self, entry: Entry, cls: ErrorClass, now: float) -> None:
+        self.reason = cls
+        if not self._context_mode:
+            self.chain.entry_failed(self.model, entry, cls, now)
+        if entry in self._probes:
+            self._probes.remove(entry)
+        self.pos += 1
+
+    def _switch_to_context_entries(self, current: Entry) -> bool:
+        names = self.chain.fallback.context_length
+        if not names:
+            return False
+        done = {current.name, *(r.provider for r in self.records)}
+        if self._context_mode:
+            rest = [self.chain.by_name[n] for n in names if n not in done]
+        else:
+            rest = [self.chain.by_name[n] for n in names if n != current.name]
+        if not rest:
+            return False
+        self._context_mode = True
+        self.order = self.order[: self.pos + 1] + rest
+        self.pos += 1
+        return True
+
+    def _exhausted(self, now: float) -> Exhausted:
+        soonest = self.chain.earliest_usable(self.model, now)
+        retry_after = max(1.0, (soonest - now) if soonest is not None else self.chain.fallback.restore_after)
+        self.actions.append(
+            Action(
+                kind=ActionKind.CHAIN_EXHAUSTED,
+                at=now,
+                namespace=self.chain.namespace,
+                object_name=self.chain.name,
+                error_class=self.reason,
+                model=self.model or None,
+                until=now + retry_after,
+                message=f"{self.count} attempts",
+            )
+        )
+        self._finish()
+        return Exhausted(retry_after=retry_after)
+
+    def _finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        for entry in self._probes:
+            self.chain.release_probe(self.model, entry)
+        self._probes.clear()

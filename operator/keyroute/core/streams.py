@@ -1,0 +1,66 @@
+"""Server-sent events as they pass through the sidecar: is the stream complete, and how it is ended
+when it is not.
+
+The sidecar never re-frames a stream (SPEC §4): it forwards bytes as they come and watches them for
+the markers of a complete answer, so that a stream cut, stalled or ended early gets a clear error
+event instead of looking finished. What the upstream did send is never altered.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from keyroute.core.classes import ErrorClass
+
+# A finish reason that is a string (``null`` means "not yet"), OpenAI and Anthropic spellings, the
+# Anthropic and Responses API terminal events, and the ``[DONE]`` sentinel.
+_COMPLETE = re.compile(
+    rb'"(?:finish_reason|stop_reason)"\s*:\s*"'
+    rb"|data:\s*\[DONE\]"
+    rb"|event:\s*message_stop"
+    rb'|"type"\s*:\s*"(?:message_stop|response\.completed|response\.incomplete|response\.failed)"'
+)
+_TAIL = 96  # enough to hold a marker split across two chunks
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
+
+
+class StreamWatch:
+    """Feed it every chunk; it tells whether the stream has said it is complete."""
+
+    __slots__ = ("_tail", "complete")
+
+    def __init__(self) -> None:
+        self.complete = False
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> None:
+        if self.complete:
+            return
+        window = self._tail + chunk
+        if _COMPLETE.search(window):
+            self.complete = True
+        else:
+            self._tail = window[-_TAIL:]
+
+
+def first_event_end(buf: bytes) -> int:
+    """Index just past the first complete SSE event in ``buf``, or -1 if it is not complete yet."""
+    m = _EVENT_END.search(buf)
+    return m.end() if m else -1
+
+
+def error_event(cls: ErrorClass, message: str, provider: str) -> bytes:
+    """The SSE event that ends a stream the upstream did not finish.
+
+    ``event: error`` with an ``error`` object is what the OpenAI and Anthropic SDKs raise on.
+    """
+    payload = {
+        "error": {
+            "type": "keyroute_stream_error",
+            "class": str(cls),
+            "message": message,
+            "provider": provider,
+        }
+    }
+    return b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"

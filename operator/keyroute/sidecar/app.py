@@ -1,0 +1,264 @@
+"""One running sidecar: the proxy and admin servers, the upstream session, live config reload, and the
+timer that moves time-driven state (cooldowns ending).
+
+A reload builds a new :class:`~keyroute.core.chains.Chain` from the new config, handing it the old
+one so that unchanged credentials (same name, same key value) keep their state and a changed key value
+starts healthy. Requests in flight finish on the chain they started with. A config that fails to load
+is logged and counted; the last good one stays in service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from keyroute.core.actions import Action
+from keyroute.core.chains import Chain
+from keyroute.core.config import ConfigError, SidecarConfig
+from keyroute.logs import REDACTOR
+from keyroute.sidecar.metrics import Metrics
+from keyroute.sidecar.proxy import Proxy
+from keyroute.sidecar.sources import ConfigSource, signature
+
+log = logging.getLogger("keyroute.sidecar")
+
+ActionListener = Callable[[Action], None]
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Address:
+        host, _, port = text.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"expected HOST:PORT, got {text!r}")
+        return cls(host.strip("[]"), int(port))
+
+
+class Sidecar:
+    """A sidecar instance. ``await start()``, then serve; ``await stop()`` to shut down."""
+
+    def __init__(
+        self,
+        source: ConfigSource,
+        *,
+        listen: Address = Address("127.0.0.1", 8411),
+        admin_listen: Address | None = Address("0.0.0.0", 8412),
+        reload_interval: float = 1.0,
+        tick_interval: float = 1.0,
+        rng: random.Random | None = None,
+    ):
+        self.source = source
+        self.listen = listen
+        self.admin_listen = admin_listen
+        self.reload_interval = reload_interval
+        self.tick_interval = tick_interval
+        self.metrics = Metrics()
+        self.listeners: list[ActionListener] = []
+        self._rng = rng or random.Random()
+        self._chain: Chain | None = None
+        self._config: SidecarConfig | None = None
+        self._signature: object = None
+        self._session: aiohttp.ClientSession | None = None
+        self._runners: list[web.AppRunner] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self.port: int | None = None
+        self.admin_port: int | None = None
+
+    # --- state -----------------------------------------------------------------------------------
+
+    @property
+    def chain(self) -> Chain:
+        if self._chain is None:
+            raise RuntimeError("sidecar has no config yet")
+        return self._chain
+
+    @property
+    def config(self) -> SidecarConfig | None:
+        return self._config
+
+    def emit(self, actions: list[Action]) -> None:
+        """Log, count and hand on every recovery action."""
+        for action in actions:
+            self.metrics.action(action)
+            level = logging.INFO if action.kind.name in {"RESTORED", "PRIMARY_RESTORED"} else logging.WARNING
+            log.log(
+                level, _ACTION_TEXT.get(str(action.kind), str(action.kind)), extra={"kr": action.fields()}
+            )
+            for listener in self.listeners:
+                try:
+                    listener(action)
+                except Exception:
+                    log.exception("action listener failed")
+
+    def apply(self, config: SidecarConfig) -> None:
+        """Put ``config`` in service, carrying state over from the current chain."""
+        previous = self._chain
+        self._chain = Chain(config, rng=self._rng, previous=previous)
+        self._config = config
+        REDACTOR.set_keys(c.key for p in config.pools for c in p.credentials)
+        log.info(
+            "config loaded",
+            extra={
+                "kr": {
+                    "chain": config.chain.name,
+                    "namespace": config.chain.namespace,
+                    "entries": [e.name for e in config.entries],
+                    "excluded": [f"{x.entry or x.credential}:{x.reason}" for x in config.excluded],
+                    "hash": config.content_hash(),
+                    "source": self.source.describe(),
+                }
+            },
+        )
+
+    def reload(self) -> bool:
+        """Load the source again; keep the current config if the new one is invalid. True if applied."""
+        try:
+            config = self.source.load()
+        except (ConfigError, ValueError) as e:
+            self.metrics.config_reloads.labels("rejected").inc()
+            log.error(
+                "config rejected; keeping the last good one",
+                extra={"kr": {"source": self.source.describe(), "error": str(e)}},
+            )
+            return False
+        if self._config is not None and config.content_hash() == self._config.content_hash():
+            return False
+        self.apply(config)
+        self.metrics.config_reloads.labels("applied").inc()
+        return True
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the config (failing loudly if there is none yet), then serve."""
+        self._signature = signature(self.source.files())
+        self.apply(self.source.load())
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent",),
+        )
+        proxy = Proxy(lambda: self.chain, self._get_session, self.metrics, self.emit)
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", proxy.handle)
+        self.port = await self._serve(app, self.listen)
+        if self.admin_listen is not None:
+            admin = web.Application()
+            admin.router.add_get("/metrics", self._metrics_handler)
+            admin.router.add_get("/healthz", self._healthz)
+            admin.router.add_get("/readyz", self._readyz)
+            self.admin_port = await self._serve(admin, self.admin_listen)
+        self._tasks.append(asyncio.create_task(self._watch(), name="keyroute-reload"))
+        self._tasks.append(asyncio.create_task(self._tick(), name="keyroute-tick"))
+        log.info(
+            "sidecar listening",
+            extra={"kr": {"listen": f"{self.listen.host}:{self.port}", "admin": self.admin_port}},
+        )
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> Sidecar:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def base_url(self) -> str:
+        """What an agent uses as ``OPENAI_BASE_URL``."""
+        return f"http://{self.listen.host}:{self.port}/v1"
+
+    # --- internals -------------------------------------------------------------------------------
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("sidecar is not started")
+        return self._session
+
+    async def _serve(self, app: web.Application, addr: Address) -> int:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await runner.setup()
+        site = web.TCPSite(runner, addr.host, addr.port, backlog=1024, reuse_address=True)
+        await site.start()
+        self._runners.append(runner)
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        return int(sockets[0].getsockname()[1]) if sockets else addr.port
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.reload_interval)
+            try:
+                sig = signature(self.source.files())
+            except Exception as e:  # a manifest dir that vanished, say: keep serving
+                log.error("cannot list config files", extra={"kr": {"error": type(e).__name__}})
+                continue
+            if sig != self._signature:
+                self._signature = sig
+                self.reload()
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_interval)
+            now = time.time()
+            chain = self._chain
+            if chain is None:
+                continue
+            self.emit(chain.expire(now))
+            self.metrics.refresh_state(chain, now)
+
+    async def _metrics_handler(self, request: web.Request) -> web.Response:
+        if self._chain is not None:
+            self.metrics.refresh_state(self._chain, time.time())
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        chain = self._chain
+        if chain is None or not chain.entries:
+            return web.json_response(
+                {"status": "not ready", "reason": "no usable provider in the config"}, status=503
+            )
+        return web.json_response(
+            {"status": "ready", "chain": chain.name, "entries": [e.name for e in chain.entries]}
+        )
+
+
+_ACTION_TEXT = {
+    "CredentialCoolingDown": "credential cooling down",
+    "CredentialExhausted": "credential exhausted (billing)",
+    "CredentialRejected": "credential rejected until its Secret value changes",
+    "CredentialRestored": "credential available again",
+    "FallbackActivated": "traffic moved to a fallback provider",
+    "PrimaryRestored": "traffic back on the primary provider",
+    "ChainExhausted": "every provider of the chain failed",
+}

@@ -1,0 +1,330 @@
+"""The request path: one agent request in, attempts along the chain, one answer out.
+
+The decisions come from :class:`keyroute.core.routing.Route`; this module only performs attempts and
+moves bytes. Non-streaming answers are read whole (they are small, and a failure while reading is
+still before the agent's first byte, so it may fail over). Streams are checked up to their first
+event, then relayed chunk by chunk; from then on the answer is committed, and a cut, a stall or an
+unfinished end is closed with an SSE error event (SPEC §4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NoReturn
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from keyroute.core.actions import Action
+from keyroute.core.bodies import inspect_body
+from keyroute.core.classes import ErrorClass
+from keyroute.core.classify import Classification, classify, classify_stream_event
+from keyroute.core.routing import Attempt, Exhausted, Route, Verdict, Wait
+from keyroute.core.streams import StreamWatch, error_event, first_event_end
+from keyroute.sidecar.metrics import OK, Metrics
+from keyroute.sidecar.upstream import (
+    MAX_ERROR_BODY,
+    attempt_headers,
+    forward_headers,
+    response_headers,
+    transport_failure,
+)
+
+if TYPE_CHECKING:
+    from keyroute.core.chains import Chain
+
+log = logging.getLogger("keyroute.sidecar")
+
+MAX_FIRST_EVENT = 64 * 1024
+_perf = time.perf_counter
+_clock = time.time
+
+
+class _Retry(Exception):
+    """Internal: the attempt failed and the route said to go on."""
+
+
+class Proxy:
+    """Serves ``/v1/*`` for one sidecar."""
+
+    def __init__(
+        self,
+        chain: Callable[[], Chain],
+        session: Callable[[], aiohttp.ClientSession],
+        metrics: Metrics,
+        emit: Callable[[list[Action]], None],
+    ):
+        self._chain = chain
+        self._session = session
+        self._metrics = metrics
+        self._emit = emit
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = _perf()
+        path = request.rel_url.raw_path
+        if path != "/v1" and not path.startswith("/v1/"):
+            return _json_error(404, "not_found", "keyroute forwards /v1/* only", None)
+        chain = self._chain()
+        if not chain.entries:
+            return _json_error(
+                503, "no_providers", "no provider of the chain is usable (see the chain's status)", None
+            )
+        raw = await request.read()
+        body = inspect_body(raw, request.content_type)
+        base_headers = forward_headers(request.headers)
+        suffix = path[3:]
+        if request.rel_url.raw_query_string:
+            suffix += "?" + request.rel_url.raw_query_string
+        route = Route(chain, body.model, _clock())
+        waited = 0.0
+        try:
+            while True:
+                step = route.next(_clock())
+                if route.actions:
+                    self._flush(route)
+                if isinstance(step, Wait):
+                    pause = max(0.0, step.until - _clock())
+                    waited += pause
+                    await asyncio.sleep(pause)
+                    continue
+                if isinstance(step, Exhausted):
+                    self._metrics.request(chain.name, "", "ChainExhausted")
+                    return _exhausted(route, step)
+                try:
+                    t0 = _perf()
+                    response = await self._attempt(
+                        request, route, step, body.with_model(step.model), base_headers, suffix
+                    )
+                    waited += _perf() - t0
+                    return response
+                except _Retry:
+                    waited += _perf() - t0
+                    continue
+                except _Final as final:
+                    return final.response
+        finally:
+            route.abandon()
+            if route.actions:
+                self._flush(route)
+            self._metrics.overhead.observe(max(0.0, _perf() - started - waited))
+
+    async def _attempt(
+        self,
+        request: web.Request,
+        route: Route,
+        attempt: Attempt,
+        data: bytes,
+        base_headers: dict[str, str],
+        suffix: str,
+    ) -> web.StreamResponse:
+        chain_name = route.chain.name
+        entry = attempt.entry.name
+        cred = attempt.credential_name
+        url = URL(attempt.base_url + suffix, encoded=True)
+        sent = _perf()
+        try:
+            async with asyncio.timeout(attempt.first_byte):
+                upstream = await self._session().request(
+                    request.method,
+                    url,
+                    headers=attempt_headers(base_headers, attempt),
+                    data=data or None,
+                    allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=attempt.connect),
+                )
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            self._fail_transport(route, attempt, transport_failure(exc, "first byte"), None)
+        latency = _perf() - sent
+        try:
+            status = upstream.status
+            if status >= 400:
+                try:
+                    async with asyncio.timeout(attempt.idle):
+                        payload = await upstream.content.read(MAX_ERROR_BODY)
+                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    self._fail_transport(route, attempt, transport_failure(exc, "error body"), latency)
+                verdict = classify(status, upstream.headers, payload, _clock())
+                self._fail(route, attempt, verdict, latency)  # returns only if the agent gets it
+                return web.Response(
+                    status=status, body=payload, headers=response_headers(upstream.headers, attempt)
+                )
+            if upstream.content_type == "text/event-stream":
+                return await self._relay(request, route, attempt, upstream, latency)
+            try:
+                async with asyncio.timeout(attempt.idle):
+                    payload = await upstream.read()
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                self._fail_transport(route, attempt, transport_failure(exc, "body"), latency)
+            route.report(attempt, None, _clock())
+            self._metrics.attempt(chain_name, entry, cred, OK, latency)
+            self._metrics.request(chain_name, entry, OK)
+            return web.Response(
+                status=status, body=payload, headers=response_headers(upstream.headers, attempt)
+            )
+        finally:
+            upstream.release()
+
+    def _fail(self, route: Route, attempt: Attempt, verdict: Classification, latency: float | None) -> None:
+        """Report a failed attempt. Raises :class:`_Retry` unless the agent is to get this answer."""
+        cls = str(verdict.error_class)
+        self._metrics.attempt(route.chain.name, attempt.entry.name, attempt.credential_name, cls, latency)
+        decision = route.report(attempt, verdict, _clock())
+        log.info(
+            "upstream attempt failed",
+            extra={
+                "kr": {
+                    "chain": route.chain.name,
+                    "provider": attempt.entry.name,
+                    "credential": attempt.credential_name,
+                    "class": cls,
+                    "status": verdict.status,
+                    "model": route.model or None,
+                    "then": "return" if decision is Verdict.RETURN else "continue",
+                    "detail": verdict.message or None,
+                }
+            },
+        )
+        if decision is Verdict.CONTINUE:
+            raise _Retry
+        self._metrics.request(route.chain.name, attempt.entry.name, cls)
+
+    def _fail_transport(
+        self, route: Route, attempt: Attempt, verdict: Classification, latency: float | None
+    ) -> NoReturn:
+        """A failure with no upstream answer to hand over: go on, or answer 502 if the route stops here."""
+        self._fail(route, attempt, verdict, latency)
+        raise _Final(_json_error(502, "upstream_unreachable", verdict.message, verdict.error_class))
+
+    async def _relay(
+        self,
+        request: web.Request,
+        route: Route,
+        attempt: Attempt,
+        upstream: aiohttp.ClientResponse,
+        latency: float,
+    ) -> web.StreamResponse:
+        content = upstream.content
+        buf = b""
+        try:
+            async with asyncio.timeout(attempt.first_byte):
+                while first_event_end(buf) < 0 and len(buf) < MAX_FIRST_EVENT:
+                    chunk = await content.readany()
+                    if not chunk:
+                        break
+                    buf += chunk
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            self._fail_transport(route, attempt, transport_failure(exc, "first event"), latency)
+        if not buf:
+            self._fail_transport(
+                route,
+                attempt,
+                Classification(ErrorClass.CONNECTION_ERROR, message="stream ended before any event"),
+                latency,
+            )
+        end = first_event_end(buf)
+        inband = classify_stream_event(buf[:end] if end > 0 else buf, _clock())
+        if inband is not None:
+            self._fail(route, attempt, inband, latency)  # the agent gets the stream as sent
+        else:
+            route.report(attempt, None, _clock())
+            self._metrics.attempt(route.chain.name, attempt.entry.name, attempt.credential_name, OK, latency)
+            self._metrics.request(route.chain.name, attempt.entry.name, OK)
+        if route.actions:
+            self._flush(route)
+        out = web.StreamResponse(status=upstream.status, headers=response_headers(upstream.headers, attempt))
+        await out.prepare(request)
+        watch = StreamWatch()
+        watch.feed(buf)
+        await out.write(buf)
+        ending: bytes | None = None
+        loop = asyncio.get_running_loop()
+        deadline = route.deadline - _clock() + loop.time()
+        try:
+            async with asyncio.timeout(None) as timer:
+                while True:
+                    timer.reschedule(min(loop.time() + attempt.idle, deadline))
+                    chunk = await content.readany()
+                    if not chunk:
+                        break
+                    watch.feed(chunk)
+                    await out.write(chunk)
+        except TimeoutError:
+            why = "request deadline reached" if loop.time() >= deadline else f"no data for {attempt.idle:g}s"
+            ending = error_event(ErrorClass.TIMEOUT, f"upstream stream stalled: {why}", attempt.entry.name)
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            if request.transport is None or request.transport.is_closing():
+                return out  # the agent went away; nothing to tell it
+            ending = error_event(
+                ErrorClass.CONNECTION_ERROR,
+                f"upstream connection dropped mid-stream ({type(exc).__name__})",
+                attempt.entry.name,
+            )
+        except (ConnectionResetError, ConnectionError):
+            return out  # the agent went away
+        else:
+            if not watch.complete:
+                ending = error_event(
+                    ErrorClass.CONNECTION_ERROR,
+                    "upstream stream ended without a finish reason or [DONE]",
+                    attempt.entry.name,
+                )
+        if ending is not None:
+            log.warning(
+                "stream ended abnormally",
+                extra={
+                    "kr": {
+                        "chain": route.chain.name,
+                        "provider": attempt.entry.name,
+                        "credential": attempt.credential_name,
+                    }
+                },
+            )
+            self._metrics.attempt(
+                route.chain.name, attempt.entry.name, attempt.credential_name, "StreamBroken", None
+            )
+            try:
+                await out.write(ending)
+            except ConnectionError:
+                return out
+        with contextlib.suppress(ConnectionError):
+            await out.write_eof()
+        return out
+
+    def _flush(self, route: Route) -> None:
+        actions, route.actions = route.actions, []
+        self._emit(actions)
+
+
+class _Final(Exception):
+    def __init__(self, response: web.Response):
+        self.response = response
+
+
+def _json_error(
+    status: int, kind: str, message: str, cls: ErrorClass | None, **extra: object
+) -> web.Response:
+    err: dict[str, object] = {"type": kind, "message": message}
+    if cls is not None:
+        err["class"] = str(cls)
+    err.update(extra)
+    return web.json_response({"error": err}, status=status)
+
+
+def _exhausted(route: Route, step: Exhausted) -> web.Response:
+    response = _json_error(
+        503,
+        "chain_exhausted",
+        f"every provider of chain {route.chain.name} failed or is cooling down",
+        route.reason,
+        chain=route.chain.name,
+        model=route.model or None,
+        attempts=[r.as_json() for r in route.records],
+    )
+    response.headers["Retry-After"] = str(max(1, math.ceil(step.retry_after)))
+    return response

@@ -1,0 +1,106 @@
+"""The upstream side of an attempt: which headers go out, which come back, and how transport failures
+map to the SPEC §3 vocabulary. The aiohttp client session lives in :mod:`keyroute.sidecar.app`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+
+import aiohttp
+from multidict import CIMultiDict
+
+from keyroute.core.classes import ErrorClass
+from keyroute.core.classify import Classification
+from keyroute.core.resources import ApiStyle
+from keyroute.core.routing import Attempt
+
+# Hop-by-hop headers (RFC 9110 §7.6.1), lengths the client recomputes, and the agent's own
+# credentials, which are replaced by the pool key.
+_DROP_REQUEST = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "authorization",
+        "x-api-key",
+        "accept-encoding",
+    }
+)
+_DROP_RESPONSE = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+    }
+)
+ANTHROPIC_VERSION = "2023-06-01"
+PROVIDER_HEADER = "X-Keyroute-Provider"
+CREDENTIAL_HEADER = "X-Keyroute-Credential"
+#: An error body is read up to this size for classification and passed on as read.
+MAX_ERROR_BODY = 1 << 20
+
+
+def forward_headers(incoming: Mapping[str, str]) -> dict[str, str]:
+    """The agent's headers minus hop-by-hop ones and its own credentials (done once per request)."""
+    out = {k: v for k, v in incoming.items() if k.lower() not in _DROP_REQUEST}
+    # Uncompressed answers: the sidecar inspects error bodies and stream markers, on loopback.
+    out["Accept-Encoding"] = "identity"
+    return out
+
+
+def attempt_headers(base: dict[str, str], attempt: Attempt) -> dict[str, str]:
+    """Headers for one attempt: the agent's, plus this attempt's key in this provider's style."""
+    headers = dict(base)
+    key = attempt.lease.credential.key
+    if attempt.entry.api is ApiStyle.ANTHROPIC:
+        headers["x-api-key"] = key
+        if not any(k.lower() == "anthropic-version" for k in headers):
+            headers["anthropic-version"] = ANTHROPIC_VERSION
+    else:
+        headers["Authorization"] = "Bearer " + key
+    return headers
+
+
+def response_headers(upstream: Mapping[str, str], attempt: Attempt) -> CIMultiDict[str]:
+    """The upstream's response headers for the agent, naming the serving entry and credential."""
+    out: CIMultiDict[str] = CIMultiDict()
+    for k, v in upstream.items():
+        if k.lower() not in _DROP_RESPONSE:
+            out.add(k, v)
+    out[PROVIDER_HEADER] = attempt.entry.name
+    out[CREDENTIAL_HEADER] = attempt.credential_name
+    return out
+
+
+def transport_failure(exc: BaseException, phase: str) -> Classification:
+    """Classify an exception raised while talking to the upstream.
+
+    A timeout is a silent route (``Timeout``: never retried); anything else that broke the
+    connection before an answer is a ``ConnectionError``. Messages name the exception type only:
+    aiohttp's messages can carry request details.
+    """
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        return Classification(ErrorClass.TIMEOUT, message=f"no answer within the {phase} timeout")
+    return Classification(ErrorClass.CONNECTION_ERROR, message=f"{type(exc).__name__} during {phase}")
+
+
+def now() -> float:
+    """Wall-clock seconds: the clock provider reset times and status ``until`` fields use."""
+    return time.time()

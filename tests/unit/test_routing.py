@@ -1,0 +1,306 @@
+"""A request's walk along the chain, decided by the pure core (no HTTP, time as a parameter)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from keyroute.core.actions import ActionKind
+from keyroute.core.chains import Chain
+from keyroute.core.classes import ErrorClass
+from keyroute.core.classify import Classification
+from keyroute.core.routing import Attempt, Exhausted, Route, Verdict, Wait
+from tests.builders import config, cred, entry, pool, two_providers
+
+T0 = 1_800_000_000.0
+M = "gpt-4o"
+
+
+def chain_of(**kw) -> Chain:
+    return Chain(two_providers(**kw), rng=random.Random(1))
+
+
+def step(route: Route, now: float = T0) -> Attempt:
+    a = route.next(now)
+    assert isinstance(a, Attempt), a
+    return a
+
+
+def failure(cls: ErrorClass, status: int | None = None, **kw) -> Classification:
+    return Classification(cls, status=status, **kw)
+
+
+def where(a: Attempt) -> tuple[str, str, str]:
+    return a.entry.name, a.credential_name, a.base_url
+
+
+def test_primary_first_with_its_own_key_and_host():
+    a = step(Route(chain_of(), M, T0))
+    assert where(a) == ("acme", "acme-1", "http://primary.test/v1")
+
+
+@pytest.mark.parametrize(
+    "cls", [ErrorClass.RATE_LIMITED, ErrorClass.USAGE_LIMIT, ErrorClass.BILLING, ErrorClass.AUTH_FAILED, ErrorClass.REVOKED]
+)
+def test_credential_classes_rotate_to_the_next_key_of_the_same_provider(cls):
+    route = Route(chain_of(), M, T0)
+    a = step(route)
+    assert route.report(a, failure(cls, 429), T0) is Verdict.CONTINUE
+    assert where(step(route)) == ("acme", "acme-2", "http://primary.test/v1")
+
+
+def test_pool_empty_falls_back_and_the_fallback_uses_its_own_pool_and_host():
+    chain = chain_of()
+    route = Route(chain, M, T0)
+    for _ in range(2):
+        route.report(step(route), failure(ErrorClass.RATE_LIMITED, 429), T0)
+    a = step(route)
+    assert where(a) == ("backup", "backup-1", "http://fallback.test/v1")
+    assert route.report(a, None, T0) is Verdict.RETURN
+    assert [x.kind for x in route.actions if x.kind is ActionKind.FALLBACK_ACTIVATED]
+    assert chain.on_fallback(M)
+
+
+def test_seed_fallback_429s_rotate_only_the_fallbacks_pool():
+    chain = chain_of(fallback_keys=3)
+    route = Route(chain, M, T0)
+    route.report(step(route), failure(ErrorClass.SERVER_ERROR, 500), T0)
+    route.report(step(route), failure(ErrorClass.SERVER_ERROR, 500), T0)  # retried once, then fallback
+    primary_before = {n: dict(h.blocks) for n, h in chain.pools["acme-keys"].health.items()}
+    seen = []
+    for _ in range(3):
+        a = step(route)
+        seen.append(where(a))
+        route.report(a, failure(ErrorClass.RATE_LIMITED, 429), T0)
+    assert seen == [
+        ("backup", "backup-1", "http://fallback.test/v1"),
+        ("backup", "backup-2", "http://fallback.test/v1"),
+        ("backup", "backup-3", "http://fallback.test/v1"),
+    ]
+    assert {n: dict(h.blocks) for n, h in chain.pools["acme-keys"].health.items()} == primary_before
+    assert all(not h.blocks for h in chain.pools["acme-keys"].health.values())
+
+
+def test_server_error_retries_once_on_the_same_provider_then_falls_back():
+    route = Route(chain_of(), M, T0)
+    first = step(route)
+    route.report(first, failure(ErrorClass.SERVER_ERROR, 500), T0)
+    second = step(route)
+    assert second.entry.name == "acme" and second.credential_name == "acme-2"
+    route.report(second, failure(ErrorClass.SERVER_ERROR, 502), T0)
+    assert step(route).entry.name == "backup"
+
+
+def test_connection_error_retry_reuses_the_only_key():
+    route = Route(chain_of(primary_keys=1), M, T0)
+    route.report(step(route), failure(ErrorClass.CONNECTION_ERROR), T0)
+    assert where(step(route))[:2] == ("acme", "acme-1")
+
+
+def test_overloaded_tries_next_key_once_then_falls_back():
+    route = Route(chain_of(primary_keys=3), M, T0)
+    route.report(step(route), failure(ErrorClass.OVERLOADED, 529), T0)
+    a = step(route)
+    assert where(a)[:2] == ("acme", "acme-2")
+    route.report(a, failure(ErrorClass.OVERLOADED, 529), T0)
+    assert step(route).entry.name == "backup"
+
+
+def test_overloaded_with_a_single_key_falls_back_at_once():
+    route = Route(chain_of(primary_keys=1), M, T0)
+    route.report(step(route), failure(ErrorClass.OVERLOADED, 503), T0)
+    assert step(route).entry.name == "backup"
+
+
+@pytest.mark.parametrize("cls", [ErrorClass.TIMEOUT, ErrorClass.MODEL_NOT_FOUND, ErrorClass.UPSTREAM_RATE_LIMITED])
+def test_fall_back_at_once(cls):
+    route = Route(chain_of(), M, T0)
+    route.report(step(route), failure(cls, 404), T0)
+    assert step(route).entry.name == "backup"
+
+
+def test_client_error_goes_to_the_agent():
+    route = Route(chain_of(), M, T0)
+    assert route.report(step(route), failure(ErrorClass.CLIENT_ERROR, 400), T0) is Verdict.RETURN
+
+
+def test_fallback_on_narrows_the_classes_that_leave_an_entry():
+    chain = Chain(two_providers(fallback={"on": ["RateLimited"]}))
+    route = Route(chain, M, T0)
+    route.report(step(route), failure(ErrorClass.SERVER_ERROR, 500), T0)
+    assert route.report(step(route), failure(ErrorClass.SERVER_ERROR, 500), T0) is Verdict.RETURN
+
+
+def test_chain_exhausted_reports_retry_after_from_the_soonest_key():
+    chain = chain_of(primary_keys=1, fallback_keys=1)
+    route = Route(chain, M, T0)
+    route.report(step(route), failure(ErrorClass.RATE_LIMITED, 429, reset_at=T0 + 30), T0)
+    route.report(step(route), failure(ErrorClass.RATE_LIMITED, 429, reset_at=T0 + 20), T0)
+    done = route.next(T0)
+    assert isinstance(done, Exhausted)
+    assert done.retry_after == pytest.approx(20)
+    assert [r.provider for r in route.records] == ["acme", "backup"]
+    assert any(a.kind is ActionKind.CHAIN_EXHAUSTED for a in route.actions)
+
+
+def test_attempt_budget_bounds_a_request():
+    chain = Chain(two_providers(primary_keys=5, fallback_keys=5, fallback={"maxAttempts": 3}))
+    route = Route(chain, M, T0)
+    for _ in range(3):
+        route.report(step(route), failure(ErrorClass.RATE_LIMITED, 429), T0)
+    assert isinstance(route.next(T0), Exhausted)
+
+
+def test_request_deadline_bounds_a_request():
+    chain = Chain(two_providers(requestTimeout=10))
+    route = Route(chain, M, T0)
+    assert isinstance(route.next(T0 + 11), Exhausted)
+
+
+def test_short_reset_on_a_single_key_is_waited_out_on_that_key():
+    chain = chain_of(primary_keys=1)
+    route = Route(chain, M, T0)
+    route.report(step(route), failure(ErrorClass.RATE_LIMITED, 429, reset_at=T0 + 2), T0)
+    w = route.next(T0)
+    assert isinstance(w, Wait) and T0 + 2 <= w.until <= T0 + 2.2
+    assert where(step(route, w.until))[:2] == ("acme", "acme-1")
+
+
+def test_long_reset_is_not_waited_out():
+    route = Route(chain_of(primary_keys=1), M, T0)
+    route.report(step(route), failure(ErrorClass.RATE_LIMITED, 429, reset_at=T0 + 30), T0)
+    assert step(route).entry.name == "backup"
+
+
+def test_restore_after_cooldown_probes_primary_and_doubles_on_failure():
+    chain = Chain(two_providers(fallback={"restoreAfter": 60}))
+    route = Route(chain, M, T0)
+    route.report(step(route), failure(ErrorClass.TIMEOUT), T0)
+    route.report(step(route), None, T0)
+    # Within the restore wait, new requests start on the fallback (a silent primary is not a last resort).
+    assert Route(chain, M, T0 + 30).order[0].name == "backup"
+    # At the restore time, the next request probes the primary; a concurrent one does not.
+    probe = Route(chain, M, T0 + 60)
+    assert probe.order[0].name == "acme"
+    other = Route(chain, M, T0 + 60)
+    assert other.order[0].name == "backup"
+    pa = step(probe, T0 + 60)
+    assert pa.probe
+    probe.report(pa, failure(ErrorClass.SERVER_ERROR, 500), T0 + 60)
+    probe.report(step(probe, T0 + 60), failure(ErrorClass.SERVER_ERROR, 500), T0 + 60)
+    assert chain.models[M].restores["acme"].restore_at == T0 + 60 + 120  # doubled
+    # Succeeds at the next probe: traffic returns to the primary and the backoff resets.
+    back = Route(chain, M, T0 + 180)
+    a = step(back, T0 + 180)
+    assert a.entry.name == "acme"
+    back.report(a, None, T0 + 180)
+    assert any(x.kind is ActionKind.PRIMARY_RESTORED for x in back.actions)
+    assert "acme" not in chain.models[M].restores
+    assert not chain.on_fallback(M)
+
+
+def test_restore_backoff_is_capped():
+    chain = Chain(two_providers(fallback={"restoreAfter": 3600}))
+    now = T0
+    for _ in range(5):
+        r = Route(chain, M, now)
+        a = step(r, now)
+        if a.entry.name == "acme":
+            r.report(a, failure(ErrorClass.MODEL_NOT_FOUND, 404), now)
+        now = chain.models[M].restores["acme"].restore_at
+    assert chain.models[M].restores["acme"].backoff == 4 * 3600
+
+
+def test_abandoned_probe_is_released():
+    chain = Chain(two_providers(fallback={"restoreAfter": 10}))
+    r = Route(chain, M, T0)
+    r.report(step(r), failure(ErrorClass.MODEL_NOT_FOUND, 404), T0)
+    r.report(step(r), None, T0)
+    probe = Route(chain, M, T0 + 10)
+    probe.abandon()
+    assert Route(chain, M, T0 + 10).order[0].name == "acme"
+
+
+def test_fallback_state_is_per_model():
+    chain = chain_of()
+    r = Route(chain, "gpt-4o", T0)
+    r.report(step(r), failure(ErrorClass.MODEL_NOT_FOUND, 404), T0)
+    r.report(step(r), None, T0)
+    assert chain.on_fallback("gpt-4o")
+    other = Route(chain, "gpt-4o-mini", T0)
+    assert step(other).entry.name == "acme"
+
+
+def test_context_length_moves_to_bigger_context_entries():
+    cfg = config(
+        [
+            entry("small", "acme", "http://a.test/v1", "acme-keys"),
+            entry("backup", "backup", "http://b.test/v1", "backup-keys"),
+            entry("big", "acme", "http://a.test/v1", "acme-keys", models={"*": "acme-long"}),
+        ],
+        [pool("acme-keys", "acme", cred("a1")), pool("backup-keys", "backup", cred("b1"))],
+        fallback={"contextLength": ["big"]},
+    )
+    chain = Chain(cfg)
+    route = Route(chain, M, T0)
+    a = step(route)
+    assert route.report(a, failure(ErrorClass.CLIENT_ERROR, 400, context_length=True), T0) is Verdict.CONTINUE
+    b = step(route)
+    assert b.entry.name == "big" and b.model == "acme-long" and b.credential_name == "a1"
+    route.report(b, None, T0)
+    assert not chain.on_fallback(M)  # a long prompt is not an outage
+
+
+def test_context_length_without_configured_entries_goes_to_the_agent():
+    route = Route(chain_of(), M, T0)
+    assert route.report(step(route), failure(ErrorClass.CLIENT_ERROR, 400, context_length=True), T0) is Verdict.RETURN
+
+
+def test_same_provider_entries_share_the_pool():
+    cfg = config(
+        [
+            entry("acme-main", "acme", "http://a.test/v1", "acme-keys"),
+            entry("acme-mini", "acme", "http://a.test/v1", "acme-keys", models={"*": "mini"}),
+        ],
+        [pool("acme-keys", "acme", cred("a1"), cred("a2", priority=1))],
+    )
+    chain = Chain(cfg)
+    assert chain.entries[0].pool is chain.entries[1].pool
+    route = Route(chain, M, T0)
+    route.report(step(route), failure(ErrorClass.MODEL_NOT_FOUND, 404), T0)
+    b = step(route)
+    assert (b.entry.name, b.credential_name, b.model) == ("acme-mini", "a1", "mini")
+
+
+def test_entry_refuses_a_pool_of_another_provider():
+    cfg = two_providers()
+    chain = Chain(cfg)
+    from keyroute.core.chains import Entry
+
+    with pytest.raises(ValueError, match="belongs to"):
+        Entry(0, "x", "acme", chain.entries[0].api, "http://x/v1", chain.pools["backup-keys"], {}, 1, 1, 1)
+
+
+def test_credential_base_url_override_is_used_for_that_credential_only():
+    cfg = config(
+        [entry("acme", "acme", "http://a.test/v1", "k")],
+        [pool("k", "acme", cred("eu", baseURL="http://eu.a.test/v1"), cred("us", priority=1))],
+    )
+    chain = Chain(cfg)
+    route = Route(chain, M, T0)
+    a = step(route)
+    assert where(a) == ("acme", "eu", "http://eu.a.test/v1")
+    route.report(a, failure(ErrorClass.RATE_LIMITED, 429), T0)
+    assert where(step(route)) == ("acme", "us", "http://a.test/v1")
+
+
+def test_model_mapping():
+    cfg = two_providers()
+    chain = Chain(cfg)
+    e = chain.entries[0]
+    object.__setattr__(e, "models", {"gpt-4o": "openai/gpt-4o", "*": "default-model"})
+    assert e.upstream_model("gpt-4o") == "openai/gpt-4o"
+    assert e.upstream_model("other") == "default-model"
+    object.__setattr__(e, "models", {"gpt-4o": "x"})
+    assert e.upstream_model("other") == "other"
