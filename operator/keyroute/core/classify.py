@@ -5,7 +5,8 @@ for the first event of a stream; tests call it with tables.
 
 The class decides what happens to a credential (cooled down, benched for billing, rejected until its
 Secret changes) and to the chain, so the rules lean on machine codes first and wording second, and
-wording is matched on the provider's message fields, not on arbitrary body text. Provider bodies are
+wording is matched on the provider's code and message fields (or the text of a non-JSON body, HTML
+reduced to its title), not on every string in the body. Provider bodies are
 untrusted: only the first 64 KiB is read, anything unparsable falls back to plain-text rules, and
 nothing here raises. Messages are cut to 200 characters after redacting anything key-like, because
 providers echo (partial) keys and the message ends up in Events and logs (SPEC §6).
@@ -36,6 +37,8 @@ Decisions where the spec is silent:
 - ``code`` is the first string found among ``error.code``, ``error.type``, ``error.status`` (then the
   same at the top level, skipping Anthropic's envelope ``"type": "error"``); an integer code that is
   just the HTTP status (OpenRouter's ``429``) is not a code.
+- Messages: the provider's message (OpenRouter's upstream ``raw`` text appended after the provider
+  name); sk-/Bearer tokens and 32+ character runs containing a digit become ``[redacted]``.
 - In-band stream errors: the inferred status goes into ``Classification.status`` (the stream itself
   was a 200); ``reset_at`` comes from the event body only, headers being the caller's to combine.
 """

@@ -1,0 +1,163 @@
+"""Streams through the sidecar: failover until the agent's first byte, then an honest ending.
+
+After the first byte the answer is committed: a cut, a stall or an end with neither a finish reason
+nor ``[DONE]`` must end with an SSE error event, never a truncated stream that looks complete; what
+the upstream did send (a malformed chunk inside a complete answer, a finished answer without
+``[DONE]``) is passed on as sent.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from keyroute.fakeprovider import Behaviour, FakeProvider
+from tests.builders import config, cred, entry, pool
+from tests.integration.conftest import chat
+
+
+def key(name: str) -> str:
+    return f"sk-test-{name}-0123456789abcdef"
+
+
+async def setup(fake_provider, start_sidecar, **timeouts):
+    primary: FakeProvider = await fake_provider("acme", keys=[key("p1"), key("p2")])
+    backup: FakeProvider = await fake_provider("backup", keys=[key("b1")])
+    cfg = config(
+        [
+            entry("acme", "acme", primary.base_url, "acme-keys", timeouts=timeouts),
+            entry("backup", "backup", backup.base_url, "backup-keys", timeouts=timeouts),
+        ],
+        [
+            pool("acme-keys", "acme", cred("p1", key("p1")), cred("p2", key("p2"), priority=1)),
+            pool("backup-keys", "backup", cred("b1", key("b1"))),
+        ],
+    )
+    return primary, backup, await start_sidecar(cfg)
+
+
+async def stream(agent, sidecar) -> tuple[int, dict[str, str], bytes]:
+    async with agent.post(sidecar.base_url + "/chat/completions", json=chat(stream=True)) as resp:
+        return resp.status, dict(resp.headers), await resp.read()
+
+
+def events(body: bytes) -> list[bytes]:
+    return [e for e in body.split(b"\n\n") if e.strip()]
+
+
+def last_is_error(body: bytes, cls: str) -> dict:
+    last = events(body)[-1]
+    assert last.startswith(b"event: error\n"), last
+    payload = json.loads(last.split(b"data: ", 1)[1])
+    assert payload["error"]["class"] == cls
+    return payload
+
+
+async def test_complete_stream_passes_through_byte_for_byte(fake_provider, start_sidecar, agent):
+    primary, _, sidecar = await setup(fake_provider, start_sidecar)
+    primary.set(Behaviour.stream(5))
+    status, headers, body = await stream(agent, sidecar)
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    assert headers["X-Keyroute-Provider"] == "acme"
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert len(events(body)) == 6 and b"keyroute_stream_error" not in body
+
+
+async def test_chunks_are_relayed_as_they_come_not_buffered(fake_provider, start_sidecar, agent):
+    primary, _, sidecar = await setup(fake_provider, start_sidecar)
+    primary.set(Behaviour.stream(4, interval=0.25))
+    t = time.monotonic()
+    arrivals = []
+    async with agent.post(sidecar.base_url + "/chat/completions", json=chat(stream=True)) as resp:
+        async for _ in resp.content.iter_any():
+            arrivals.append(time.monotonic() - t)
+    assert arrivals[0] < 0.2  # the first chunk did not wait for the rest
+    assert arrivals[-1] >= 0.7
+
+
+async def test_error_status_before_first_byte_fails_over(fake_provider, start_sidecar, agent):
+    primary, backup, sidecar = await setup(fake_provider, start_sidecar)
+    primary.set(Behaviour.server_error(503))
+    status, headers, body = await stream(agent, sidecar)
+    assert status == 200 and headers["X-Keyroute-Provider"] == "backup"
+    assert body.endswith(b"data: [DONE]\n\n")
+
+
+async def test_inband_error_as_first_event_fails_over(fake_provider, start_sidecar, agent):
+    primary, backup, sidecar = await setup(fake_provider, start_sidecar)
+    primary.set(Behaviour.stream(first_event_error={"error": {"code": 429, "message": "Rate limit exceeded"}}), key=key("p1"))
+    primary.set(Behaviour.stream(first_event_error={"error": {"code": 502, "message": "upstream died"}}), key=key("p2"))
+    status, headers, body = await stream(agent, sidecar)
+    assert status == 200 and headers["X-Keyroute-Provider"] == "backup"
+    assert b"upstream died" not in body and body.endswith(b"data: [DONE]\n\n")
+    assert primary.keys_seen() == [key("p1"), key("p2")]
+
+
+async def test_cut_after_first_byte_ends_with_an_error_event(fake_provider, start_sidecar, agent):
+    primary, backup, sidecar = await setup(fake_provider, start_sidecar)
+    primary.set(Behaviour.stream(5, cut_after=2))
+    status, headers, body = await stream(agent, sidecar)
+    assert status == 200 and headers["X-Keyroute-Provider"] == "acme"
+    assert len(events(body)) == 3  # two chunks, then the error event
+    last_is_error(body, "ConnectionError")
+    assert len(backup.received) == 0  # committed: no failover after the first byte
+
+
+async def test_stall_after_first_byte_ends_with_an_error_event_after_idle(fake_provider, start_sidecar, agent):
+    primary, _, sidecar = await setup(fake_provider, start_sidecar, idle=0.3)
+    primary.set(Behaviour.stream(5, stall_after=2))
+    t = time.monotonic()
+    status, _, body = await stream(agent, sidecar)
+    elapsed = time.monotonic() - t
+    assert status == 200
+    assert "stalled" in last_is_error(body, "Timeout")["error"]["message"]
+    assert 0.3 <= elapsed < 2
+
+
+async def test_unfinished_end_gets_an_error_event(fake_provider, start_sidecar, agent):
+    primary, _, sidecar = await setup(fake_provider, start_sidecar)
+    primary.set(Behaviour.stream(3, finish=False, done=False))
+    _, _, body = await stream(agent, sidecar)
+    last_is_error(body, "ConnectionError")
+
+
+async def test_finished_answer_without_done_passes_as_sent(fake_provider, start_sidecar, agent):
+    primary, _, sidecar = await setup(fake_provider, start_sidecar)
+    primary.set(Behaviour.stream(3, done=False))
+    _, _, body = await stream(agent, sidecar)
+    assert b"keyroute_stream_error" not in body
+    assert b'"finish_reason":"stop"' in body.replace(b" ", b"")
+
+
+async def test_malformed_chunk_inside_a_complete_answer_passes_as_sent(fake_provider, start_sidecar, agent):
+    primary, _, sidecar = await setup(fake_provider, start_sidecar)
+    primary.set(Behaviour.stream(4, malformed_at=2))
+    _, _, body = await stream(agent, sidecar)
+    assert b"data: {not json" in body
+    assert body.endswith(b"data: [DONE]\n\n") and b"keyroute_stream_error" not in body
+
+
+async def test_silent_stream_fails_over_within_first_byte(fake_provider, start_sidecar, agent):
+    primary, backup, sidecar = await setup(fake_provider, start_sidecar, firstByte=0.3)
+    primary.set(Behaviour.silence())
+    t = time.monotonic()
+    status, headers, _ = await stream(agent, sidecar)
+    assert status == 200 and headers["X-Keyroute-Provider"] == "backup"
+    assert len(primary.received) == 1 and time.monotonic() - t < 1.5
+
+
+async def test_anthropic_style_stream_and_key_header(fake_provider, start_sidecar, agent):
+    fp: FakeProvider = await fake_provider("claude", keys=[key("c1")])
+    cfg = config([entry("claude", "claude", fp.base_url, "c", api="anthropic")], [pool("c", "claude", cred("c1", key("c1")))])
+    sidecar = await start_sidecar(cfg)
+    async with agent.post(
+        sidecar.base_url + "/messages",
+        json={"model": "claude-x", "max_tokens": 10, "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+        headers={"x-api-key": "agent-placeholder"},
+    ) as resp:
+        body = await resp.read()
+    assert resp.status == 200 and b"message_stop" in body and b"keyroute_stream_error" not in body
+    rec = fp.received[0]
+    assert rec.key == key("c1")
+    assert rec.headers.get("x-api-key") == key("c1") and "authorization" not in rec.headers
+    assert rec.headers.get("anthropic-version")
