@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from keyroute import __version__
+from keyroute.core.render import RenderResult
 from keyroute.logs import setup_logging
 
 log = logging.getLogger("keyroute")
@@ -78,7 +79,7 @@ def _cmd_sidecar(args: argparse.Namespace) -> int:
     return _run(_serve_sidecar(args), args.loop)
 
 
-def _load_manifests(args: argparse.Namespace) -> Any:
+def _load_manifests(args: argparse.Namespace) -> RenderResult:
     from keyroute.core.manifests import parse_manifests, render_manifests
     from keyroute.sidecar.manifest_files import read_manifest_texts
 
@@ -95,11 +96,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return 2
     cfg = result.config
     print(f"chain {cfg.chain.namespace}/{cfg.chain.name}: config hash {cfg.content_hash()}")
-    for e in cfg.entries:
-        pool = next(p for p in cfg.pools if p.name == e.pool)
+    for entry in cfg.entries:
+        pool = next(p for p in cfg.pools if p.name == entry.pool)
         creds = ", ".join(f"{c.name} ({c.fingerprint})" for c in pool.credentials)
         print(
-            f"  route  {e.name:<16} {e.provider:<12} {e.base_url}  pool {pool.name} [{pool.strategy}]: {creds}"
+            f"  route  {entry.name:<16} {entry.provider:<12} {entry.base_url}  pool {pool.name} [{pool.strategy}]: {creds}"
         )
     for x in cfg.excluded:
         what = f"entry {x.entry}" if x.entry else f"credential {x.pool}/{x.credential}"
@@ -124,7 +125,8 @@ def _cmd_render(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from keyroute.demo import run_demo
 
-    setup_logging("warning" if not args.verbose else "info", "json")
+    # The narration is the output; the JSON logs would interleave with it.
+    setup_logging("info" if args.verbose else "critical", "json")
     return _run(run_demo(duration=args.duration, rate=args.rate), "auto")
 
 

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -138,7 +139,10 @@ class _Narrator:
         print(f"  keys sent to the wrong provider: {len(wrong)}", file=self.out)
         for kind, n in sorted(self.actions.items()):
             print(f"  {kind}: {n}", file=self.out)
-        print("  (the same actions become Events and status on the CredentialPool/ProviderChain in a cluster)", file=self.out)
+        print(
+            "  (the same actions become Events and status on the CredentialPool/ProviderChain in a cluster)",
+            file=self.out,
+        )
 
 
 async def run_demo(duration: float = 24.0, rate: float = 8.0, out: TextIO | None = None) -> int:
@@ -161,16 +165,24 @@ async def run_demo(duration: float = 24.0, rate: float = 8.0, out: TextIO | None
             f"primary acme {primary.base_url}, fallback backup {backup.base_url}\n",
             file=out,
         )
-        k1, k2 = DEMO_KEYS["acme-1"], DEMO_KEYS["acme-2"]
+        k1 = DEMO_KEYS["acme-1"]
         # (fraction of the run, what the narrator says, what changes)
-        timeline = [
-            (0.12, "acme-1 starts answering 429 (Retry-After: 3)", lambda: primary.set(Behaviour.rate_limited(retry_after=3), key=k1)),
+        timeline: list[tuple[float, str, Callable[[], None]]] = [
+            (
+                0.12,
+                "acme-1 starts answering 429 (Retry-After: 3)",
+                lambda: primary.set(Behaviour.rate_limited(retry_after=3), key=k1),
+            ),
             (0.30, "acme-1's rate limit lifts", lambda: primary.reset_rules()),
             (0.36, "acme-1 runs out of credit (402)", lambda: primary.set(Behaviour.billing(), key=k1)),
             (0.48, "acme fails for every key (500)", lambda: primary.set(Behaviour.server_error(500))),
-            (0.75, "acme recovers", lambda: (primary.reset_rules(), primary.set(Behaviour.billing(), key=k1))),
+            (0.75, "acme recovers (acme-1 still has no credit)", lambda: recover()),
         ]
-        del k2
+
+        def recover() -> None:
+            primary.reset_rules()
+            primary.set(Behaviour.billing(), key=k1)
+
         try:
             async with aiohttp.ClientSession() as client:
                 await _drive(client, sidecar.base_url, narrator, duration, rate, timeline, start)
@@ -188,7 +200,7 @@ async def _drive(
     narrator: _Narrator,
     duration: float,
     rate: float,
-    timeline: list[tuple[float, str, object]],
+    timeline: list[tuple[float, str, Callable[[], None]]],
     start: float,
 ) -> None:
     pending = list(timeline)
@@ -217,7 +229,7 @@ async def _drive(
         while pending and elapsed >= pending[0][0] * duration:
             _, text, change = pending.pop(0)
             narrator.phase(text)
-            change()  # type: ignore[operator]
+            change()
         n += 1
         task = asyncio.create_task(one(n))
         tasks.add(task)

@@ -31,8 +31,12 @@ async def setup(fake_provider, start_sidecar, *, primary_keys=("p1", "p2"), back
             entry("backup", "backup", backup.base_url, "backup-keys", timeouts=timeouts),
         ],
         [
-            pool("acme-keys", "acme", *[cred(k, key(k), priority=i) for i, k in enumerate(primary_keys)],
-                 cooldowns=chain.pop("cooldowns", {})),
+            pool(
+                "acme-keys",
+                "acme",
+                *[cred(k, key(k), priority=i) for i, k in enumerate(primary_keys)],
+                cooldowns=chain.pop("cooldowns", {}),
+            ),
             pool("backup-keys", "backup", *[cred(k, key(k), priority=i) for i, k in enumerate(backup_keys)]),
         ],
         **{**FAST, **chain},
@@ -53,23 +57,55 @@ def state(sidecar, pool_name, cred_name):
 # behaviour on p1 → (state of p1, who serves, calls to the primary)
 ROWS = [
     ("RateLimited", Behaviour.rate_limited(), CredentialState.COOLING_DOWN, ("acme", "p2"), 2),
-    ("RateLimited-code", Behaviour.status(429, body={"error": {"code": "resource_exhausted", "message": "slow down"}}),
-     CredentialState.COOLING_DOWN, ("acme", "p2"), 2),
-    ("UsageLimit", Behaviour.status(429, body={"error": {"type": "usage_limit_reached", "message": "usage limit reached",
-                                                         "resets_in_seconds": 7200}}),
-     CredentialState.COOLING_DOWN, ("acme", "p2"), 2),
+    (
+        "RateLimited-code",
+        Behaviour.status(429, body={"error": {"code": "resource_exhausted", "message": "slow down"}}),
+        CredentialState.COOLING_DOWN,
+        ("acme", "p2"),
+        2,
+    ),
+    (
+        "UsageLimit",
+        Behaviour.status(
+            429,
+            body={
+                "error": {
+                    "type": "usage_limit_reached",
+                    "message": "usage limit reached",
+                    "resets_in_seconds": 7200,
+                }
+            },
+        ),
+        CredentialState.COOLING_DOWN,
+        ("acme", "p2"),
+        2,
+    ),
     ("Billing-402", Behaviour.billing(), CredentialState.EXHAUSTED, ("acme", "p2"), 2),
-    ("Billing-403", Behaviour.status(403, body={"error": {"message": "Your credit balance is too low"}}),
-     CredentialState.EXHAUSTED, ("acme", "p2"), 2),
+    (
+        "Billing-403",
+        Behaviour.status(403, body={"error": {"message": "Your credit balance is too low"}}),
+        CredentialState.EXHAUSTED,
+        ("acme", "p2"),
+        2,
+    ),
     ("AuthFailed", Behaviour.auth_failed(), CredentialState.COOLING_DOWN, ("acme", "p2"), 2),
-    ("AuthFailed-403", Behaviour.status(403, body={"error": {"message": "forbidden"}}), CredentialState.COOLING_DOWN,
-     ("acme", "p2"), 2),
+    (
+        "AuthFailed-403",
+        Behaviour.status(403, body={"error": {"message": "forbidden"}}),
+        CredentialState.COOLING_DOWN,
+        ("acme", "p2"),
+        2,
+    ),
     ("Revoked", Behaviour.revoked(), CredentialState.REJECTED, ("acme", "p2"), 2),
 ]
 
 
-@pytest.mark.parametrize(("label", "behaviour", "p1_state", "served", "primary_calls"), ROWS, ids=[r[0] for r in ROWS])
-async def test_credential_rows(fake_provider, start_sidecar, agent, label, behaviour, p1_state, served, primary_calls):
+@pytest.mark.parametrize(
+    ("label", "behaviour", "p1_state", "served", "primary_calls"), ROWS, ids=[r[0] for r in ROWS]
+)
+async def test_credential_rows(
+    fake_provider, start_sidecar, agent, label, behaviour, p1_state, served, primary_calls
+):
     primary, backup, sidecar = await setup(fake_provider, start_sidecar)
     primary.set(behaviour, key=key("p1"))
     status, headers, _ = await ask(agent, sidecar)
@@ -124,7 +160,9 @@ async def test_connection_refused_falls_back(fake_provider, start_sidecar, agent
     assert status == 200 and headers["X-Keyroute-Provider"] == "backup"
 
 
-async def test_silent_upstream_one_attempt_then_fallback_within_first_byte(fake_provider, start_sidecar, agent):
+async def test_silent_upstream_one_attempt_then_fallback_within_first_byte(
+    fake_provider, start_sidecar, agent
+):
     primary, backup, sidecar = await setup(fake_provider, start_sidecar, timeouts={"firstByte": 0.4})
     primary.set(Behaviour.silence())
     t = time.monotonic()
@@ -156,8 +194,16 @@ async def test_upstream_rate_limited_falls_back_without_touching_the_key(fake_pr
     primary.set(
         Behaviour.status(
             429,
-            body={"error": {"code": 429, "message": "Provider returned error",
-                            "metadata": {"raw": "openai/gpt-4o is temporarily rate-limited upstream", "provider_name": "OpenAI"}}},
+            body={
+                "error": {
+                    "code": 429,
+                    "message": "Provider returned error",
+                    "metadata": {
+                        "raw": "openai/gpt-4o is temporarily rate-limited upstream",
+                        "provider_name": "OpenAI",
+                    },
+                }
+            },
         )
     )
     status, headers, _ = await ask(agent, sidecar)
@@ -165,8 +211,10 @@ async def test_upstream_rate_limited_falls_back_without_touching_the_key(fake_pr
     assert state(sidecar, "acme-keys", "p1")[0] is CredentialState.AVAILABLE
 
 
-@pytest.mark.parametrize("behaviour", [Behaviour.status(400, body={"error": {"message": "bad param"}}),
-                                       Behaviour.status(404, body="not here")])
+@pytest.mark.parametrize(
+    "behaviour",
+    [Behaviour.status(400, body={"error": {"message": "bad param"}}), Behaviour.status(404, body="not here")],
+)
 async def test_client_errors_reach_the_agent_unchanged(fake_provider, start_sidecar, agent, behaviour):
     primary, backup, sidecar = await setup(fake_provider, start_sidecar)
     primary.set(behaviour)
@@ -188,7 +236,10 @@ async def test_retry_after_seconds_sets_the_cooldown(fake_provider, start_sideca
 async def test_retry_after_http_date_sets_the_cooldown(fake_provider, start_sidecar, agent):
     primary, backup, sidecar = await setup(fake_provider, start_sidecar)
     when = time.time() + 120
-    primary.script(Behaviour.rate_limited(headers={"Retry-After": email.utils.formatdate(when, usegmt=True)}), key=key("p1"))
+    primary.script(
+        Behaviour.rate_limited(headers={"Retry-After": email.utils.formatdate(when, usegmt=True)}),
+        key=key("p1"),
+    )
     await ask(agent, sidecar)
     assert abs(state(sidecar, "acme-keys", "p1")[1].until - when) <= 1.5
 
@@ -196,7 +247,9 @@ async def test_retry_after_http_date_sets_the_cooldown(fake_provider, start_side
 async def test_x_ratelimit_reset_duration_headers(fake_provider, start_sidecar, agent):
     primary, backup, sidecar = await setup(fake_provider, start_sidecar)
     primary.script(
-        Behaviour.rate_limited(headers={"x-ratelimit-reset-requests": "1.5s", "x-ratelimit-reset-tokens": "6m0s"}),
+        Behaviour.rate_limited(
+            headers={"x-ratelimit-reset-requests": "1.5s", "x-ratelimit-reset-tokens": "6m0s"}
+        ),
         key=key("p1"),
     )
     t = time.time()
@@ -208,7 +261,9 @@ async def test_x_ratelimit_reset_duration_headers(fake_provider, start_sidecar, 
 async def test_body_reset_field(fake_provider, start_sidecar, agent):
     primary, backup, sidecar = await setup(fake_provider, start_sidecar)
     primary.script(
-        Behaviour.status(429, body={"error": {"type": "rate_limit_exceeded", "message": "slow", "resets_in_seconds": 90}}),
+        Behaviour.status(
+            429, body={"error": {"type": "rate_limit_exceeded", "message": "slow", "resets_in_seconds": 90}}
+        ),
         key=key("p1"),
     )
     t = time.time()

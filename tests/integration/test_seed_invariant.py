@@ -23,13 +23,22 @@ def blocks(sidecar, pool_name: str) -> dict:
     return {n: copy.deepcopy(h.blocks) for n, h in sidecar.chain.pools[pool_name].health.items()}
 
 
-async def test_fallback_429s_rotate_only_the_fallback_pool_and_hit_only_its_host(fake_provider, start_sidecar, agent):
-    primary: FakeProvider = await fake_provider("acme", keys=[key("p1"), key("p2")], default=Behaviour.server_error(500))
-    backup: FakeProvider = await fake_provider("backup", prefix="/api/v1", keys=[key("b1"), key("b2"), key("b3")])
+async def test_fallback_429s_rotate_only_the_fallback_pool_and_hit_only_its_host(
+    fake_provider, start_sidecar, agent
+):
+    primary: FakeProvider = await fake_provider(
+        "acme", keys=[key("p1"), key("p2")], default=Behaviour.server_error(500)
+    )
+    backup: FakeProvider = await fake_provider(
+        "backup", prefix="/api/v1", keys=[key("b1"), key("b2"), key("b3")]
+    )
     backup.set(Behaviour.rate_limited(), key=key("b1"))
     backup.set(Behaviour.rate_limited(), key=key("b2"))
     cfg = config(
-        [entry("acme", "acme", primary.base_url, "acme-keys"), entry("backup", "backup", backup.base_url, "backup-keys")],
+        [
+            entry("acme", "acme", primary.base_url, "acme-keys"),
+            entry("backup", "backup", backup.base_url, "backup-keys"),
+        ],
         [
             pool("acme-keys", "acme", cred("p1", key("p1")), cred("p2", key("p2"), priority=1)),
             pool(
@@ -97,13 +106,24 @@ async def test_same_provider_fallback_keeps_the_pool_state(fake_provider, start_
     assert "big-model" in sidecar.chain.pools["acme-keys"].health["a1"].blocks
 
 
-async def test_under_concurrency_recovery_acts_on_the_credential_actually_sent(fake_provider, start_sidecar, agent):
+async def test_under_concurrency_recovery_acts_on_the_credential_actually_sent(
+    fake_provider, start_sidecar, agent
+):
     names = ["k1", "k2", "k3", "k4"]
-    fp: FakeProvider = await fake_provider("acme", keys=[key(n) for n in names], default=Behaviour.ok(delay=0.02))
+    fp: FakeProvider = await fake_provider(
+        "acme", keys=[key(n) for n in names], default=Behaviour.ok(delay=0.02)
+    )
     fp.set(Behaviour.rate_limited(retry_after=30), key=key("k2"))
     cfg = config(
         [entry("acme", "acme", fp.base_url, "acme-keys")],
-        [pool("acme-keys", "acme", *[cred(n, key(n), priority=i) for i, n in enumerate(names)], strategy="RoundRobin")],
+        [
+            pool(
+                "acme-keys",
+                "acme",
+                *[cred(n, key(n), priority=i) for i, n in enumerate(names)],
+                strategy="RoundRobin",
+            )
+        ],
     )
     sidecar = await start_sidecar(cfg)
 

@@ -85,8 +85,14 @@ async def test_error_status_before_first_byte_fails_over(fake_provider, start_si
 
 async def test_inband_error_as_first_event_fails_over(fake_provider, start_sidecar, agent):
     primary, backup, sidecar = await setup(fake_provider, start_sidecar)
-    primary.set(Behaviour.stream(first_event_error={"error": {"code": 429, "message": "Rate limit exceeded"}}), key=key("p1"))
-    primary.set(Behaviour.stream(first_event_error={"error": {"code": 502, "message": "upstream died"}}), key=key("p2"))
+    primary.set(
+        Behaviour.stream(first_event_error={"error": {"code": 429, "message": "Rate limit exceeded"}}),
+        key=key("p1"),
+    )
+    primary.set(
+        Behaviour.stream(first_event_error={"error": {"code": 502, "message": "upstream died"}}),
+        key=key("p2"),
+    )
     status, headers, body = await stream(agent, sidecar)
     assert status == 200 and headers["X-Keyroute-Provider"] == "backup"
     assert b"upstream died" not in body and body.endswith(b"data: [DONE]\n\n")
@@ -103,7 +109,9 @@ async def test_cut_after_first_byte_ends_with_an_error_event(fake_provider, star
     assert len(backup.received) == 0  # committed: no failover after the first byte
 
 
-async def test_stall_after_first_byte_ends_with_an_error_event_after_idle(fake_provider, start_sidecar, agent):
+async def test_stall_after_first_byte_ends_with_an_error_event_after_idle(
+    fake_provider, start_sidecar, agent
+):
     primary, _, sidecar = await setup(fake_provider, start_sidecar, idle=0.3)
     primary.set(Behaviour.stream(5, stall_after=2))
     t = time.monotonic()
@@ -148,11 +156,19 @@ async def test_silent_stream_fails_over_within_first_byte(fake_provider, start_s
 
 async def test_anthropic_style_stream_and_key_header(fake_provider, start_sidecar, agent):
     fp: FakeProvider = await fake_provider("claude", keys=[key("c1")])
-    cfg = config([entry("claude", "claude", fp.base_url, "c", api="anthropic")], [pool("c", "claude", cred("c1", key("c1")))])
+    cfg = config(
+        [entry("claude", "claude", fp.base_url, "c", api="anthropic")],
+        [pool("c", "claude", cred("c1", key("c1")))],
+    )
     sidecar = await start_sidecar(cfg)
     async with agent.post(
         sidecar.base_url + "/messages",
-        json={"model": "claude-x", "max_tokens": 10, "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+        json={
+            "model": "claude-x",
+            "max_tokens": 10,
+            "stream": True,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
         headers={"x-api-key": "agent-placeholder"},
     ) as resp:
         body = await resp.read()

@@ -25,7 +25,15 @@ def make(n: int = 3, strategy: str = "FillFirst", **cooldowns: float) -> Pool:
     return Pool(PoolConfig.model_validate(cfg), rng=random.Random(7))
 
 
-def fail(p: Pool, cls: ErrorClass, now: float = T0, *, model: str = M, reset_at: float | None = None, status: int = 429):
+def fail(
+    p: Pool,
+    cls: ErrorClass,
+    now: float = T0,
+    *,
+    model: str = M,
+    reset_at: float | None = None,
+    status: int = 429,
+):
     lease = p.acquire(model, now)
     assert lease is not None
     p.release(lease)
@@ -106,7 +114,9 @@ def test_rate_limit_is_scoped_to_the_model():
     assert other is not None and other.credential.name == "k1"
 
 
-@pytest.mark.parametrize("cls", [ErrorClass.USAGE_LIMIT, ErrorClass.BILLING, ErrorClass.AUTH_FAILED, ErrorClass.REVOKED])
+@pytest.mark.parametrize(
+    "cls", [ErrorClass.USAGE_LIMIT, ErrorClass.BILLING, ErrorClass.AUTH_FAILED, ErrorClass.REVOKED]
+)
 def test_other_credential_classes_block_every_model(cls):
     p = make(n=2)
     fail(p, cls, status=401)
@@ -221,7 +231,12 @@ def test_lease_from_a_replaced_pool_does_not_touch_the_new_one():
 
 def test_provider_level_classes_leave_credentials_alone():
     p = make()
-    for cls in (ErrorClass.SERVER_ERROR, ErrorClass.OVERLOADED, ErrorClass.TIMEOUT, ErrorClass.MODEL_NOT_FOUND):
+    for cls in (
+        ErrorClass.SERVER_ERROR,
+        ErrorClass.OVERLOADED,
+        ErrorClass.TIMEOUT,
+        ErrorClass.MODEL_NOT_FOUND,
+    ):
         _, actions = fail(p, cls, status=500)
         assert actions == []
     assert all(p.usable(c, M, T0) for c in p.credentials)

@@ -41,7 +41,14 @@ def test_primary_first_with_its_own_key_and_host():
 
 
 @pytest.mark.parametrize(
-    "cls", [ErrorClass.RATE_LIMITED, ErrorClass.USAGE_LIMIT, ErrorClass.BILLING, ErrorClass.AUTH_FAILED, ErrorClass.REVOKED]
+    "cls",
+    [
+        ErrorClass.RATE_LIMITED,
+        ErrorClass.USAGE_LIMIT,
+        ErrorClass.BILLING,
+        ErrorClass.AUTH_FAILED,
+        ErrorClass.REVOKED,
+    ],
 )
 def test_credential_classes_rotate_to_the_next_key_of_the_same_provider(cls):
     route = Route(chain_of(), M, T0)
@@ -113,7 +120,9 @@ def test_overloaded_with_a_single_key_falls_back_at_once():
     assert step(route).entry.name == "backup"
 
 
-@pytest.mark.parametrize("cls", [ErrorClass.TIMEOUT, ErrorClass.MODEL_NOT_FOUND, ErrorClass.UPSTREAM_RATE_LIMITED])
+@pytest.mark.parametrize(
+    "cls", [ErrorClass.TIMEOUT, ErrorClass.MODEL_NOT_FOUND, ErrorClass.UPSTREAM_RATE_LIMITED]
+)
 def test_fall_back_at_once(cls):
     route = Route(chain_of(), M, T0)
     route.report(step(route), failure(cls, 404), T0)
@@ -254,7 +263,10 @@ def test_context_length_moves_to_bigger_context_entries():
 
 def test_context_length_without_configured_entries_goes_to_the_agent():
     route = Route(chain_of(), M, T0)
-    assert route.report(step(route), failure(ErrorClass.CLIENT_ERROR, 400, context_length=True), T0) is Verdict.RETURN
+    assert (
+        route.report(step(route), failure(ErrorClass.CLIENT_ERROR, 400, context_length=True), T0)
+        is Verdict.RETURN
+    )
 
 
 def test_same_provider_entries_share_the_pool():

@@ -8,6 +8,7 @@ Kubernetes Event, and a unit test can assert on it directly.
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,8 +67,11 @@ class Action:
             "status",
         ):
             value = getattr(self, name)
-            if value is not None:
-                out[name] = str(value) if isinstance(value, enum.Enum) else value
+            if value is None:
+                continue
+            if name == "until":
+                value = rfc3339(value)
+            out[name] = str(value) if isinstance(value, enum.Enum) else value
         if self.message:
             out["detail"] = self.message
         return out
@@ -75,3 +79,8 @@ class Action:
     @property
     def object_kind_key(self) -> str:
         return "pool" if self.kind in POOL_ACTIONS else "chain"
+
+
+def rfc3339(ts: float) -> str:
+    """``2026-11-24T23:08:31Z``: how Kubernetes status and Events write times."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

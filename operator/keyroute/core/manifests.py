@@ -19,9 +19,11 @@ What is read, and decisions where kubectl and local mode could differ:
   two files disagreeing about a key is something to fix, not to guess about.
 
 Secret hygiene (SPEC §6): no message raised here contains a value from a document. Validation
-errors are summarised by location and message only (:func:`describe_validation_error`), YAML syntax
-errors by line and column without yaml's snippet of the offending text, and object names are only
-echoed when they are valid Kubernetes names.
+errors are summarised by location and message only (:func:`describe_validation_error`), and for a
+Secret the location stops at ``data`` / ``stringData``: a key value mistakenly written as a map key
+(``stringData: {sk-...: }``) would otherwise be echoed as part of the location. YAML syntax errors are
+described by line and column without yaml's snippet of the offending text, and object names are only
+echoed when they are valid Kubernetes names (they are identifiers, shown in status and Events too).
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ _KEYROUTE_KINDS: dict[str, type[ProviderChain] | type[CredentialPool]] = {
 # else (a key pasted into the wrong field, say) is described by its location only.
 _SAFE_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 _MAX_PROBLEM = 160
+_QUOTED = re.compile(r"'[^']{5,}'|\"[^\"]{5,}\"")
+# Free-form maps of a Secret: their keys are input, so an error location stops at the map's name.
+_SECRET_MAPS = frozenset({"data", "stringData", "labels", "annotations"})
 
 
 class ManifestError(ValueError):
@@ -169,10 +174,11 @@ def _describe_yaml_error(err: yaml.YAMLError, text: str) -> str:
     if isinstance(err, yaml.MarkedYAMLError):
         mark = err.problem_mark or err.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = err.problem or err.context or "syntax error"
-        # yaml's problem texts are fixed wording plus at most a character or a tag; keep one short line.
-        problem = problem.splitlines()[0][:_MAX_PROBLEM] if problem else "syntax error"
-        return f"{where}: {problem}"
+        problem = (err.problem or err.context or "").strip()
+        # yaml's problem texts are fixed wording plus a quoted character, tag or alias name; a name
+        # (``*sk-...`` reads as an alias) could be a value, so only short quoted text is kept.
+        problem = _QUOTED.sub("'…'", problem.splitlines()[0] if problem else "")[:_MAX_PROBLEM]
+        return f"{where}: {problem or 'syntax error'}"
     if isinstance(err, ReaderError):
         line = text.count("\n", 0, err.position) + 1
         return f" at line {line}: unacceptable character ({err.reason})"
@@ -188,7 +194,7 @@ def _expand(where: str, doc: Any) -> Iterator[tuple[str, dict[str, Any]]]:
     if kind == "List" or (kind.endswith("List") and "items" in doc):
         items = doc.get("items") or []
         if not isinstance(items, list):
-            raise ManifestError(f"{where}: {kind}.items must be a list, found a {_type_name(items)}")
+            raise ManifestError(f"{where}: items must be a list, found a {_type_name(items)}")
         for index, item in enumerate(items, start=1):
             yield from _expand(f"{where}, item {index}", item)
         return
@@ -208,23 +214,40 @@ def _parse_object(where: str, doc: dict[str, Any]) -> ProviderChain | Credential
     label = _label(kind, doc)
     api_version = doc.get("apiVersion")
     if api_version is not None and api_version != expected:
-        shown = repr(api_version) if isinstance(api_version, str) else f"of type {_type_name(api_version)}"
-        raise ManifestError(f"{where}: {label}: apiVersion {shown} is not {expected}")
+        raise ManifestError(f"{where}: {label}: apiVersion must be {expected}")
     try:
         obj = model.model_validate(doc)
     except ValidationError as e:
         raise ManifestError(
-            f"{where}: {label} is invalid: {describe_validation_error(e)}{_bool_key_hint(doc)}"
+            f"{where}: {label} is invalid: {_describe(e, model)}{_bool_key_hint(doc)}"
         ) from None
     if isinstance(obj, Secret):
-        for key, value in obj.data.items():
+        for index, value in enumerate(obj.data.values(), start=1):
             try:
                 base64.b64decode(value, validate=True)
             except (binascii.Error, ValueError):
+                # Counted, not named: see _describe on why a Secret's map keys are not shown.
                 raise ManifestError(
-                    f"{where}: {label}: data.{key} is not valid base64 (put plain text under stringData)"
+                    f"{where}: {label}: data value {index} of {len(obj.data)} is not valid base64 "
+                    "(put plain text under stringData)"
                 ) from None
     return obj
+
+
+def _describe(err: ValidationError, model: type[Any]) -> str:
+    """:func:`describe_validation_error`, with a Secret's map keys left out of the locations."""
+    if model is not Secret:
+        return describe_validation_error(err)
+    parts = []
+    for e in err.errors(include_input=False, include_url=False, include_context=False):
+        loc: list[str] = []
+        for part in e.get("loc", ()):
+            if loc and loc[-1] in _SECRET_MAPS:
+                loc.append("<key>")  # which key is not shown: it may be a value written as a key
+                break
+            loc.append(str(part))
+        parts.append(f"{'.'.join(loc) or '(root)'}: {e.get('msg', 'invalid')}")
+    return "; ".join(parts)
 
 
 def _label(kind: str, doc: dict[str, Any]) -> str:
