@@ -207,7 +207,7 @@ def _broken(mutate: Any) -> dict[str, Any]:
         (_broken(lambda d: d["pools"][0].update(strategy="Sticky")), "pools.0.strategy"),
         (_broken(lambda d: d["entries"][0].update(timeouts={"connect": 0})), "entries.0.timeouts.connect"),
         (_broken(lambda d: d.update(requestTimeout=-1)), "requestTimeout"),
-        (_broken(lambda d: d.update(extra=True)), "extra: Extra inputs are not permitted"),
+        (_broken(lambda d: d.update(extra=True)), "<key>: Extra inputs are not permitted"),
         (_broken(lambda d: d.pop("chain")), "chain: Field required"),
     ],
 )
@@ -257,6 +257,19 @@ def test_config_errors_never_contain_a_key(text: str) -> None:
     # Not chained either: pydantic's and json's own errors quote the input.
     assert info.value.__cause__ is None
     assert info.value.__suppress_context__
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d["entries"][0].update(models={KEY_1: 5}),
+        lambda d: d["pools"][0]["credentials"][0].update({KEY_1: "x"}),
+    ],
+)
+def test_config_errors_never_echo_a_key_written_as_a_map_key(mutate: Any) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(as_text(_broken(mutate)))
+    assert _leaks(info.value) == []
 
 
 def test_describe_validation_error_drops_the_input() -> None:

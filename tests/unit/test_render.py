@@ -193,21 +193,21 @@ def test_fallback_settings_are_resolved() -> None:
         fallback={
             "restoreAfter": "2m",
             "maxWait": "1500ms",
-            "on": ["RateLimited", "Timeout"],
+            "triggers": ["RateLimited", "Timeout"],
             "contextLength": ["openrouter"],
             "maxAttempts": 4,
         }
     ).config
     fb = cfg.fallback
     assert (fb.restore_after, fb.max_wait, fb.max_attempts) == (120.0, 1.5, 4)
-    assert fb.on == [ErrorClass.RATE_LIMITED, ErrorClass.TIMEOUT]
+    assert fb.triggers == [ErrorClass.RATE_LIMITED, ErrorClass.TIMEOUT]
     assert fb.context_length == ["openrouter"]
     assert fb.restore_max == 4 * 3600.0
 
 
 def test_fallback_defaults() -> None:
     fb = two_provider_render().config.fallback
-    assert (fb.restore_after, fb.max_wait, fb.on, fb.context_length) == (60.0, 5.0, None, [])
+    assert (fb.restore_after, fb.max_wait, fb.triggers, fb.context_length) == (60.0, 5.0, None, [])
 
 
 # --- priorities and credential overrides ------------------------------------------------------------

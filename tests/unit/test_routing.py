@@ -134,8 +134,8 @@ def test_client_error_goes_to_the_agent():
     assert route.report(step(route), failure(ErrorClass.CLIENT_ERROR, 400), T0) is Verdict.RETURN
 
 
-def test_fallback_on_narrows_the_classes_that_leave_an_entry():
-    chain = Chain(two_providers(fallback={"on": ["RateLimited"]}))
+def test_fallback_triggers_narrows_the_classes_that_leave_an_entry():
+    chain = Chain(two_providers(fallback={"triggers": ["RateLimited"]}))
     route = Route(chain, M, T0)
     route.report(step(route), failure(ErrorClass.SERVER_ERROR, 500), T0)
     assert route.report(step(route), failure(ErrorClass.SERVER_ERROR, 500), T0) is Verdict.RETURN

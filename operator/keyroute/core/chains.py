@@ -108,7 +108,8 @@ class Chain:
             for i, e in enumerate(config.entries)
         )
         self.by_name = {e.name: e for e in self.entries}
-        self.fallback_on = frozenset(config.fallback.on) if config.fallback.on is not None else None
+        triggers = config.fallback.triggers
+        self.fallback_triggers = frozenset(triggers) if triggers is not None else None
         self.models: dict[str, ModelState] = {}
         if previous is not None:
             # Keep routing state for entries that still exist; a removed entry's state goes with it.

@@ -38,5 +38,5 @@ CREDENTIAL_CLASSES = frozenset(
     }
 )
 
-#: Classes that may move a request to the next chain entry (``fallback.on`` narrows this set).
+#: Classes that may move a request to the next chain entry (``fallback.triggers`` narrows this set).
 FALLBACK_CLASSES = frozenset(set(ErrorClass) - {ErrorClass.CLIENT_ERROR})

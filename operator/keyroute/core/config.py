@@ -8,6 +8,7 @@ corrupt config can never route a key to another provider's host).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from typing import Annotated, Any
@@ -77,7 +78,7 @@ class EntryConfig(_Config):
 class FallbackConfig(_Config):
     restore_after: float = Field(default=60.0, alias="restoreAfter", ge=0)
     restore_max: float = Field(default=4 * 3600.0, alias="restoreMax", ge=0)
-    on: list[ErrorClass] | None = None
+    triggers: list[ErrorClass] | None = None
     max_wait: float = Field(default=5.0, alias="maxWait", ge=0)
     context_length: list[str] = Field(default=[], alias="contextLength")
     max_attempts: int = Field(default=8, alias="maxAttempts", ge=1)
@@ -145,16 +146,44 @@ class ConfigError(ValueError):
     """A config that does not parse or validate. The message never contains input values."""
 
 
-def describe_validation_error(err: ValidationError) -> str:
+def describe_validation_error(err: ValidationError, *, input_names: bool = False) -> str:
     """Summarise a pydantic error by location and message only.
 
-    pydantic's own ``str()`` includes the offending input, which for a config is a key value.
+    pydantic's own ``str()`` includes the offending input, which for a config is a key value. Even a
+    location can carry input (a map key, an unknown field's name), so by default only list indexes
+    and the models' own field names are shown and anything else becomes ``<key>``. Objects that hold
+    no key values (CredentialPool, ProviderChain specs) pass ``input_names=True``: there, the name
+    of a misspelt field is exactly what the user needs to see.
     """
+    known = _field_names()
     parts = []
     for e in err.errors(include_input=False, include_url=False, include_context=False):
-        loc = ".".join(str(x) for x in e.get("loc", ())) or "(root)"
+        loc = (
+            ".".join(
+                str(x) if input_names or isinstance(x, int) or x in known else "<key>"
+                for x in e.get("loc", ())
+            )
+            or "(root)"
+        )
         parts.append(f"{loc}: {e.get('msg', 'invalid')}")
     return "; ".join(parts)
+
+
+@functools.cache
+def _field_names() -> frozenset[str]:
+    """Every field name and alias of keyroute's models (the locations an error may show)."""
+    names: set[str] = set()
+    pending: list[type[BaseModel]] = [BaseModel]
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if not cls.__module__.startswith("keyroute."):
+            continue
+        for name, info in cls.model_fields.items():
+            names.add(name)
+            if info.alias:
+                names.add(info.alias)
+    return frozenset(names)
 
 
 def parse_config(text: str | bytes) -> SidecarConfig:

@@ -6,6 +6,7 @@ One parser serves the CRDs (Go-style duration strings, the Kubernetes convention
 
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -28,7 +29,7 @@ def parse_duration(text: str | float | int) -> float:
     if isinstance(text, bool):
         raise DurationError(f"not a duration: {text!r}")
     if isinstance(text, int | float):
-        if text < 0:
+        if text < 0 or not math.isfinite(text):
             raise DurationError(f"negative duration: {text!r}")
         return float(text)
     s = text.strip()
@@ -37,7 +38,7 @@ def parse_duration(text: str | float | int) -> float:
     except ValueError:
         pass
     else:
-        if value < 0 or value != value:
+        if value < 0 or not math.isfinite(value):
             raise DurationError(f"not a duration: {text!r}")
         return value
     if not _FULL.match(s):
@@ -46,11 +47,14 @@ def parse_duration(text: str | float | int) -> float:
 
 
 def format_duration(seconds: float) -> str:
-    """Format seconds the way users write durations: ``90`` → ``1m30s``, ``0.5`` → ``500ms``."""
-    if seconds < 1:
-        return f"{round(seconds * 1000)}ms"
-    whole = int(seconds)
-    frac = seconds - whole
+    """Format seconds the way users write durations: ``90`` → ``1m30s``, ``0.5`` → ``500ms``.
+
+    Rounded to the millisecond, the finest unit that matters for cooldowns and timeouts.
+    """
+    ms_total = round(seconds * 1000)
+    if ms_total < 1000:
+        return f"{ms_total}ms"
+    whole, ms = divmod(ms_total, 1000)
     h, rem = divmod(whole, 3600)
     m, s = divmod(rem, 60)
     out = ""
@@ -58,6 +62,6 @@ def format_duration(seconds: float) -> str:
         out += f"{h}h"
     if m:
         out += f"{m}m"
-    if s or frac or not out:
-        out += f"{s + frac:g}s" if frac else f"{s}s"
+    if s or ms or not out:
+        out += f"{s}.{ms:03d}".rstrip("0").rstrip(".") + "s" if ms else f"{s}s"
     return out

@@ -12,16 +12,17 @@ What is read, and decisions where kubectl and local mode could differ:
   ignored. ``List`` (and ``<Kind>List``) documents are expanded, as ``kubectl get -o yaml`` writes them.
 - A ``kind: ProviderChain`` with another ``apiVersion`` is an error, not ignored: it is far more
   likely a typo than another API's kind of the same name, and ignoring it would hide the chain.
-- A document without ``metadata.namespace`` is in ``default`` (there is no kubeconfig context here).
+- A document without ``metadata.namespace`` (or with an empty one) is in ``default``: there is no
+  kubeconfig context here.
 - A Secret's ``data`` value that is not valid base64 is an error, as on the API server; plain-text
   values belong under ``stringData`` (which wins over ``data`` for the same key, as on the server).
 - The same object (kind, namespace, name) defined twice is an error rather than "last one wins":
   two files disagreeing about a key is something to fix, not to guess about.
 
-Secret hygiene (SPEC §6): no message raised here contains a value from a document. Validation
-errors are summarised by location and message only (:func:`describe_validation_error`), and for a
-Secret the location stops at ``data`` / ``stringData``: a key value mistakenly written as a map key
-(``stringData: {sk-...: }``) would otherwise be echoed as part of the location. YAML syntax errors are
+Secret hygiene (SPEC §6): no message raised here contains a Secret's value. Validation errors are
+summarised by location and message only (:func:`describe_validation_error`), and for a Secret the
+location stops at its maps (``data``, ``stringData``, labels, annotations): a key mistakenly written
+as a map key (``stringData: {sk-...: }``) would otherwise be echoed as part of the location. YAML syntax errors are
 described by line and column without yaml's snippet of the offending text, and object names are only
 echoed when they are valid Kubernetes names (they are identifiers, shown in status and Events too).
 """
@@ -131,7 +132,7 @@ def select_chain(manifests: Manifests, name: str | None, namespace: str | None =
     if not chains:
         raise ManifestError("the manifests hold no ProviderChain")
     if not matches:
-        what = f"ProviderChain {name}" if name is not None else "a ProviderChain"
+        what = f"ProviderChain {name}" if name is not None else "ProviderChain"
         raise ManifestError(f"no {what}{in_ns} in the manifests; available: {available}")
     listed = ", ".join(f"{c.namespace}/{c.name}" for c in matches)
     if name is None:
@@ -215,6 +216,10 @@ def _parse_object(where: str, doc: dict[str, Any]) -> ProviderChain | Credential
     api_version = doc.get("apiVersion")
     if api_version is not None and api_version != expected:
         raise ManifestError(f"{where}: {label}: apiVersion must be {expected}")
+    meta = doc.get("metadata")
+    if isinstance(meta, dict) and "namespace" in meta and meta["namespace"] in (None, ""):
+        # `namespace:` left empty means "unset" to kubectl; do not reject it as a non-string.
+        doc = {**doc, "metadata": {k: v for k, v in meta.items() if k != "namespace"}}
     try:
         obj = model.model_validate(doc)
     except ValidationError as e:
@@ -237,7 +242,7 @@ def _parse_object(where: str, doc: dict[str, Any]) -> ProviderChain | Credential
 def _describe(err: ValidationError, model: type[Any]) -> str:
     """:func:`describe_validation_error`, with a Secret's map keys left out of the locations."""
     if model is not Secret:
-        return describe_validation_error(err)
+        return describe_validation_error(err, input_names=True)
     parts = []
     for e in err.errors(include_input=False, include_url=False, include_context=False):
         loc: list[str] = []

@@ -214,7 +214,7 @@ def render(
         pools=[_pool_config(resolved[name]) for name in sorted(used)],
         fallback=FallbackConfig(
             restore_after=parse_duration(fb.restore_after),
-            on=list(fb.on) if fb.on is not None else None,
+            triggers=list(fb.triggers) if fb.triggers is not None else None,
             max_wait=parse_duration(fb.max_wait),
             # An excluded entry cannot serve a long prompt either.
             context_length=[n for n in fb.context_length if n in included],

@@ -42,6 +42,8 @@ def _check_url(value: str) -> str:
 Duration = Annotated[str, Field(pattern=DURATION_PATTERN, max_length=32), AfterValidator(_check_duration)]
 URL = Annotated[str, Field(pattern=URL_PATTERN, max_length=2048), AfterValidator(_check_url)]
 Name = Annotated[str, Field(pattern=NAME_PATTERN, min_length=1, max_length=63)]
+# Secrets are DNS subdomains: longer than the DNS labels used for keyroute's own names.
+SecretName = Annotated[str, Field(pattern=NAME_PATTERN, min_length=1, max_length=253)]
 
 
 class _Spec(BaseModel):
@@ -81,7 +83,7 @@ class CredentialState(enum.StrEnum):
 
 
 class SecretKeyRef(_Spec):
-    name: Name
+    name: SecretName
     key: Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")]
 
 
@@ -169,6 +171,14 @@ class ProviderEntry(_Spec):
     models: Annotated[dict[str, Annotated[str, Field(min_length=1)]], Field(max_length=256)] = {}
     timeouts: Timeouts | None = None
 
+    @model_validator(mode="after")
+    def _request_is_per_chain(self) -> ProviderEntry:
+        if self.timeouts is not None and self.timeouts.request is not None:
+            raise ValueError(
+                "timeouts.request is a deadline for the whole call: set it on the chain, not on an entry"
+            )
+        return self
+
     @property
     def entry_name(self) -> str:
         """The entry's name: ``name`` if given, else its provider."""
@@ -177,7 +187,8 @@ class ProviderEntry(_Spec):
 
 class Fallback(_Spec):
     restore_after: Duration = Field(default="60s", alias="restoreAfter")
-    on: Annotated[list[ErrorClass], Field(max_length=16)] | None = None
+    # Not `on`: YAML 1.1 (kubectl included) reads an unquoted `on:` key as the boolean true.
+    triggers: Annotated[list[ErrorClass], Field(max_length=16)] | None = None
     max_wait: Duration = Field(default="5s", alias="maxWait")
     context_length: Annotated[list[Name], Field(max_length=16)] = Field(default=[], alias="contextLength")
     max_attempts: Annotated[int, Field(ge=1, le=32)] = Field(default=8, alias="maxAttempts")
@@ -268,7 +279,7 @@ class Secret(_Object):
 
     api_version: str = Field(default="v1", alias="apiVersion")
     kind: Literal["Secret"] = "Secret"
-    data: dict[str, str] = {}
+    data: dict[str, str] = Field(default={}, repr=False)
     string_data: dict[str, str] = Field(default={}, alias="stringData", repr=False)
 
     def __repr__(self) -> str:

@@ -12,7 +12,7 @@ go on. Everything the SPEC §3 table says about "then" is decided here, in one p
 - ClientError: the agent gets the answer, unless it says the prompt is too long and the chain names
   ``contextLength`` entries, which are tried next, in order.
 
-``fallback.on`` narrows which classes may leave an entry: any other class hands the provider's answer
+``fallback.triggers`` narrows which classes may leave an entry: any other class hands the provider's answer
 to the agent. Every request is bounded by ``maxAttempts`` upstream attempts and the request deadline.
 """
 
@@ -230,7 +230,7 @@ class Route:
         )
 
     def _leave_or_return(self, entry: Entry, cls: ErrorClass, now: float) -> Verdict:
-        if self.chain.fallback_on is not None and cls not in self.chain.fallback_on:
+        if self.chain.fallback_triggers is not None and cls not in self.chain.fallback_triggers:
             self._finish()
             return Verdict.RETURN
         self._leave(entry, cls, now)
