@@ -1,5 +1,6 @@
 """``keyroute``: one command for every role of the image.
 
+- ``keyroute operator``: the kopf operator that renders chains into sidecar configs and keeps status
 - ``keyroute sidecar``: the proxy beside an agent (``--config`` rendered file, or ``--manifests`` local mode)
 - ``keyroute demo``: the sidecar in front of two misbehaving fake providers, narrated live
 - ``keyroute check``: validate manifests and show what a chain would route, without any key
@@ -122,6 +123,24 @@ def _cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_operator(args: argparse.Namespace) -> int:
+    import kopf
+    from prometheus_client import start_http_server
+
+    import keyroute.controller.handlers as handlers  # registers the handlers
+
+    setup_logging(args.log_level, args.log_format)
+    if args.metrics_port:
+        start_http_server(args.metrics_port, registry=handlers.STATE["metrics"].registry)
+    kopf.run(
+        standalone=True,  # one replica; no peering CRD to install
+        clusterwide=not args.namespace,
+        namespaces=args.namespace or (),
+        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
+    )
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from keyroute.demo import run_demo
 
@@ -154,6 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-format", choices=["json", "text"], default="json")
     s.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto")
     s.set_defaults(func=_cmd_sidecar)
+
+    o = sub.add_parser(
+        "operator", help="run the operator (kopf): reconcile chains and pools into sidecar configs"
+    )
+    o.add_argument(
+        "--namespace", "-n", action="append", help="watch this namespace (repeatable; default: all)"
+    )
+    o.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port (0: off)")
+    o.add_argument("--health-port", type=int, default=8081, help="liveness endpoint port (0: off)")
+    o.add_argument("--log-level", default="info")
+    o.add_argument("--log-format", choices=["json", "text"], default="json")
+    o.set_defaults(func=_cmd_operator)
 
     d = sub.add_parser("demo", help="watch the sidecar route around failing providers (no cluster, no keys)")
     d.add_argument("--duration", type=float, default=24.0, help="seconds to run (default 24)")

@@ -1,0 +1,166 @@
+"""kopf handlers: what the operator reacts to. Each one is a line or two that calls the reconciler.
+
+- a CredentialPool created, changed or resumed → its status, then every chain that uses it;
+- a CredentialPool deleted → every chain that used it (its entries become ``PoolNotFound``);
+- a ProviderChain created, changed or resumed → its config Secret and status;
+- a Secret event → the pools that reference it, then their chains (a rotated key reaches the
+  sidecars within seconds);
+- a timer per object resyncs everything periodically, as a safety net for missed events.
+
+Which pools reference a Secret and which chains use a pool come from kopf indexes, kept in memory
+from the watch streams; no handler lists the cluster. No finalizers: deleting a chain lets garbage
+collection remove its config Secret (owner reference), and nothing else needs cleaning up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import kopf
+
+from keyroute.controller import login as _login
+from keyroute.controller.metrics import OperatorMetrics
+from keyroute.controller.reconcile import Reconciler
+from keyroute.core.objects import Note
+from keyroute.kube import Kube
+
+GROUP, VERSION = "keyroute.dev", "v1alpha1"
+POOLS = (GROUP, VERSION, "credentialpools")
+CHAINS = (GROUP, VERSION, "providerchains")
+RESYNC = float(os.environ.get("KEYROUTE_RESYNC_SECONDS", "300"))
+
+# Shared across handlers (kopf's memo is shallow-copied per object, so state lives here).
+STATE: dict[str, Any] = {"metrics": OperatorMetrics()}
+
+
+def reconciler() -> Reconciler:
+    r = STATE.get("reconciler")
+    if r is None:
+        if not _login.CURRENT:
+            raise kopf.TemporaryError("not logged in yet", delay=1)
+        r = STATE["reconciler"] = Reconciler(Kube.from_connection(_login.CURRENT[0]), STATE["metrics"], _post)
+    assert isinstance(r, Reconciler)
+    return r
+
+
+def _post(body: Any, note: Note) -> None:
+    kopf.event(body, type=note.type, reason=note.reason, message=note.message)
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="keyroute.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="keyroute.dev", key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING  # kopf's own log lines are not Events; ours are explicit
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    return _login.login(**kwargs)
+
+
+@kopf.on.cleanup()
+async def cleanup(**_: Any) -> None:
+    r = STATE.pop("reconciler", None)
+    if isinstance(r, Reconciler):
+        await r.kube.close()
+
+
+# --- indexes ------------------------------------------------------------------------------------
+
+
+@kopf.index(*POOLS)
+def pools_by_secret(
+    name: str, namespace: str | None, spec: Any, **_: Any
+) -> dict[tuple[str | None, str], str]:
+    """(namespace, Secret name) → names of the pools that reference it."""
+    out: dict[tuple[str | None, str], str] = {}
+    for cred in spec.get("credentials") or []:
+        ref = cred.get("secretRef") if isinstance(cred, dict) else None
+        if isinstance(ref, dict) and isinstance(ref.get("name"), str):
+            out[(namespace, ref["name"])] = name
+    return out
+
+
+@kopf.index(*CHAINS)
+def chains_by_pool(
+    name: str, namespace: str | None, spec: Any, **_: Any
+) -> dict[tuple[str | None, str], str]:
+    """(namespace, pool name) → names of the chains that use it."""
+    out: dict[tuple[str | None, str], str] = {}
+    for entry in spec.get("providers") or []:
+        ref = entry.get("credentialPoolRef") if isinstance(entry, dict) else None
+        if isinstance(ref, dict) and isinstance(ref.get("name"), str):
+            out[(namespace, ref["name"])] = name
+    return out
+
+
+def _chains_of(namespace: str, pool: str, chains_by_pool: kopf.Index[Any, Any]) -> list[str]:
+    return sorted(set(chains_by_pool.get((namespace, pool), [])))
+
+
+# --- pools --------------------------------------------------------------------------------------
+
+
+@kopf.on.resume(*POOLS)
+@kopf.on.create(*POOLS)
+@kopf.on.update(*POOLS)
+async def pool_changed(name: str, namespace: str | None, **kwargs: Any) -> None:
+    ns = namespace or "default"
+    r = reconciler()
+    await r.pool(ns, name)
+    for chain in _chains_of(ns, name, kwargs["chains_by_pool"]):
+        await r.chain(ns, chain)
+
+
+@kopf.on.event(*POOLS)
+async def pool_event(type: str, name: str, namespace: str | None, **kwargs: Any) -> None:
+    if type != "DELETED":
+        return
+    ns = namespace or "default"
+    r = reconciler()
+    r.metrics.pool_gone((ns, name))
+    for chain in _chains_of(ns, name, kwargs["chains_by_pool"]):
+        await r.chain(ns, chain)
+
+
+@kopf.timer(*POOLS, interval=RESYNC, initial_delay=RESYNC)
+async def pool_resync(name: str, namespace: str | None, **_: Any) -> None:
+    await reconciler().pool(namespace or "default", name)
+
+
+# --- chains -------------------------------------------------------------------------------------
+
+
+@kopf.on.resume(*CHAINS)
+@kopf.on.create(*CHAINS)
+@kopf.on.update(*CHAINS)
+async def chain_changed(name: str, namespace: str | None, **_: Any) -> None:
+    await reconciler().chain(namespace or "default", name)
+
+
+@kopf.timer(*CHAINS, interval=RESYNC, initial_delay=RESYNC)
+async def chain_resync(name: str, namespace: str | None, **_: Any) -> None:
+    await reconciler().chain(namespace or "default", name)
+
+
+# --- secrets ------------------------------------------------------------------------------------
+
+
+@kopf.on.event("", "v1", "secrets")
+async def secret_event(name: str, namespace: str | None, **kwargs: Any) -> None:
+    ns = namespace or "default"
+    pools = sorted(set(kwargs["pools_by_secret"].get((ns, name), [])))
+    if not pools:
+        return  # not a credential Secret (most Secrets of a cluster)
+    r = reconciler()
+    chains: set[str] = set()
+    for pool in pools:
+        await r.pool(ns, pool)
+        chains.update(_chains_of(ns, pool, kwargs["chains_by_pool"]))
+    for chain in sorted(chains):
+        await r.chain(ns, chain)

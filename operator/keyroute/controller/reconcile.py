@@ -1,0 +1,230 @@
+"""Reconcile one CredentialPool or ProviderChain: read what it depends on, call the pure core, write
+only what changed.
+
+Called by the kopf handlers for the object's own changes and for changes of what it depends on (a
+Secret, a pool). Per object, reconciles are serialised, so the operator stays the single, ordered
+writer of status and of the rendered config Secret. An unchanged object costs reads only: the status
+and the config Secret are compared before they are written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from keyroute.controller.metrics import OperatorMetrics
+from keyroute.core.config import describe_validation_error
+from keyroute.core.objects import Note, config_secret, secret_hash, transitions
+from keyroute.core.render import render, resolve_pool
+from keyroute.core.resources import CredentialPool, ProviderChain, Secret
+from keyroute.core.status import chain_status, config_secret_name, invalid_status, pool_status
+from keyroute.kube import CORE, KEYROUTE, ApiError, Kube, path
+
+log = logging.getLogger("keyroute.operator")
+
+PostEvent = Callable[[Mapping[str, Any], Note], None]
+Clock = Callable[[], float]
+
+
+class Reconciler:
+    """Holds the API client, the metrics and the per-object locks."""
+
+    def __init__(self, kube: Kube, metrics: OperatorMetrics, post: PostEvent, clock: Clock = time.time):
+        self.kube = kube
+        self.metrics = metrics
+        self.post = post
+        self.clock = clock
+        self._locks: dict[tuple[str, str, str], asyncio.Lock] = {}
+
+    def _lock(self, kind: str, namespace: str, name: str) -> asyncio.Lock:
+        key = (kind, namespace, name)
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        return lock
+
+    # --- reads -----------------------------------------------------------------------------------
+
+    async def _secrets(self, namespace: str, names: Iterable[str]) -> dict[str, Secret]:
+        out: dict[str, Secret] = {}
+        for name in sorted(set(names)):
+            body = await self.kube.get(path(*CORE, "secrets", namespace, name))
+            if body is None:
+                continue
+            try:
+                out[name] = Secret.model_validate(body)
+            except ValidationError:
+                log.warning("unreadable Secret", extra={"kr": {"namespace": namespace, "secret": name}})
+        return out
+
+    # --- pools -----------------------------------------------------------------------------------
+
+    async def pool(self, namespace: str, name: str) -> None:
+        """Reconcile one CredentialPool's status."""
+        async with self._lock("pool", namespace, name):
+            started = time.perf_counter()
+            try:
+                await self._pool(namespace, name)
+            except Exception:
+                self.metrics.reconciles.labels("CredentialPool", "error").inc()
+                raise
+            else:
+                self.metrics.reconciles.labels("CredentialPool", "ok").inc()
+            finally:
+                self.metrics.duration.labels("CredentialPool").observe(time.perf_counter() - started)
+
+    async def _pool(self, namespace: str, name: str) -> None:
+        url = path(*KEYROUTE, "credentialpools", namespace, name)
+        body = await self.kube.get(url)
+        if body is None:
+            self.metrics.pool_gone((namespace, name))
+            return
+        old = body.get("status") or {}
+        now = self.clock()
+        try:
+            pool = CredentialPool.model_validate(body)
+        except ValidationError as e:
+            meta = body.get("metadata") or {}
+            new = invalid_status(
+                old,
+                describe_validation_error(e, input_names=True),
+                now=now,
+                generation=meta.get("generation"),
+            )
+            await self._write_status(url, body, old, new, "CredentialPool")
+            self.metrics.pool_seen((namespace, name), "False", {})
+            return
+        secrets = await self._secrets(namespace, (c.secret_ref.name for c in pool.spec.credentials))
+        new = pool_status(pool, resolve_pool(pool, secrets), old=old, now=now)
+        await self._write_status(url, body, old, new, "CredentialPool")
+        ready = next((c["status"] for c in new["conditions"] if c["type"] == "Ready"), "Unknown")
+        self.metrics.pool_seen((namespace, name), ready, Counter(c["state"] for c in new["credentials"]))
+
+    # --- chains ----------------------------------------------------------------------------------
+
+    async def chain(self, namespace: str, name: str) -> None:
+        """Render one ProviderChain's sidecar config Secret and write its status."""
+        async with self._lock("chain", namespace, name):
+            started = time.perf_counter()
+            try:
+                await self._chain(namespace, name)
+            except Exception:
+                self.metrics.reconciles.labels("ProviderChain", "error").inc()
+                raise
+            else:
+                self.metrics.reconciles.labels("ProviderChain", "ok").inc()
+            finally:
+                self.metrics.duration.labels("ProviderChain").observe(time.perf_counter() - started)
+
+    async def _chain(self, namespace: str, name: str) -> None:
+        url = path(*KEYROUTE, "providerchains", namespace, name)
+        body = await self.kube.get(url)
+        if body is None:
+            return  # deleted: its config Secret goes with it (owner reference)
+        old = body.get("status") or {}
+        now = self.clock()
+        try:
+            chain = ProviderChain.model_validate(body)
+        except ValidationError as e:
+            meta = body.get("metadata") or {}
+            new = invalid_status(
+                old,
+                describe_validation_error(e, input_names=True),
+                now=now,
+                generation=meta.get("generation"),
+            )
+            await self._write_status(url, body, old, new, "ProviderChain")
+            return
+        pools: dict[str, CredentialPool] = {}
+        for ref in sorted({p.credential_pool_ref.name for p in chain.spec.providers}):
+            pool_body = await self.kube.get(path(*KEYROUTE, "credentialpools", namespace, ref))
+            if pool_body is None:
+                continue
+            try:
+                pools[ref] = CredentialPool.model_validate(pool_body)
+            except ValidationError:
+                continue  # reported on the pool itself (InvalidSpec); here it cannot be routed
+        secrets = await self._secrets(
+            namespace, (c.secret_ref.name for p in pools.values() for c in p.spec.credentials)
+        )
+        result = render(chain, pools, secrets)
+        await self._write_config(chain, result.config)
+        new = chain_status(chain, result, old=old, now=now)
+        await self._write_status(url, body, old, new, "ProviderChain")
+
+    async def _write_config(self, chain: ProviderChain, config: Any) -> None:
+        url = path(*CORE, "secrets", chain.namespace, config_secret_name(chain.name))
+        current = await self.kube.get(url)
+        wanted = config_secret(chain, config)
+        if current is None:
+            try:
+                await self.kube.create(path(*CORE, "secrets", chain.namespace), wanted)
+            except ApiError as e:
+                if e.status != 409:
+                    raise
+                current = await self.kube.get(url)
+            else:
+                self.metrics.writes.labels("config").inc()
+                log.info(
+                    "config rendered",
+                    extra={
+                        "kr": {
+                            "chain": chain.name,
+                            "namespace": chain.namespace,
+                            "hash": config.content_hash(),
+                        }
+                    },
+                )
+                return
+        if secret_hash(current) == config.content_hash():
+            return
+        await self.kube.merge_patch(
+            url,
+            {
+                "metadata": {
+                    "annotations": wanted["metadata"]["annotations"],
+                    "labels": wanted["metadata"]["labels"],
+                },
+                "data": wanted["data"],
+            },
+        )
+        self.metrics.writes.labels("config").inc()
+        log.info(
+            "config rendered",
+            extra={"kr": {"chain": chain.name, "namespace": chain.namespace, "hash": config.content_hash()}},
+        )
+
+    async def _write_status(
+        self, url: str, body: Mapping[str, Any], old: Mapping[str, Any], new: dict[str, Any], kind: str
+    ) -> None:
+        if _same(old, new):
+            return
+        # Merge patch: keys present in the old status but gone from the new one are removed.
+        patch = {**{k: None for k in old if k not in new}, **new}
+        await self.kube.merge_patch(url + "/status", {"status": patch})
+        self.metrics.writes.labels("status").inc()
+        meta = body.get("metadata") or {}
+        for note in transitions(old, new):
+            self.post(body, note)
+            log.log(
+                logging.WARNING if note.type == "Warning" else logging.INFO,
+                note.message,
+                extra={
+                    "kr": {
+                        "kind": kind,
+                        "name": meta.get("name"),
+                        "namespace": meta.get("namespace"),
+                        "reason": note.reason,
+                    }
+                },
+            )
+
+
+def _same(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    return {k: v for k, v in old.items() if v is not None} == {k: v for k, v in new.items() if v is not None}
