@@ -137,10 +137,10 @@ class CredentialStatus(_Status):
 
 class CredentialPoolStatus(_Status):
     observed_generation: int | None = Field(default=None, alias="observedGeneration")
-    conditions: list[Condition] = []
+    conditions: Annotated[list[Condition], Field(max_length=16)] = []
     available: int | None = None
     total: int | None = None
-    credentials: list[CredentialStatus] = []
+    credentials: Annotated[list[CredentialStatus], Field(max_length=256)] = []
 
 
 # --- ProviderChain ----------------------------------------------------------------------------------
@@ -151,7 +151,8 @@ class PoolRef(_Spec):
 
 
 class Timeouts(_Spec):
-    """Unset fields inherit from the chain, then from the defaults below."""
+    """Unset fields inherit from the chain's timeouts, then from the defaults (connect 5s, firstByte 30s,
+    idle 30s, request 10m). ``request`` is per chain only: the deadline of a whole call."""
 
     connect: Duration | None = None
     first_byte: Duration | None = Field(default=None, alias="firstByte")
@@ -189,6 +190,14 @@ class Fallback(_Spec):
     restore_after: Duration = Field(default="60s", alias="restoreAfter")
     # Not `on`: YAML 1.1 (kubectl included) reads an unquoted `on:` key as the boolean true.
     triggers: Annotated[list[ErrorClass], Field(max_length=16)] | None = None
+
+    @field_validator("triggers")
+    @classmethod
+    def _unique_triggers(cls, value: list[ErrorClass] | None) -> list[ErrorClass] | None:
+        if value is not None:
+            _require_unique([str(v) for v in value], "fallback trigger")
+        return value
+
     max_wait: Duration = Field(default="5s", alias="maxWait")
     context_length: Annotated[list[Name], Field(max_length=16)] = Field(default=[], alias="contextLength")
     max_attempts: Annotated[int, Field(ge=1, le=32)] = Field(default=8, alias="maxAttempts")
@@ -224,7 +233,7 @@ class RenderedConfigRef(_Status):
 
 class ProviderChainStatus(_Status):
     observed_generation: int | None = Field(default=None, alias="observedGeneration")
-    conditions: list[Condition] = []
+    conditions: Annotated[list[Condition], Field(max_length=16)] = []
     active_provider: str | None = Field(default=None, alias="activeProvider")
     sidecars: int | None = None
     sidecars_on_fallback: int | None = Field(default=None, alias="sidecarsOnFallback")
