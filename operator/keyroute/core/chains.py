@@ -84,13 +84,15 @@ class Chain:
         self, config: SidecarConfig, *, rng: random.Random | None = None, previous: Chain | None = None
     ):
         self.config = config
+        # One generator per chain: seeding one per request costs an os.urandom call on the hot path.
+        self.rng = rng or random.Random()
         self.name = config.chain.name
         self.namespace = config.chain.namespace
         self.fallback = config.fallback
         self.request_timeout = config.request_timeout
         old_pools = previous.pools if previous is not None else {}
         self.pools: dict[str, Pool] = {
-            p.name: Pool(p, rng=rng, previous=old_pools.get(p.name)) for p in config.pools
+            p.name: Pool(p, rng=self.rng, previous=old_pools.get(p.name)) for p in config.pools
         }
         self.entries: tuple[Entry, ...] = tuple(
             Entry(

@@ -121,7 +121,7 @@ class Route:
         self.reason: ErrorClass | None = None  # why the last entry was left
         self._progress: dict[str, _EntryProgress] = {}
         self._context_mode = False
-        self._rng = rng or random.Random()
+        self._rng = rng or chain.rng
         self._finished = False
 
     # --- asking --------------------------------------------------------------------------------

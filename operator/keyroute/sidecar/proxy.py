@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -136,7 +137,7 @@ class Proxy:
                     headers=attempt_headers(base_headers, attempt),
                     data=data or None,
                     allow_redirects=False,
-                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=attempt.connect),
+                    timeout=_client_timeout(attempt.connect),
                 )
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             self._fail_transport(route, attempt, transport_failure(exc, "first byte"), None)
@@ -299,6 +300,12 @@ class Proxy:
     def _flush(self, route: Route) -> None:
         actions, route.actions = route.actions, []
         self._emit(actions)
+
+
+@functools.lru_cache(maxsize=64)
+def _client_timeout(connect: float) -> aiohttp.ClientTimeout:
+    # The first-byte and idle limits are enforced around the calls; aiohttp only bounds the connect.
+    return aiohttp.ClientTimeout(total=None, sock_connect=connect)
 
 
 class _Final(Exception):
