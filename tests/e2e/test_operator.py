@@ -100,6 +100,8 @@ async def test_pool_and_chain_lifecycle_with_secret_rotation(kube, operator_runn
 
         c = await eventually(lambda: _ready(kube, get_chain, "agents"), timeout=10)
         assert_valid_status(c)
+        # No finalizers: a broken operator must never block the deletion of a chain or a pool.
+        assert not p["metadata"].get("finalizers") and not c["metadata"].get("finalizers")
         rendered = await kube.get("v1", "secrets", "default", "agents-keyroute")
         assert rendered is not None
         owner = rendered["metadata"]["ownerReferences"][0]

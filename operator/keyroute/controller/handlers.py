@@ -5,7 +5,9 @@
 - a ProviderChain created, changed or resumed → its config Secret and status;
 - a Secret event → the pools that reference it, then their chains (a rotated key reaches the
   sidecars within seconds);
-- a timer per object resyncs everything periodically, as a safety net for missed events.
+- one operator-level task resyncs every known pool and chain periodically, as a safety net for
+  missed events. Not kopf timers: kopf puts a finalizer on every object that has a timer, and a
+  finalizer is a way for a broken operator to block deletions.
 
 Which pools reference a Secret and which chains use a pool come from kopf indexes, kept in memory
 from the watch streams; no handler lists the cluster. No finalizers: deleting a chain lets garbage
@@ -14,6 +16,8 @@ collection remove its config Secret (owner reference), and nothing else needs cl
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 from typing import Any
@@ -33,6 +37,9 @@ RESYNC = float(os.environ.get("KEYROUTE_RESYNC_SECONDS", "300"))
 
 # Shared across handlers (kopf's memo is shallow-copied per object, so state lives here).
 STATE: dict[str, Any] = {"metrics": OperatorMetrics()}
+# Objects seen on the watch streams, for the periodic resync: (namespace, name).
+KNOWN: dict[str, set[tuple[str, str]]] = {"pools": set(), "chains": set()}
+log = logging.getLogger("keyroute.operator")
 
 
 def reconciler() -> Reconciler:
@@ -58,6 +65,26 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING  # kopf's own log lines are not Events; ours are explicit
 
 
+async def _resync_forever() -> None:
+    while True:
+        await asyncio.sleep(RESYNC)
+        r = reconciler()
+        for kind, fn in (("pools", r.pool), ("chains", r.chain)):
+            for namespace, name in sorted(KNOWN[kind]):
+                try:
+                    await fn(namespace, name)
+                except Exception as e:  # one broken object must not stop the resync of the others
+                    log.error(
+                        "resync failed",
+                        extra={"kr": {"kind": kind, "namespace": namespace, "name": name, "error": str(e)}},
+                    )
+
+
+@kopf.on.startup()
+async def start_resync(**_: Any) -> None:
+    STATE["resync"] = asyncio.create_task(_resync_forever(), name="keyroute-resync")
+
+
 @kopf.on.login()
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     return _login.login(**kwargs)
@@ -65,6 +92,11 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 @kopf.on.cleanup()
 async def cleanup(**_: Any) -> None:
+    task = STATE.pop("resync", None)
+    if isinstance(task, asyncio.Task):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     r = STATE.pop("reconciler", None)
     if isinstance(r, Reconciler):
         await r.kube.close()
@@ -119,18 +151,15 @@ async def pool_changed(name: str, namespace: str | None, **kwargs: Any) -> None:
 
 @kopf.on.event(*POOLS)
 async def pool_event(type: str, name: str, namespace: str | None, **kwargs: Any) -> None:
-    if type != "DELETED":
-        return
     ns = namespace or "default"
+    if type != "DELETED":
+        KNOWN["pools"].add((ns, name))
+        return
+    KNOWN["pools"].discard((ns, name))
     r = reconciler()
     r.metrics.pool_gone((ns, name))
     for chain in _chains_of(ns, name, kwargs["chains_by_pool"]):
         await r.chain(ns, chain)
-
-
-@kopf.timer(*POOLS, interval=RESYNC, initial_delay=RESYNC)
-async def pool_resync(name: str, namespace: str | None, **_: Any) -> None:
-    await reconciler().pool(namespace or "default", name)
 
 
 # --- chains -------------------------------------------------------------------------------------
@@ -143,9 +172,13 @@ async def chain_changed(name: str, namespace: str | None, **_: Any) -> None:
     await reconciler().chain(namespace or "default", name)
 
 
-@kopf.timer(*CHAINS, interval=RESYNC, initial_delay=RESYNC)
-async def chain_resync(name: str, namespace: str | None, **_: Any) -> None:
-    await reconciler().chain(namespace or "default", name)
+@kopf.on.event(*CHAINS)
+async def chain_event(type: str, name: str, namespace: str | None, **_: Any) -> None:
+    key = (namespace or "default", name)
+    if type == "DELETED":
+        KNOWN["chains"].discard(key)
+    else:
+        KNOWN["chains"].add(key)
 
 
 # --- secrets ------------------------------------------------------------------------------------
