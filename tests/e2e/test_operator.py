@@ -269,6 +269,14 @@ async def test_reconciling_an_unchanged_object_writes_nothing(kube):
             await r.chain("default", "c")
         again = metrics.writes.labels("status")._value.get() + metrics.writes.labels("config")._value.get()
         assert again == first and posted == []
+        from prometheus_client import generate_latest
+
+        text = generate_latest(metrics.registry).decode()
+        assert 'keyroute_operator_reconciles_total{kind="CredentialPool",result="ok"} 4.0' in text
+        assert 'keyroute_operator_reconciles_total{kind="ProviderChain",result="ok"} 4.0' in text
+        assert 'keyroute_operator_pools{ready="True"} 1.0' in text
+        assert 'keyroute_operator_credentials{state="Available"} 1.0' in text
+        assert KEY1 not in text
     finally:
         await client.close()
 
