@@ -26,8 +26,11 @@ class RequestBody:
     _rewrites: dict[str, bytes] = field(default_factory=dict)
 
     def with_model(self, model: str) -> bytes:
-        """The body with the top-level model replaced by ``model`` (the original bytes if unchanged)."""
-        if model == self.model or self.parsed is None:
+        """The body with the top-level model replaced by ``model`` (the original bytes if unchanged).
+
+        A body without a string ``model`` is never given one.
+        """
+        if model == self.model or self.parsed is None or not isinstance(self.parsed.get("model"), str):
             return self.raw
         cached = self._rewrites.get(model)
         if cached is None:

@@ -49,8 +49,8 @@ class Entry:
             )
 
     def upstream_model(self, model: str) -> str:
-        """The model id to send to this provider for the model the agent asked for."""
-        if not self.models:
+        """The model id to send to this provider for the model the agent asked for (none: none)."""
+        if not self.models or not model:
             return model
         return self.models.get(model) or self.models.get("*") or model
 

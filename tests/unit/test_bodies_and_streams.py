@@ -1,0 +1,84 @@
+"""Request-body inspection and model rewrite; SSE completion markers and error events."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from keyroute.core.bodies import inspect_body, rewrite_model
+from keyroute.core.classes import ErrorClass
+from keyroute.core.streams import StreamWatch, error_event, first_event_end
+
+
+def test_inspect_finds_model_and_stream():
+    b = inspect_body(b'{"model": "gpt-4o", "stream": true, "messages": []}', "application/json")
+    assert (b.model, b.stream) == ("gpt-4o", True)
+
+
+@pytest.mark.parametrize("raw", [b"", b"not json", b"[1, 2]", b'{"model": 5}', b"\xff\xfe"])
+def test_inspect_tolerates_anything(raw):
+    b = inspect_body(raw, "application/json")
+    assert b.model == "" and b.with_model("x") == raw
+
+
+def test_rewrite_changes_only_the_top_level_model_bytes():
+    raw = b'{"tools": [{"model": "gpt-4o"}],\n  "model" :  "gpt-4o", "x": "\\u00e9"}'
+    b = inspect_body(raw, "application/json")
+    out = b.with_model("openai/gpt-4o")
+    assert out == raw.replace(b'"model" :  "gpt-4o"', b'"model" :  "openai/gpt-4o"')
+    assert b.with_model("gpt-4o") is raw  # unchanged model: the very same bytes
+
+
+def test_rewrite_falls_back_to_reserialising_when_the_member_cannot_be_found():
+    parsed = {"model": "a\\b"}
+    raw = json.dumps(parsed).encode()
+    assert json.loads(rewrite_model(raw, parsed, "z")) == {"model": "z"}
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\n'],
+        [b"data: [DO", b"NE]\n\n"],  # a marker split across chunks
+        [b"event: message_stop\ndata: {}\n\n"],
+        [b'data: {"type":"response.completed"}\n\n'],
+    ],
+)
+def test_stream_watch_sees_completion(chunks):
+    w = StreamWatch()
+    for c in chunks:
+        w.feed(c)
+    assert w.complete
+
+
+def test_stream_watch_ignores_a_null_finish_reason():
+    w = StreamWatch()
+    w.feed(b'data: {"choices":[{"delta":{"content":"hi"},"finish_reason":null}]}\n\n')
+    assert not w.complete
+
+
+def test_first_event_end_and_error_event():
+    assert first_event_end(b"data: a\n\ndata: b\n\n") == 9
+    assert first_event_end(b"data: a\r\n\r\n") == 11
+    assert first_event_end(b"data: a\n") == -1
+    ev = error_event(ErrorClass.TIMEOUT, "stalled", "acme")
+    assert ev.startswith(b"event: error\ndata: ") and ev.endswith(b"\n\n")
+    assert json.loads(ev.split(b"data: ", 1)[1])["error"] == {
+        "type": "keyroute_stream_error",
+        "class": "Timeout",
+        "message": "stalled",
+        "provider": "acme",
+    }
+
+
+def test_a_body_without_a_model_is_never_given_one():
+    from keyroute.core.chains import Chain
+    from tests.builders import config, cred, entry, pool
+
+    e = Chain(
+        config([entry("a", "a", "http://a.test/v1", "p", models={"*": "big"})], [pool("p", "a", cred("k"))])
+    ).entries[0]
+    assert e.upstream_model("") == ""
+    raw = b'{"input": "text"}'
+    assert inspect_body(raw, "application/json").with_model(e.upstream_model("")) is raw
