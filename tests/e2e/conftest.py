@@ -1,60 +1,80 @@
 """End-to-end fixtures: the real kopf operator against kmock, an in-memory Kubernetes API over HTTP.
 
-Fixtures:
+Fixtures and helpers:
 
-- ``kube`` (:class:`Kube`): a kmock :class:`Emulator` listening on 127.0.0.1 with the bundled core
-  resources (``v1/namespaces``, ``v1/secrets``, ``v1/events``, …), the ``default`` namespace and the
-  two keyroute resources (``keyroute.dev/v1alpha1`` ``credentialpools`` and ``providerchains``,
-  namespaced, with a ``status`` subresource). ``kube.url`` and ``kube.token`` are what the operator
-  connects with. Its async helpers go over real HTTP with aiohttp::
+- ``kube`` (:class:`Kube`): a kmock :class:`Emulator` on 127.0.0.1 with the bundled core resources
+  (``v1/namespaces``, ``v1/secrets``, ``v1/events``, …), the ``default`` namespace and keyroute's
+  ``keyroute.dev/v1alpha1`` ``credentialpools`` and ``providerchains`` (namespaced, ``status``
+  subresource). ``kube.url`` and ``kube.token`` are what the operator connects with. The helpers
+  speak real HTTP (aiohttp) and raise :class:`KubeAPIError` on failures::
 
-      pool = await kube.create({"apiVersion": "keyroute.dev/v1alpha1", "kind": "CredentialPool",
-                                "metadata": {"name": "p"}, "spec": {...}})
-      await kube.get("keyroute.dev/v1alpha1", "credentialpools", "default", "p")  # dict | None
-      await kube.patch("keyroute.dev/v1alpha1", "credentialpools", "default", "p",
-                       {"spec": {...}}, bump_generation=True)
-      await kube.delete(...); await kube.list("v1", "secrets", "default")
+      await kube.create({"apiVersion": API_VERSION, "kind": "CredentialPool",
+                         "metadata": {"name": "p"}, "spec": {...}})
+      await kube.get(API_VERSION, "credentialpools", "default", "p")  # dict | None
+      await kube.patch(API_VERSION, "credentialpools", "default", "p", {"spec": {...}},
+                       bump_generation=True)  # merge patch; subresource="status" also works
+      await kube.delete(API_VERSION, "credentialpools", "default", "p")  # last state | None
+      await kube.list("v1", "secrets", "default")  # namespace None: all namespaces
       await kube.events("default", involving="p")  # core v1 Events, oldest first
 
   ``create`` seeds ``metadata.resourceVersion``, ``uid``, ``generation`` (1) and the namespace
-  (``default``), which kopf needs and kmock never sets. Failures raise :class:`KubeAPIError`.
+  (``default``), without which kopf does nothing. ``kube.emulator`` is the kmock object itself (its
+  ``objects``, its DSL); ``kube.requests()`` lists what the operator sent.
 
-- ``operator_runner`` (:class:`OperatorRunners`): starts the real operator with
-  ``kopf.testing.KopfRunner`` (its own thread and loop, ``--standalone --verbose``) pointed at ``kube``
-  through ``keyroute.controller.login.OVERRIDE``::
+- ``operator_runner`` (:class:`OperatorRunners`): runs the real operator with
+  ``kopf.testing.KopfRunner`` (own thread and loop; ``kopf run --standalone --verbose -m MODULE``)
+  after setting ``keyroute.controller.login.OVERRIDE`` to ``kube.connection_info()``::
 
       async with operator_runner("keyroute.controller.handlers", namespaces=["default"]) as op:
-          await op.wait_watching("credentialpools", "secrets")
+          await op.wait_watching("credentialpools", "providerchains", "secrets")
           ...
-      assert op.exit_code == 0 and "sk-" not in op.output
+      assert op.exit_code == 0 and "sk-" not in op.log + op.output
 
-  ``op.log`` is the operator's log so far (live); ``op.output``, ``op.exit_code`` and
-  ``op.exception`` are filled once it stopped. Every run is stopped before kmock shuts down (a watch
-  left open would hold kmock's teardown for ~70 s). One operator runs at a time.
+  ``op.log`` is what the operator logged so far, live; ``op.output`` (kopf's own formatted output),
+  ``op.exit_code`` and ``op.exception`` are set once it stopped. Leaving the block raises
+  :class:`OperatorFailedError` if the operator failed. Runs still going at teardown are stopped
+  before ``kube`` is. ``op = await operator_runner(...).start()`` leaves stopping to the fixture.
 
-- :func:`eventually` polls a condition (sync or async) until it is truthy, without fixed sleeps.
+- :func:`eventually` polls a condition (sync or async) until it is truthy: no fixed sleeps.
 
-Making the API fail for a while (for reporting tests)::
+Making the API fail (for reporting tests); outages start at once and end with the ``with`` block,
+``outage.end()``, or after ``times`` failures::
 
-    with kube.outage(503, plural="credentialpools", method="PATCH") as outage:  # Status errors
+    with kube.outage(503, plural="credentialpools", method="PATCH") as outage:  # Status replies
         ...
-    with kube.outage(unreachable=True):  # connections dropped, open watch streams cut too
+    with kube.outage(unreachable=True):  # connections dropped; open watch streams cut as well
         ...
-    kube.outage(500, times=2)  # the next two matching requests fail, then it ends by itself
+    kube.outage(500, times=2, match=lambda request: request.subresource == "status")
 
-An outage answers the operator's requests before kmock's store sees them, so a rejected PATCH
-changes nothing (kmock's own ``kube.emulator[...] << 503`` reactions still apply the change).
-Requests made through the ``kube`` helpers carry the :data:`HARNESS_HEADER` and are never failed,
-so a test can look at the store during an outage. ``outage.hits`` lists the failed requests.
+An outage answers before kmock's store is touched, so a rejected PATCH changes nothing (kmock's own
+``kube.emulator[...] << 503`` reactions answer 503 but still apply the change). Requests from the
+``kube`` helpers carry :data:`HARNESS_HEADER` and are never failed, so a test can inspect the store
+meanwhile. ``outage.hits`` lists the requests that were failed.
 
-What the emulator adds to kmock (as a real API server would): a name for ``generateName`` (kopf
-posts every Event that way; kmock alone answers the second one with 409), ``uid``,
-``resourceVersion``, ``generation`` and ``creationTimestamp`` on every create, and Secrets'
-``stringData`` folded into base64 ``data``. What it still does not do: bump ``resourceVersion`` or
-``generation`` (pass ``bump_generation=True``), validate schemas, prune unknown fields, isolate
-``/status``, filter by label or field selectors, or serve ``/api/v1/namespaces`` over HTTP (kmock
-0.8 cannot parse that path; the ``default`` namespace lives in its store only). Run operators with
-explicit namespaces or ``-A``, never namespace globs, which would have kopf watch namespaces.
+Gotchas, each handled here:
+
+- kmock 0.8 cannot parse ``/api/v1/namespaces`` (500 on list, watch and create), which kopf lists and
+  watches whenever it is given namespaces. Every run therefore sets
+  ``settings.scanning.disabled = True`` (kopf then takes the namespaces and CRDs it is given), and
+  the ``default`` namespace is put straight into kmock's store.
+- kopf posts every Event with only ``generateName``; kmock stores it under no name and answers the
+  second one with 409. The emulator names objects from ``generateName``, fills ``uid``,
+  ``resourceVersion``, ``generation`` and ``creationTimestamp`` on every create (the operator's own
+  Secrets included) and folds Secrets' ``stringData`` into base64 ``data``, as an API server does.
+- aiohttp's shutdown waits up to 60 s for open requests, and a watch stays open while its client
+  lives; kopf also re-opens a cut watch within milliseconds. The operator is always stopped first,
+  and ``kube``'s teardown still drops every open watch and every later request, so it never hangs.
+- kopf registers handlers at import time into a global registry: each run gets a fresh registry
+  and a fresh import of its modules (removed from ``sys.modules`` first). Pass every module that
+  holds handlers. kopf's global logging set-up is undone after each run; one operator at a time.
+- Click's runner swaps ``sys.stdout``/``sys.stderr`` for the whole process while the operator runs:
+  a test's ``print()`` inside the block lands in ``op.output``.
+- kopf retries a failed API call after 1, 1, 2, 3… s: pass ``settings=`` with shorter
+  ``networking.error_backoffs`` for outage tests (the modules' startup handlers may still change it).
+
+Still not like a real API server: ``resourceVersion`` and ``generation`` never change (use
+``bump_generation=True``), no schema validation, pruning or defaulting (validate status shapes
+against the CRD schema separately), ``/status`` is not isolated, no label or field selectors, no PUT.
 """
 
 from __future__ import annotations
@@ -95,8 +115,6 @@ CUSTOM_RESOURCES = {"credentialpools": "CredentialPool", "providerchains": "Prov
 
 HARNESS_HEADER = "X-Keyroute-E2E"
 """Sent by the ``kube`` helpers so outages and request assertions can tell them from the operator."""
-
-log = logging.getLogger(__name__)
 
 Json = dict[str, Any]
 
@@ -159,7 +177,6 @@ class Outage:
     connection instead (the client sees ``ServerDisconnectedError``).
     """
 
-    emulator: Emulator
     status: int | None
     matches: Callable[[kmock.Request], bool]
     times: int | None = None
@@ -210,13 +227,27 @@ class Emulator(kmock.KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.outages: builtins.list[Outage] = []
+        self.closing = False
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        if self.closing:
+            _abort(request)
+            return aiohttp.web.Response(status=503)  # never delivered: the connection is gone
         for outage in self.outages:
             if outage.claims(request):
                 return await outage.fail(request)
         _imitate_api_server(request)
         return await super()._handle(request)
+
+    def close_connections(self) -> None:
+        """Drop every open watch and every later request, so that kmock's shutdown is immediate.
+
+        aiohttp's shutdown waits up to 60 s for active requests, and a watch stays active until
+        its client goes. Cutting the open watches is not enough: a client still running (an
+        operator that did not stop) reconnects before the listening socket closes.
+        """
+        self.closing = True
+        self.cut_streams()
 
     def cut_streams(self) -> int:
         """Drop every open watch connection (the client sees the stream end); return how many."""
@@ -413,7 +444,7 @@ class Kube:
                 return False
             return match is None or match(request)
 
-        outage = Outage(self.emulator, None if unreachable else status, matches, times=times)
+        outage = Outage(None if unreachable else status, matches, times=times)
         self.emulator.outages[:] = [*(o for o in self.emulator.outages if o.active), outage]
         if cut_watches if cut_watches is not None else unreachable:
             self.emulator.cut_streams()
@@ -459,11 +490,7 @@ async def running_kube() -> AsyncIterator[Kube]:
             try:
                 yield kube
             finally:
-                # Whatever is still connected (an operator that failed to stop) must not hold
-                # kmock's shutdown for its 60 s grace period.
-                for outage in emulator.outages:
-                    outage.end()
-                emulator.cut_streams()
+                emulator.close_connections()
 
 
 @pytest.fixture
@@ -535,16 +562,21 @@ class OperatorRun:
         if self._runner is not None:
             raise RuntimeError("an OperatorRun starts once; make another")
         self.owner.claim(self)
-        self._prepare_process_state()
-        self._runner = KopfRunner(
-            self.args,
-            reraise=False,
-            timeout=self.stop_timeout,
-            registry=self.registry,
-            settings=self.settings,
-        )
-        self.started_at = time.monotonic()
-        self._runner.__enter__()
+        try:
+            self._prepare_process_state()
+            runner = KopfRunner(
+                self.args,
+                reraise=False,
+                timeout=self.stop_timeout,
+                registry=self.registry,
+                settings=self.settings,
+            )
+            self.started_at = time.monotonic()
+            runner.__enter__()  # starts the thread; returns as soon as its loop exists
+        except BaseException:
+            self._undo_process_state()
+            raise
+        self._runner = runner
         return self
 
     def _prepare_process_state(self) -> None:
@@ -579,7 +611,7 @@ class OperatorRun:
     async def stop(self) -> None:
         """Stop the operator (idempotent); never raises, records ``exception``/``exit_code``."""
         runner, self._runner = self._runner, None
-        if runner is None or self.stopped_at is not None:
+        if runner is None:
             return
         began = time.monotonic()
         try:
@@ -592,9 +624,12 @@ class OperatorRun:
         finally:
             self.stopped_at = time.monotonic()
             self.stop_duration = self.stopped_at - began
-            while self._restore:
-                self._restore.pop()()
-            self.owner.release(self)
+            self._undo_process_state()
+
+    def _undo_process_state(self) -> None:
+        while self._restore:
+            self._restore.pop()()
+        self.owner.release(self)
 
     async def __aenter__(self) -> Self:
         return await self.start()
@@ -608,6 +643,8 @@ class OperatorRun:
         await self.stop()
         if exc is None and self.reraise:
             self.raise_if_failed()
+        elif exc is not None and (self.exception is not None or self.exit_code not in (None, 0)):
+            exc.add_note(f"meanwhile, the operator ended (exit code {self.exit_code}): {self.exception!r}")
 
     # -- observation
 
@@ -681,6 +718,8 @@ class OperatorRunners:
         """
         if not modules:
             raise TypeError("name at least one handlers module")
+        if isinstance(namespaces, str):
+            namespaces = [namespaces]
         args = ["run", "--standalone", "--verbose"]
         args += ["-A"] if namespaces is None else [f"--namespace={ns}" for ns in namespaces]
         for name in modules:

@@ -84,6 +84,22 @@ async def test_operator_sees_secret_updates(kube: Kube, operator_runner: Operato
         assert await eventually(lambda: modified(2)) == ["keys=a,b", "keys=b"]
 
 
+async def test_cluster_wide_operator_sees_other_namespaces(
+    kube: Kube, operator_runner: OperatorRunners
+) -> None:
+    async with operator_runner(SAMPLE, namespaces=None) as op:  # -A
+        await op.wait_watching("credentialpools")
+        await kube.create({**pool("p7"), "metadata": {"name": "p7", "namespace": "team-a"}})
+
+        async def observed() -> Any:
+            obj = await kube.get(API_VERSION, "credentialpools", "team-a", "p7")
+            return (obj or {}).get("status", {}).get("observedGeneration")
+
+        assert await eventually(observed) == 1
+        assert await eventually(lambda: kube.events("team-a", involving="p7"))
+    assert "-A" in op.args
+
+
 async def test_helpers_round_trip_and_bump_generation(kube: Kube) -> None:
     created = await kube.create(pool("p2"))
     meta = created["metadata"]

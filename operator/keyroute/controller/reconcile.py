@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -68,16 +68,19 @@ class Reconciler:
     async def pool(self, namespace: str, name: str) -> None:
         """Reconcile one CredentialPool's status."""
         async with self._lock("pool", namespace, name):
-            started = time.perf_counter()
-            try:
-                await self._pool(namespace, name)
-            except Exception:
-                self.metrics.reconciles.labels("CredentialPool", "error").inc()
-                raise
-            else:
-                self.metrics.reconciles.labels("CredentialPool", "ok").inc()
-            finally:
-                self.metrics.duration.labels("CredentialPool").observe(time.perf_counter() - started)
+            await self._measured("CredentialPool", self._pool(namespace, name))
+
+    async def _measured(self, kind: str, work: Coroutine[Any, Any, None]) -> None:
+        started = time.perf_counter()
+        try:
+            await work
+        except Exception:
+            self.metrics.reconciles.labels(kind, "error").inc()
+            raise
+        else:
+            self.metrics.reconciles.labels(kind, "ok").inc()
+        finally:
+            self.metrics.duration.labels(kind).observe(time.perf_counter() - started)
 
     async def _pool(self, namespace: str, name: str) -> None:
         url = path(*KEYROUTE, "credentialpools", namespace, name)
@@ -111,16 +114,7 @@ class Reconciler:
     async def chain(self, namespace: str, name: str) -> None:
         """Render one ProviderChain's sidecar config Secret and write its status."""
         async with self._lock("chain", namespace, name):
-            started = time.perf_counter()
-            try:
-                await self._chain(namespace, name)
-            except Exception:
-                self.metrics.reconciles.labels("ProviderChain", "error").inc()
-                raise
-            else:
-                self.metrics.reconciles.labels("ProviderChain", "ok").inc()
-            finally:
-                self.metrics.duration.labels("ProviderChain").observe(time.perf_counter() - started)
+            await self._measured("ProviderChain", self._chain(namespace, name))
 
     async def _chain(self, namespace: str, name: str) -> None:
         url = path(*KEYROUTE, "providerchains", namespace, name)

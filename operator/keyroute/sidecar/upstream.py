@@ -16,27 +16,8 @@ from keyroute.core.classify import Classification
 from keyroute.core.resources import ApiStyle
 from keyroute.core.routing import Attempt
 
-# Hop-by-hop headers (RFC 9110 §7.6.1), lengths the client recomputes, and the agent's own
-# credentials, which are replaced by the pool key.
-_DROP_REQUEST = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-        "authorization",
-        "x-api-key",
-        "accept-encoding",
-    }
-)
-_DROP_RESPONSE = frozenset(
+# Hop-by-hop headers (RFC 9110 §7.6.1) and lengths aiohttp recomputes: never forwarded either way.
+_HOP_BY_HOP = frozenset(
     {
         "connection",
         "keep-alive",
@@ -50,6 +31,9 @@ _DROP_RESPONSE = frozenset(
         "content-length",
     }
 )
+# Upstream, also the agent's own credentials (replaced by the pool key) and its encodings.
+_DROP_REQUEST = _HOP_BY_HOP | {"host", "authorization", "x-api-key", "accept-encoding"}
+_DROP_RESPONSE = _HOP_BY_HOP
 ANTHROPIC_VERSION = "2023-06-01"
 PROVIDER_HEADER = "X-Keyroute-Provider"
 CREDENTIAL_HEADER = "X-Keyroute-Credential"
