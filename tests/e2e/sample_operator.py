@@ -19,7 +19,7 @@ VERSION = "v1alpha1"
 
 @kopf.on.login()
 def login(**_: Any) -> kopf.ConnectionInfo | None:
-    """Connect wherever the harness says; ``None`` lets kopf fail instead of finding a real cluster."""
+    """Connect wherever the harness says (the harness's fresh registry has no fallback logins)."""
     return keyroute.controller.login.OVERRIDE
 
 
@@ -32,8 +32,8 @@ def pool_created(body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, logger: ko
 
 
 @kopf.on.event("", "v1", "secrets")
-def secret_event(type: str | None, body: kopf.Body, meta: kopf.Meta, logger: kopf.Logger, **_: Any) -> None:
-    """Answer every non-initial change of a Secret with an Event naming the change and its keys."""
+def secret_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+    """Answer every modification of a Secret with an Event naming its keys (never the values)."""
     if type == "MODIFIED":
         keys = ",".join(sorted(body.get("data") or {}))
         kopf.info(body, reason="SecretModified", message=f"keys={keys}")
