@@ -37,11 +37,13 @@ class StreamWatch:
     def feed(self, chunk: bytes) -> None:
         if self.complete:
             return
-        window = self._tail + chunk
-        if _COMPLETE.search(window):
+        # Search the chunk itself, then only the seam with the previous one: no copy of the chunk.
+        if _COMPLETE.search(chunk) or (self._tail and _COMPLETE.search(self._tail + chunk[:_TAIL])):
             self.complete = True
+        elif len(chunk) >= _TAIL:
+            self._tail = chunk[-_TAIL:]
         else:
-            self._tail = window[-_TAIL:]
+            self._tail = (self._tail + chunk)[-_TAIL:]
 
 
 def first_event_end(buf: bytes) -> int:

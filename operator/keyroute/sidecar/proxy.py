@@ -137,7 +137,8 @@ class Proxy:
                     headers=attempt_headers(base_headers, attempt),
                     data=data or None,
                     allow_redirects=False,
-                    timeout=_client_timeout(attempt.connect),
+                    # The entry's connect bound: the deadline itself is the asyncio timeout around this.
+                    timeout=_client_timeout(attempt.entry.connect),
                 )
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             self._fail_transport(route, attempt, transport_failure(exc, "first byte"), None)
