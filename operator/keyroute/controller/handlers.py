@@ -1,6 +1,7 @@
 """kopf handlers: what the operator reacts to. Each one is a line or two that calls the reconciler.
 
-- a CredentialPool created, changed or resumed → its status, then every chain that uses it;
+- a CredentialPool created, changed or resumed → its status, then (coalesced, ~0.1 s later) every
+  chain that uses it: at start-up each chain is rendered once, not once per pool;
 - a CredentialPool deleted → every chain that used it (its entries become ``PoolNotFound``);
 - a ProviderChain created, changed or resumed → its config Secret and status;
 - a Secret event → the pools that reference it, then their chains (a rotated key reaches the
@@ -99,6 +100,7 @@ async def cleanup(**_: Any) -> None:
             await task
     r = STATE.pop("reconciler", None)
     if isinstance(r, Reconciler):
+        await r.drain()
         await r.kube.close()
 
 
@@ -146,7 +148,7 @@ async def pool_changed(name: str, namespace: str | None, **kwargs: Any) -> None:
     r = reconciler()
     await r.pool(ns, name)
     for chain in _chains_of(ns, name, kwargs["chains_by_pool"]):
-        await r.chain(ns, chain)
+        r.schedule_chain(ns, chain)
 
 
 @kopf.on.event(*POOLS)
@@ -159,7 +161,7 @@ async def pool_event(type: str, name: str, namespace: str | None, **kwargs: Any)
     r = reconciler()
     r.metrics.pool_gone((ns, name))
     for chain in _chains_of(ns, name, kwargs["chains_by_pool"]):
-        await r.chain(ns, chain)
+        r.schedule_chain(ns, chain)
 
 
 # --- chains -------------------------------------------------------------------------------------
@@ -196,4 +198,4 @@ async def secret_event(name: str, namespace: str | None, **kwargs: Any) -> None:
         await r.pool(ns, pool)
         chains.update(_chains_of(ns, pool, kwargs["chains_by_pool"]))
     for chain in sorted(chains):
-        await r.chain(ns, chain)
+        r.schedule_chain(ns, chain)

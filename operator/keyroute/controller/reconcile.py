@@ -35,12 +35,54 @@ Clock = Callable[[], float]
 class Reconciler:
     """Holds the API client, the metrics and the per-object locks."""
 
-    def __init__(self, kube: Kube, metrics: OperatorMetrics, post: PostEvent, clock: Clock = time.time):
+    def __init__(
+        self,
+        kube: Kube,
+        metrics: OperatorMetrics,
+        post: PostEvent,
+        clock: Clock = time.time,
+        coalesce: float = 0.1,
+    ):
         self.kube = kube
         self.metrics = metrics
         self.post = post
         self.clock = clock
+        self.coalesce = coalesce
         self._locks: dict[tuple[str, str, str], asyncio.Lock] = {}
+        self._pending: set[tuple[str, str]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def schedule_chain(self, namespace: str, name: str) -> None:
+        """Reconcile a chain soon, once, however many of its pools and Secrets changed meanwhile.
+
+        A chain depends on several pools and Secrets; when they change together (a resync, an
+        operator start, a rotation touching several keys) one render covers them all. The key
+        leaves the pending set before the reconcile starts, so a change during it schedules another.
+        """
+        key = (namespace, name)
+        if key in self._pending:
+            return
+        self._pending.add(key)
+
+        async def run() -> None:
+            await asyncio.sleep(self.coalesce)
+            self._pending.discard(key)
+            try:
+                await self.chain(namespace, name)
+            except Exception as e:  # the periodic resync retries; say what failed now
+                log.error(
+                    "chain reconcile failed",
+                    extra={"kr": {"namespace": namespace, "chain": name, "error": str(e)}},
+                )
+
+        task = asyncio.create_task(run(), name=f"keyroute-chain-{namespace}-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        """Wait for scheduled chain reconciles (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     def _lock(self, kind: str, namespace: str, name: str) -> asyncio.Lock:
         key = (kind, namespace, name)
