@@ -1,11 +1,11 @@
 """kopf handlers: what the operator reacts to. Each one is a line or two that calls the reconciler.
 
-- a CredentialPool created, changed or resumed → its status, then (coalesced, ~0.1 s later) every
-  chain that uses it: at start-up each chain is rendered once, not once per pool;
+- a CredentialPool created or changed → its status, then (coalesced, ~0.1 s later) every chain that
+  uses it; resumed at start-up → its status only (each chain resumes itself, so it is rendered once);
 - a CredentialPool deleted → every chain that used it (its entries become ``PoolNotFound``);
 - a ProviderChain created, changed or resumed → its config Secret and status;
-- a Secret event → the pools that reference it, then their chains (a rotated key reaches the
-  sidecars within seconds);
+- a Secret added, changed or deleted → the pools that reference it, then their chains (a rotated key
+  reaches the sidecars within seconds); the initial listing of Secrets is skipped for the same reason;
 - one operator-level task resyncs every known pool and chain periodically, as a safety net for
   missed events. Not kopf timers: kopf puts a finalizer on every object that has a timer, and a
   finalizer is a way for a broken operator to block deletions.
@@ -141,6 +141,11 @@ def _chains_of(namespace: str, pool: str, chains_by_pool: kopf.Index[Any, Any]) 
 
 
 @kopf.on.resume(*POOLS)
+async def pool_resumed(name: str, namespace: str | None, **_: Any) -> None:
+    # Chains resume on their own: fanning out here would render each chain once per pool at start-up.
+    await reconciler().pool(namespace or "default", name)
+
+
 @kopf.on.create(*POOLS)
 @kopf.on.update(*POOLS)
 async def pool_changed(name: str, namespace: str | None, **kwargs: Any) -> None:
@@ -187,7 +192,9 @@ async def chain_event(type: str, name: str, namespace: str | None, **_: Any) -> 
 
 
 @kopf.on.event("", "v1", "secrets")
-async def secret_event(name: str, namespace: str | None, **kwargs: Any) -> None:
+async def secret_event(type: str | None, name: str, namespace: str | None, **kwargs: Any) -> None:
+    if type is None:
+        return  # the initial listing: pools and chains reconcile on their own resume
     ns = namespace or "default"
     pools = sorted(set(kwargs["pools_by_secret"].get((ns, name), [])))
     if not pools:
