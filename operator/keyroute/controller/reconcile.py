@@ -51,22 +51,27 @@ class Reconciler:
         self._locks: dict[tuple[str, str, str], asyncio.Lock] = {}
         self._pending: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._chain_started: dict[tuple[str, str], float] = {}  # monotonic start of the last reconcile
 
     def schedule_chain(self, namespace: str, name: str) -> None:
         """Reconcile a chain soon, once, however many of its pools and Secrets changed meanwhile.
 
         A chain depends on several pools and Secrets; when they change together (a resync, an
-        operator start, a rotation touching several keys) one render covers them all. The key
-        leaves the pending set before the reconcile starts, so a change during it schedules another.
+        operator start, a rotation touching several keys) one render covers them all, and a render
+        that already started after the change (the chain's own handler, say) makes this one moot. The
+        key leaves the pending set before the reconcile starts, so a change during it schedules another.
         """
         key = (namespace, name)
         if key in self._pending:
             return
         self._pending.add(key)
+        since = time.monotonic()
 
         async def run() -> None:
             await asyncio.sleep(self.coalesce)
             self._pending.discard(key)
+            if self._chain_started.get(key, float("-inf")) >= since:
+                return
             try:
                 await self.chain(namespace, name)
             except Exception as e:  # the periodic resync retries; say what failed now
@@ -156,6 +161,7 @@ class Reconciler:
     async def chain(self, namespace: str, name: str) -> None:
         """Render one ProviderChain's sidecar config Secret and write its status."""
         async with self._lock("chain", namespace, name):
+            self._chain_started[(namespace, name)] = time.monotonic()
             await self._measured("ProviderChain", self._chain(namespace, name))
 
     async def _chain(self, namespace: str, name: str) -> None:
