@@ -140,14 +140,7 @@ class Reconciler:
         try:
             pool = CredentialPool.model_validate(body)
         except ValidationError as e:
-            meta = body.get("metadata") or {}
-            new = invalid_status(
-                old,
-                describe_validation_error(e, input_names=True),
-                now=now,
-                generation=meta.get("generation"),
-            )
-            await self._write_status(url, body, old, new, "CredentialPool")
+            await self._write_invalid(url, body, e, now, "CredentialPool")
             self.metrics.pool_seen((namespace, name), "False", {})
             return
         secrets = await self._secrets(namespace, (c.secret_ref.name for c in pool.spec.credentials))
@@ -174,14 +167,7 @@ class Reconciler:
         try:
             chain = ProviderChain.model_validate(body)
         except ValidationError as e:
-            meta = body.get("metadata") or {}
-            new = invalid_status(
-                old,
-                describe_validation_error(e, input_names=True),
-                now=now,
-                generation=meta.get("generation"),
-            )
-            await self._write_status(url, body, old, new, "ProviderChain")
+            await self._write_invalid(url, body, e, now, "ProviderChain")
             return
         pools: dict[str, CredentialPool] = {}
         for ref in sorted({p.credential_pool_ref.name for p in chain.spec.providers}):
@@ -241,6 +227,16 @@ class Reconciler:
             "config rendered",
             extra={"kr": {"chain": chain.name, "namespace": chain.namespace, "hash": config.content_hash()}},
         )
+
+    async def _write_invalid(
+        self, url: str, body: Mapping[str, Any], err: ValidationError, now: float, kind: str
+    ) -> None:
+        """A spec that does not validate (a real API server would mostly have refused it): say which field."""
+        old = body.get("status") or {}
+        meta = body.get("metadata") or {}
+        message = describe_validation_error(err, input_names=True)
+        new = invalid_status(old, message, now=now, generation=meta.get("generation"))
+        await self._write_status(url, body, old, new, kind)
 
     async def _write_status(
         self, url: str, body: Mapping[str, Any], old: Mapping[str, Any], new: dict[str, Any], kind: str
