@@ -88,6 +88,7 @@ HARNESS_HEADER = "X-Keyroute-E2E"  # the harness's header (tests.e2e.conftest.HA
 PROVIDERS = ("acme", "globex", "initech", "umbrella", "hooli", "vandelay")
 WRITE_METHODS = {"POST", "PATCH", "PUT", "DELETE"}
 CORE_OPERATOR, CORE_REST = {0}, {1}
+CORES = frozenset(os.sched_getaffinity(0))  # before this process pins itself to CORE_REST
 
 Json = dict[str, Any]
 
@@ -102,7 +103,7 @@ def log(msg: str) -> None:
 
 
 def child_setup(cores: set[int]) -> Callable[[], None]:
-    usable = cores & os.sched_getaffinity(0)
+    usable = cores & CORES
 
     def setup() -> None:
         if usable:
@@ -858,7 +859,7 @@ async def run(mode: Mode, stamp: str, result: Json) -> None:
             preexec_fn=child_setup(CORE_REST),
         )
     with contextlib.suppress(OSError):
-        os.sched_setaffinity(0, (CORE_REST & os.sched_getaffinity(0)) or os.sched_getaffinity(0))
+        os.sched_setaffinity(0, (CORE_REST & CORES) or CORES)
     operators: list[Operator] = []
     watcher: Watcher | None = None
     try:
@@ -955,7 +956,13 @@ class Bench:
         r["command"] = " ".join(["keyroute", *op.command[1:]])
         kmock_cpu0 = cpu_seconds(self.kmock_pid)
         await op.start()
-        log(f"operator started (pid {op.pid}); waiting for the initial sync")
+        r["affinity"] = {
+            "operator": sorted(os.sched_getaffinity(op.pid)),
+            "kmock": sorted(os.sched_getaffinity(self.kmock_pid)),
+        }
+        log(
+            f"operator started (pid {op.pid}, cores {r['affinity']['operator']}); waiting for the initial sync"
+        )
         progress = asyncio.create_task(self._progress(op))
         try:
             ok = await w.wait(self.all_synced, timeout=self.mode.sync_timeout)
@@ -1291,6 +1298,12 @@ def report(r: Json) -> str:
                         f"| mean {kind} reconcile (wall time) during {title} | "
                         f"{total / count * 1e3:.1f} ms over {count:g} |"
                     )
+    affinity = r.get("affinity") or {}
+    lines += [
+        "",
+        f"Cores: operator {affinity.get('operator')}, kmock and this orchestrator {affinity.get('kmock')} "
+        f"(of {r['host']['cpus']}); kmock seeded in {r.get('seed_seconds')} s; run took {r.get('wall_seconds')} s.",
+    ]
     levels = [r.get(f"operator_log_{n}", {}).get("levels") for n in (1, 2)]
     lines += [
         "",
