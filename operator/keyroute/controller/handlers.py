@@ -40,6 +40,8 @@ RESYNC = float(os.environ.get("KEYROUTE_RESYNC_SECONDS", "300"))
 STATE: dict[str, Any] = {"metrics": OperatorMetrics()}
 # Objects seen on the watch streams, for the periodic resync: (namespace, name).
 KNOWN: dict[str, set[tuple[str, str]]] = {"pools": set(), "chains": set()}
+# Last seen resourceVersion of credential Secrets, to tell a re-listed changed Secret from an old one.
+SECRET_VERSIONS: dict[tuple[str, str], Any] = {}
 log = logging.getLogger("keyroute.operator")
 
 
@@ -193,12 +195,17 @@ async def chain_event(type: str, name: str, namespace: str | None, **_: Any) -> 
 
 @kopf.on.event("", "v1", "secrets")
 async def secret_event(type: str | None, name: str, namespace: str | None, **kwargs: Any) -> None:
-    if type is None:
-        return  # the initial listing: pools and chains reconcile on their own resume
     ns = namespace or "default"
     pools = sorted(set(kwargs["pools_by_secret"].get((ns, name), [])))
     if not pools:
         return  # not a credential Secret (most Secrets of a cluster)
+    version = (kwargs.get("meta") or {}).get("resourceVersion")
+    previous = SECRET_VERSIONS.get((ns, name))
+    SECRET_VERSIONS[(ns, name)] = version
+    if type is None and (previous is None or previous == version):
+        # A listing: at start-up pools and chains reconcile on their own resume; after a broken
+        # watch, kopf re-lists too, and only a Secret that changed meanwhile needs a reconcile.
+        return
     r = reconciler()
     chains: set[str] = set()
     for pool in pools:
