@@ -80,20 +80,22 @@ def _cmd_sidecar(args: argparse.Namespace) -> int:
     return _run(_serve_sidecar(args), args.loop)
 
 
-def _load_manifests(args: argparse.Namespace) -> RenderResult:
+def _load_manifests(args: argparse.Namespace) -> RenderResult | None:
+    """Render the manifests, or print why not (a key-free message) and return ``None``."""
     from keyroute.core.manifests import parse_manifests, render_manifests
     from keyroute.sidecar.manifest_files import read_manifest_texts
 
-    return render_manifests(
-        parse_manifests(read_manifest_texts(Path(args.manifests))), args.chain, args.namespace
-    )
+    try:
+        texts = read_manifest_texts(Path(args.manifests))
+        return render_manifests(parse_manifests(texts), args.chain, args.namespace)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    try:
-        result = _load_manifests(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    result = _load_manifests(args)
+    if result is None:
         return 2
     cfg = result.config
     print(f"chain {cfg.chain.namespace}/{cfg.chain.name}: config hash {cfg.content_hash()}")
@@ -110,10 +112,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
-    try:
-        result = _load_manifests(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    result = _load_manifests(args)
+    if result is None:
         return 2
     # The output holds key values: it goes to a file, never to a terminal by default.
     out = Path(args.output)

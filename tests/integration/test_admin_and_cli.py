@@ -153,3 +153,17 @@ async def test_demo_runs_and_nothing_is_lost():
     for kind in ("CredentialCoolingDown", "CredentialExhausted", "FallbackActivated", "PrimaryRestored"):
         assert kind in text, kind
     assert "not-a-real-key" not in text
+
+
+def test_cli_check_and_render_on_the_examples(tmp_path, capsys):
+    from keyroute.cli import main
+
+    assert main(["check", "--manifests", "examples"]) == 0
+    shown = capsys.readouterr().out
+    assert "route  openai" in shown and "sha256:" in shown and "REPLACE-ME" not in shown
+    out = tmp_path / "config.json"
+    assert main(["render", "--manifests", "examples", "-o", str(out)]) == 0
+    assert "REPLACE-ME" not in capsys.readouterr().out
+    assert "REPLACE-ME" in out.read_text() and (out.stat().st_mode & 0o777) == 0o600
+    assert main(["check", "--manifests", str(tmp_path / "missing.yaml")]) == 2
+    assert "error:" in capsys.readouterr().err
