@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
@@ -55,6 +56,11 @@ async def _serve_sidecar(args: argparse.Namespace) -> int:
         reload_interval=args.reload_interval,
     )
     try:
+        _setup_reporting(sidecar, args)
+    except ValueError as e:
+        log.error("cannot start: reporting is misconfigured", extra={"kr": {"error": str(e)}})
+        return 2
+    try:
         await sidecar.start()
     except (ConfigError, ValueError) as e:
         log.error(
@@ -70,6 +76,33 @@ async def _serve_sidecar(args: argparse.Namespace) -> int:
     log.info("shutting down")
     await sidecar.stop()
     return 0
+
+
+def _setup_reporting(sidecar: Any, args: argparse.Namespace) -> None:
+    """``--report auto``: report when running in a cluster (a ServiceAccount token is mounted) or
+    when ``--kubeconfig`` is given; ``on``: the same, but failing if neither is available."""
+    import socket
+
+    from keyroute.core.reports import Origin
+    from keyroute.kube import Kube, from_kubeconfig, in_cluster
+
+    if args.report == "off":
+        return
+    conn = from_kubeconfig(args.kubeconfig) if args.kubeconfig else in_cluster()
+    if conn is None:
+        if args.report == "on":
+            raise ValueError("--report on needs a ServiceAccount token (in a pod) or --kubeconfig")
+        log.info("not in a cluster and no --kubeconfig: recovery actions are logged, not reported")
+        return
+    pod = args.pod_name or os.environ.get("POD_NAME") or socket.gethostname()
+    namespace = args.pod_namespace or os.environ.get("POD_NAMESPACE") or conn.namespace or "default"
+    sidecar.enable_reporting(
+        Kube.from_connection(conn), Origin(pod=pod, namespace=namespace), share_cooldowns=not args.no_share
+    )
+    log.info(
+        "reporting recovery actions as Events",
+        extra={"kr": {"server": conn.server, "pod": pod, "namespace": namespace, "share": not args.no_share}},
+    )
 
 
 def _cmd_sidecar(args: argparse.Namespace) -> int:
@@ -127,8 +160,15 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     import kopf
     from prometheus_client import start_http_server
 
+    if args.namespace:  # read by the handlers module at import: the report watch's namespaces
+        os.environ["KEYROUTE_NAMESPACES"] = ",".join(args.namespace)
     import keyroute.controller.handlers as handlers  # registers the handlers
+    import keyroute.controller.webhook as webhook  # registers the sidecar-injection webhook
 
+    # The webhook's startup handler reads its options from the environment (a flag wins over it).
+    webhook.export_options(
+        port=args.webhook_port, cert_dir=args.webhook_cert_dir, injection_config=args.injection_config
+    )
     setup_logging(args.log_level, args.log_format)
     if args.metrics_port:
         start_http_server(args.metrics_port, registry=handlers.STATE["metrics"].registry)
@@ -169,6 +209,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", default="127.0.0.1:8411", help="proxy address (default 127.0.0.1:8411)")
     s.add_argument("--admin-listen", default="0.0.0.0:8412", help="metrics and health address, or 'off'")
     s.add_argument("--reload-interval", type=float, default=1.0, help="seconds between config checks")
+    s.add_argument(
+        "--report",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="report recovery actions as Events (auto: when in a cluster or given --kubeconfig)",
+    )
+    s.add_argument("--kubeconfig", metavar="FILE", help="report through this kubeconfig (outside a cluster)")
+    s.add_argument("--pod-name", help="the reporting pod's name (default: $POD_NAME, else the hostname)")
+    s.add_argument("--pod-namespace", help="the pod's namespace (default: $POD_NAMESPACE)")
+    s.add_argument(
+        "--no-share",
+        action="store_true",
+        help="do not honour cooldowns other pods reported (pools can opt out with shareCooldowns: false)",
+    )
     s.add_argument("--log-level", default="info")
     s.add_argument("--log-format", choices=["json", "text"], default="json")
     s.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto")
@@ -182,6 +236,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     o.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port (0: off)")
     o.add_argument("--health-port", type=int, default=8081, help="liveness endpoint port (0: off)")
+    # Defaults live in keyroute.controller.webhook: an unset flag leaves its environment variable be.
+    o.add_argument(
+        "--webhook-port",
+        type=int,
+        metavar="PORT",
+        help="HTTPS port of the sidecar-injection webhook (default $KEYROUTE_WEBHOOK_PORT, else 0: off)",
+    )
+    o.add_argument(
+        "--webhook-cert-dir",
+        metavar="DIR",
+        help="directory with the webhook's tls.crt and tls.key "
+        "(default $KEYROUTE_WEBHOOK_CERT_DIR, else /etc/keyroute/webhook-tls)",
+    )
+    o.add_argument(
+        "--injection-config",
+        metavar="FILE",
+        help="sidecar injection settings, YAML or JSON "
+        "(default $KEYROUTE_INJECTION_CONFIG, else /etc/keyroute/injection/injection.yaml)",
+    )
     o.add_argument("--log-level", default="info")
     o.add_argument("--log-format", choices=["json", "text"], default="json")
     o.set_defaults(func=_cmd_operator)

@@ -9,7 +9,8 @@ from keyroute.core.conditions import fact, merge_conditions
 from keyroute.core.objects import HASH_ANNOTATION, config_secret, secret_hash, transitions
 from keyroute.core.render import render, resolve_pool
 from keyroute.core.resources import CredentialPool, CredentialState, ProviderChain, Secret
-from keyroute.core.status import Reported, chain_status, invalid_status, pool_status
+from keyroute.core.reports import CredentialReport
+from keyroute.core.status import chain_status, invalid_status, pool_status
 
 T0 = 1_800_000_000.0
 KEY = "sk-test-STATUS-SECRET-000000001"
@@ -139,7 +140,11 @@ def test_pool_reports_fold_in_until_they_expire_and_only_for_the_same_key():
     p = pool(("k1", "s", "a"))
     resolved = resolve_pool(p, {"s": secret("s", a=KEY)})
     fp = resolved.credentials[0].fingerprint
-    rep = {"k1": Reported(CredentialState.COOLING_DOWN, "RateLimited", T0 + 30, fp, 429, "pod-a")}
+    rep = {
+        "k1": CredentialReport(
+            CredentialState.COOLING_DOWN, "RateLimited", T0 - 2, T0 + 30, fp, 429, "pod-a", None
+        )
+    }
     st = pool_status(p, resolved, old=None, now=T0, reported=rep)
     row = st["credentials"][0]
     assert (row["state"], row["reason"], row["lastErrorCode"], row["reportedBy"]) == (
@@ -149,10 +154,15 @@ def test_pool_reports_fold_in_until_they_expire_and_only_for_the_same_key():
         "pod-a",
     )
     assert row["until"] == "2027-01-15T08:00:30Z"
+    assert row["lastTransitionTime"] == "2027-01-15T07:59:58Z"  # when the sidecar saw it
     assert cond(st, "Exhausted")["status"] == "True" and cond(st, "Exhausted")["reason"] == "RateLimited"
     later = pool_status(p, resolved, old=st, now=T0 + 31, reported=rep)
     assert later["credentials"][0]["state"] == "Available" and "until" not in later["credentials"][0]
-    rotated = {"k1": Reported(CredentialState.REJECTED, "Revoked", None, "sha256:other", 401, "pod-a")}
+    rotated = {
+        "k1": CredentialReport(
+            CredentialState.REJECTED, "Revoked", T0, None, "sha256:other", 401, "pod-a", None
+        )
+    }
     assert (
         pool_status(p, resolved, old=None, now=T0, reported=rotated)["credentials"][0]["state"] == "Available"
     )

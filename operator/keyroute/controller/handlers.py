@@ -6,6 +6,9 @@
 - a ProviderChain created, changed or resumed → its config Secret and status;
 - a Secret added, changed or deleted → the pools that reference it, then their chains (a rotated key
   reaches the sidecars within seconds); the initial listing of Secrets is skipped for the same reason;
+- sidecar reports (Events labelled ``keyroute.dev/report=sidecar``, watched by an operator-level
+  task with that label selector) → the status of the pool or chain they concern, at most one
+  reconcile per object every 0.5 s, and again when a reported ``until`` passes;
 - one operator-level task resyncs every known pool and chain periodically, as a safety net for
   missed events. Not kopf timers: kopf puts a finalizer on every object that has a timer, and a
   finalizer is a way for a broken operator to block deletions.
@@ -28,13 +31,15 @@ import kopf
 from keyroute.controller import login as _login
 from keyroute.controller.metrics import OperatorMetrics
 from keyroute.controller.reconcile import Reconciler
-from keyroute.core.objects import Note
-from keyroute.kube import Kube
+from keyroute.core.reports import REPORT_LABEL, REPORT_LABEL_VALUE
+from keyroute.kube import CORE, Kube, path, watch_forever
 
 GROUP, VERSION = "keyroute.dev", "v1alpha1"
 POOLS = (GROUP, VERSION, "credentialpools")
 CHAINS = (GROUP, VERSION, "providerchains")
 RESYNC = float(os.environ.get("KEYROUTE_RESYNC_SECONDS", "300"))
+# The namespaces the operator serves (comma-separated; empty: all), for the report watch.
+NAMESPACES = [n for n in os.environ.get("KEYROUTE_NAMESPACES", "").split(",") if n]
 
 # Shared across handlers (kopf's memo is shallow-copied per object, so state lives here).
 STATE: dict[str, Any] = {"metrics": OperatorMetrics()}
@@ -50,13 +55,9 @@ def reconciler() -> Reconciler:
     if r is None:
         if not _login.CURRENT:
             raise kopf.TemporaryError("not logged in yet", delay=1)
-        r = STATE["reconciler"] = Reconciler(Kube.from_connection(_login.CURRENT[0]), STATE["metrics"], _post)
+        r = STATE["reconciler"] = Reconciler(Kube.from_connection(_login.CURRENT[0]), STATE["metrics"])
     assert isinstance(r, Reconciler)
     return r
-
-
-def _post(body: Any, note: Note) -> None:
-    kopf.event(body, type=note.type, reason=note.reason, message=note.message)
 
 
 @kopf.on.startup()
@@ -72,6 +73,7 @@ async def _resync_forever() -> None:
     while True:
         await asyncio.sleep(RESYNC)
         r = reconciler()
+        r.book.prune(r.clock())
         for kind, fn in (("pools", r.pool), ("chains", r.chain)):
             for namespace, name in sorted(KNOWN[kind]):
                 try:
@@ -83,9 +85,33 @@ async def _resync_forever() -> None:
                     )
 
 
+async def _watch_reports() -> None:
+    """Sidecar reports are Events labelled ``keyroute.dev/report=sidecar``; the label selector keeps
+    every other Event of the cluster off this watch. Not a kopf handler: kopf would watch every Event
+    of the cluster and filter them in the operator."""
+    # kopf logs in as a separate activity; this only waits for it once, at start-up.
+    while not _login.CURRENT:  # noqa: ASYNC110
+        await asyncio.sleep(0.1)
+    r = reconciler()
+    params = {"labelSelector": f"{REPORT_LABEL}={REPORT_LABEL_VALUE}"}
+
+    def handle(kind: str, event: dict[str, Any]) -> None:
+        if kind != "DELETED":  # an Event expiring says nothing about the credential
+            r.report(event)
+
+    scopes: list[str | None] = [*NAMESPACES] or [None]  # None: every namespace
+    await asyncio.gather(
+        *(
+            watch_forever(r.kube, path(*CORE, "events", ns), handle, params=params, what="sidecar reports")
+            for ns in scopes
+        )
+    )
+
+
 @kopf.on.startup()
 async def start_resync(**_: Any) -> None:
     STATE["resync"] = asyncio.create_task(_resync_forever(), name="keyroute-resync")
+    STATE["reports"] = asyncio.create_task(_watch_reports(), name="keyroute-reports")
 
 
 @kopf.on.login()
@@ -95,11 +121,12 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 @kopf.on.cleanup()
 async def cleanup(**_: Any) -> None:
-    task = STATE.pop("resync", None)
-    if isinstance(task, asyncio.Task):
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    for name in ("resync", "reports"):
+        task = STATE.pop(name, None)
+        if isinstance(task, asyncio.Task):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     r = STATE.pop("reconciler", None)
     if isinstance(r, Reconciler):
         await r.drain()
@@ -166,6 +193,7 @@ async def pool_event(type: str, name: str, namespace: str | None, **kwargs: Any)
         return
     KNOWN["pools"].discard((ns, name))
     r = reconciler()
+    r.forget("pool", ns, name)
     r.metrics.pool_gone((ns, name))
     for chain in _chains_of(ns, name, kwargs["chains_by_pool"]):
         r.schedule_chain(ns, chain)
@@ -186,6 +214,7 @@ async def chain_event(type: str, name: str, namespace: str | None, **_: Any) -> 
     key = (namespace or "default", name)
     if type == "DELETED":
         KNOWN["chains"].discard(key)
+        reconciler().forget("chain", *key)
     else:
         KNOWN["chains"].add(key)
 

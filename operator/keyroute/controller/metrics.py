@@ -24,6 +24,12 @@ class OperatorMetrics:
         self.credentials = Gauge(
             "keyroute_operator_credentials", "Credentials of all pools by state.", ["state"], registry=r
         )
+        self.reports = Counter(
+            "keyroute_operator_reports",
+            "Sidecar reports read, by result: folded (status may change), unchanged, invalid.",
+            ["result"],
+            registry=r,
+        )
         self._pool_ready: dict[tuple[str, str], str] = {}
         self._pool_states: dict[tuple[str, str], Mapping[str, int]] = {}
 

@@ -10,6 +10,7 @@ and the config Secret are compared before they are written.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import Counter
@@ -20,10 +21,11 @@ from pydantic import ValidationError
 
 from keyroute.controller.metrics import OperatorMetrics
 from keyroute.core.config import describe_validation_error
-from keyroute.core.objects import Note, config_secret, secret_hash, transitions
+from keyroute.core.objects import Note, config_secret, note_event, secret_hash, transitions
 from keyroute.core.render import render, resolve_pool
+from keyroute.core.reports import ReportBook, ReportError, is_report, parse_report
 from keyroute.core.resources import CredentialPool, ProviderChain, Secret
-from keyroute.core.status import chain_status, config_secret_name, invalid_status, pool_status
+from keyroute.core.status import chain_status, config_secret_name, invalid_status, pool_status, rfc3339
 from keyroute.kube import CORE, KEYROUTE, ApiError, Kube, path
 
 log = logging.getLogger("keyroute.operator")
@@ -39,55 +41,136 @@ class Reconciler:
         self,
         kube: Kube,
         metrics: OperatorMetrics,
-        post: PostEvent,
+        post: PostEvent | None = None,
         clock: Clock = time.time,
         coalesce: float = 0.1,
+        min_interval: float = 0.5,
     ):
         self.kube = kube
         self.metrics = metrics
-        self.post = post
+        # Events are posted through keyroute's own client, not kopf.event(): kopf's poster exists only
+        # inside kopf's handler context, and reports and expiry timers change status outside it.
+        self.post = post or self._post_event
+        self._event_seq = itertools.count()
         self.clock = clock
         self.coalesce = coalesce
+        self.min_interval = min_interval
+        self.book = ReportBook()
         self._locks: dict[tuple[str, str, str], asyncio.Lock] = {}
-        self._pending: set[tuple[str, str]] = set()
+        self._pending: set[tuple[str, str, str]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._chain_started: dict[tuple[str, str], float] = {}  # monotonic start of the last reconcile
+        self._started: dict[tuple[str, str, str], float] = {}  # monotonic start of the last reconcile
+        self._timers: dict[tuple[str, str, str], asyncio.TimerHandle] = {}
+        self._seeded: set[tuple[str, str, str]] = set()
 
     def schedule_chain(self, namespace: str, name: str) -> None:
-        """Reconcile a chain soon, once, however many of its pools and Secrets changed meanwhile.
+        """Reconcile a chain soon, once, however many of its pools and Secrets changed meanwhile."""
+        self.schedule("chain", namespace, name)
+
+    def schedule(self, kind: str, namespace: str, name: str) -> None:
+        """Reconcile a pool or chain soon, once, however many of its inputs changed meanwhile.
 
         A chain depends on several pools and Secrets; when they change together (a resync, an
-        operator start, a rotation touching several keys) one render covers them all, and a render
-        that already started after the change (the chain's own handler, say) makes this one moot. The
-        key leaves the pending set before the reconcile starts, so a change during it schedules another.
+        operator start, a rotation touching several keys) one render covers them all, and a
+        reconcile that already started after the change makes this one moot. A burst of sidecar
+        reports is folded the same way, and reconciles of one object start at least
+        ``min_interval`` apart: that bounds its status writes (SPEC §5 asks for a bounded number).
+        The key leaves the pending set before the reconcile starts, so a change during it schedules
+        another.
         """
-        key = (namespace, name)
+        key = (kind, namespace, name)
         if key in self._pending:
             return
         self._pending.add(key)
         since = time.monotonic()
+        wait = max(self.coalesce, self._started.get(key, float("-inf")) + self.min_interval - since)
+        fn = self.chain if kind == "chain" else self.pool
 
         async def run() -> None:
-            await asyncio.sleep(self.coalesce)
+            await asyncio.sleep(wait)
             self._pending.discard(key)
-            if self._chain_started.get(key, float("-inf")) >= since:
+            if self._started.get(key, float("-inf")) >= since:
                 return
             try:
-                await self.chain(namespace, name)
+                await fn(namespace, name)
             except Exception as e:  # the periodic resync retries; say what failed now
                 log.error(
-                    "chain reconcile failed",
-                    extra={"kr": {"namespace": namespace, "chain": name, "error": str(e)}},
+                    f"{kind} reconcile failed",
+                    extra={"kr": {"namespace": namespace, kind: name, "error": str(e) or type(e).__name__}},
+                    exc_info=True,
                 )
 
-        task = asyncio.create_task(run(), name=f"keyroute-chain-{namespace}-{name}")
+        task = asyncio.create_task(run(), name=f"keyroute-{kind}-{namespace}-{name}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def report(self, event: Mapping[str, Any]) -> None:
+        """Fold one sidecar report Event into the book and schedule the status it changes."""
+        if not is_report(event):
+            return  # the operator's own Events, or anybody's: a real API server filters by label
+        try:
+            namespace, name, rep = parse_report(event)
+        except ReportError as e:
+            self.metrics.reports.labels("invalid").inc()
+            meta = event.get("metadata") or {}
+            log.warning(
+                "unreadable sidecar report ignored",
+                extra={"kr": {"event": meta.get("name"), "namespace": meta.get("namespace"), "error": str(e)}},
+            )
+            return
+        kind = self.book.add(namespace, name, rep)
+        self.metrics.reports.labels("folded" if kind else "unchanged").inc()
+        if kind is not None:
+            self.schedule(kind, namespace, name)
+
+    def _post_event(self, body: Mapping[str, Any], note: Note) -> None:
+        now = self.clock()
+        meta = body.get("metadata") or {}
+        name = f"{meta.get('name')}.{int(now * 1000):x}{next(self._event_seq) % 4096:03x}"
+        event = note_event(body, note, now=rfc3339(now), name=name)
+
+        async def send() -> None:
+            try:
+                await self.kube.create(path(*CORE, "events", meta.get("namespace")), event)
+            except Exception as e:  # an Event is worth a log line, never a failed reconcile
+                log.warning("cannot post an Event", extra={"kr": {"reason": note.reason, "error": str(e)}})
+
+        task = asyncio.create_task(send(), name="keyroute-event")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _arm(self, kind: str, namespace: str, name: str) -> None:
+        """Wake up when the object's reported state ends by itself (``until``, a silent pod)."""
+        when = self.book.deadline(kind, namespace, name, self.clock())
+        key = (kind, namespace, name)
+        timer = self._timers.get(key)
+        if when is None:
+            if timer is not None:
+                timer.cancel()
+                del self._timers[key]
+            return
+        loop = asyncio.get_running_loop()
+        at = loop.time() + max(0.0, when - self.clock()) + 0.05
+        if timer is not None and not timer.cancelled() and abs(timer.when() - at) < 0.01:
+            return
+        if timer is not None:
+            timer.cancel()
+        self._timers[key] = loop.call_at(at, self.schedule, kind, namespace, name)
+
     async def drain(self) -> None:
-        """Wait for scheduled chain reconciles (tests, shutdown)."""
+        """Wait for scheduled reconciles (tests, shutdown); pending expiry timers are dropped."""
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def forget(self, kind: str, namespace: str, name: str) -> None:
+        """The object was deleted: drop its reports and timers."""
+        self.book.forget(kind, namespace, name)
+        timer = self._timers.pop((kind, namespace, name), None)
+        if timer is not None:
+            timer.cancel()
 
     def _lock(self, kind: str, namespace: str, name: str) -> asyncio.Lock:
         key = (kind, namespace, name)
@@ -115,7 +198,9 @@ class Reconciler:
     async def pool(self, namespace: str, name: str) -> None:
         """Reconcile one CredentialPool's status."""
         async with self._lock("pool", namespace, name):
+            self._started[("pool", namespace, name)] = time.monotonic()
             await self._measured("CredentialPool", self._pool(namespace, name))
+        self._arm("pool", namespace, name)
 
     async def _measured(self, kind: str, work: Coroutine[Any, Any, None]) -> None:
         started = time.perf_counter()
@@ -144,7 +229,12 @@ class Reconciler:
             self.metrics.pool_seen((namespace, name), "False", {})
             return
         secrets = await self._secrets(namespace, (c.secret_ref.name for c in pool.spec.credentials))
-        new = pool_status(pool, resolve_pool(pool, secrets), old=old, now=now)
+        if ("pool", namespace, name) not in self._seeded:
+            # After a restart, what the operator wrote before survives the Events that expired.
+            self._seeded.add(("pool", namespace, name))
+            self.book.seed_pool(namespace, name, old, now)
+        reported = self.book.pool_reports(namespace, name, now)
+        new = pool_status(pool, resolve_pool(pool, secrets), old=old, now=now, reported=reported)
         await self._write_status(url, body, old, new, "CredentialPool")
         ready = next((c["status"] for c in new["conditions"] if c["type"] == "Ready"), "Unknown")
         self.metrics.pool_seen((namespace, name), ready, Counter(c["state"] for c in new["credentials"]))
@@ -154,8 +244,9 @@ class Reconciler:
     async def chain(self, namespace: str, name: str) -> None:
         """Render one ProviderChain's sidecar config Secret and write its status."""
         async with self._lock("chain", namespace, name):
-            self._chain_started[(namespace, name)] = time.monotonic()
+            self._started[("chain", namespace, name)] = time.monotonic()
             await self._measured("ProviderChain", self._chain(namespace, name))
+        self._arm("chain", namespace, name)
 
     async def _chain(self, namespace: str, name: str) -> None:
         url = path(*KEYROUTE, "providerchains", namespace, name)
@@ -183,7 +274,11 @@ class Reconciler:
         )
         result = render(chain, pools, secrets)
         await self._write_config(chain, result.config)
-        new = chain_status(chain, result, old=old, now=now)
+        if ("chain", namespace, name) not in self._seeded:
+            self._seeded.add(("chain", namespace, name))
+            self.book.seed_chain(namespace, name, old)
+        summary = self.book.chain_summary(namespace, name, now)
+        new = chain_status(chain, result, old=old, now=now, summary=summary)
         await self._write_status(url, body, old, new, "ProviderChain")
 
     async def _write_config(self, chain: ProviderChain, config: Any) -> None:

@@ -45,6 +45,8 @@ class CooldownConfig(_Config):
 class PoolConfig(_Config):
     name: str
     namespace: str = "default"
+    # The CredentialPool's uid: the sidecar's Events name it, so `kubectl describe` finds them.
+    uid: str | None = None
     provider: str
     strategy: Strategy = Strategy.FILL_FIRST
     cooldowns: CooldownConfig = CooldownConfig()
@@ -87,6 +89,7 @@ class FallbackConfig(_Config):
 class ObjectRef(_Config):
     name: str
     namespace: str = "default"
+    uid: str | None = None
 
 
 class Exclusion(_Config):

@@ -60,6 +60,37 @@ class Note:
     message: str
 
 
+OPERATOR_COMPONENT = "keyroute.dev/operator"
+
+
+def note_event(obj: Mapping[str, Any], note: Note, *, now: str, name: str) -> dict[str, Any]:
+    """The core v1 Event for ``note`` on ``obj`` (a pool or chain body), as the operator posts it."""
+    meta = obj.get("metadata") or {}
+    involved = {
+        "apiVersion": obj.get("apiVersion", API_VERSION),
+        "kind": obj.get("kind"),
+        "name": meta.get("name"),
+        "namespace": meta.get("namespace"),
+    }
+    if meta.get("uid"):
+        involved["uid"] = meta["uid"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": name, "namespace": meta.get("namespace")},
+        "involvedObject": involved,
+        "reason": note.reason,
+        "message": note.message[:1024],
+        "type": note.type,
+        "count": 1,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "source": {"component": OPERATOR_COMPONENT},
+        "reportingComponent": OPERATOR_COMPONENT,
+        "reportingInstance": "keyroute-operator",
+    }
+
+
 # Conditions whose True is bad news.
 _BAD_WHEN_TRUE = {"Degraded", "Exhausted", "FallbackActive"}
 

@@ -296,13 +296,16 @@ class Pool:
     # --- time and state -------------------------------------------------------------------------
 
     def expire(self, now: float) -> list[Action]:
-        """Drop blocks whose time has passed, returning a restoration action for each credential freed."""
+        """Drop blocks whose time has passed, returning a restoration action for each credential freed
+        by this sidecar's own block (blocks adopted from other pods end silently)."""
         actions: list[Action] = []
         for cred in self.credentials:
             blocks = self.health[cred.name].blocks
             ended = [s for s, b in blocks.items() if not b.active(now)]
             for scope in ended:
                 b = blocks.pop(scope)
+                if b.reported_by is not None:
+                    continue  # another pod's block: restoring it is that pod's report to make
                 actions.append(
                     Action(
                         kind=ActionKind.RESTORED,

@@ -118,6 +118,7 @@ def _pool_config(resolved: ResolvedPool) -> PoolConfig:
     return PoolConfig(
         name=resolved.pool.name,
         namespace=resolved.pool.namespace,
+        uid=resolved.pool.metadata.uid,
         provider=spec.provider,
         strategy=spec.strategy,
         cooldowns=CooldownConfig(
@@ -209,7 +210,7 @@ def render(
     included = {e.name for e in entries}
     fb = spec.fallback
     config = SidecarConfig(
-        chain=ObjectRef(name=chain.name, namespace=chain.namespace),
+        chain=ObjectRef(name=chain.name, namespace=chain.namespace, uid=chain.metadata.uid),
         entries=entries,
         pools=[_pool_config(resolved[name]) for name in sorted(used)],
         fallback=FallbackConfig(

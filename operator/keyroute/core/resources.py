@@ -133,6 +133,8 @@ class CredentialStatus(_Status):
     fingerprint: str | None = None
     last_transition_time: str | None = Field(default=None, alias="lastTransitionTime")
     reported_by: str | None = Field(default=None, alias="reportedBy")
+    # Set when a sidecar benched the key for one model only (a per-model rate limit).
+    model: str | None = None
 
 
 class CredentialPoolStatus(_Status):

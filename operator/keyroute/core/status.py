@@ -17,18 +17,21 @@ CredentialPool
 ProviderChain
 - ``Ready``: ``AllProvidersRoutable`` | ``PoolNotFound`` | ``PoolProviderMismatch`` |
   ``NoUsableCredentials`` | ``InvalidSpec``
-- ``FallbackActive``: ``NoFallbackReported`` until sidecars report
+- ``FallbackActive``: ``True`` with the error class that moved the latest pod off its entry
+  (``ServerError``, ``RateLimited``, ...) while any reporting sidecar serves a model from a
+  fallback; ``False`` with ``PrimaryServing`` (sidecars report, none on a fallback) or
+  ``NoFallbackReported`` (no sidecar is reporting)
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from keyroute.core.conditions import Fact, condition, fact, merge_conditions
 from keyroute.core.render import RenderResult, ResolvedPool
+from keyroute.core.reports import ChainSummary, CredentialReport
 from keyroute.core.resources import CredentialPool, CredentialState, ProviderChain
 
 READY = "Ready"
@@ -48,28 +51,18 @@ def config_secret_name(chain_name: str) -> str:
     return f"{chain_name}-keyroute"
 
 
-@dataclass(frozen=True, slots=True)
-class Reported:
-    """A credential state reported by a sidecar (cooling down, exhausted, rejected), until ``until``."""
-
-    state: CredentialState
-    reason: str
-    until: float | None
-    fingerprint: str
-    last_error_code: int | None = None
-    reported_by: str | None = None
-
-
 def pool_status(
     pool: CredentialPool,
     resolved: ResolvedPool,
     *,
     old: Mapping[str, Any] | None,
     now: float,
-    reported: Mapping[str, Reported] | None = None,
+    reported: Mapping[str, CredentialReport] | None = None,
 ) -> dict[str, Any]:
-    """The pool's whole status. A report counts only while its ``until`` is ahead and its
-    fingerprint matches the key the Secret holds now (a rotated key starts healthy)."""
+    """The pool's whole status. ``reported`` is what sidecars reported, per credential
+    (:meth:`~keyroute.core.reports.ReportBook.pool_reports`). A report counts only while its
+    ``until`` is ahead and its fingerprint matches the key the Secret holds now (a rotated key
+    starts healthy)."""
     old = old or {}
     stamp = rfc3339(now)
     previous = {c.get("name"): c for c in old.get("credentials") or [] if isinstance(c, Mapping)}
@@ -82,6 +75,7 @@ def pool_status(
         row: dict[str, Any] = {"name": spec.name}
         gone = missing.get(spec.name)
         cred = present.get(spec.name)
+        rep = None
         if gone is not None or cred is None:
             reason = gone.reason if gone else "SecretNotFound"
             row.update(state=str(CredentialState.MISSING), reason=reason)
@@ -97,21 +91,28 @@ def pool_status(
                 row.update(state=str(rep.state), reason=rep.reason)
                 if rep.until is not None:
                     row["until"] = rfc3339(rep.until)
-                if rep.last_error_code is not None:
-                    row["lastErrorCode"] = rep.last_error_code
-                if rep.reported_by:
-                    row["reportedBy"] = rep.reported_by
+                if rep.status is not None:
+                    row["lastErrorCode"] = rep.status
+                if rep.pod:
+                    row["reportedBy"] = rep.pod
+                if rep.model:
+                    row["model"] = rep.model
                 unavailable.append((spec.name, rep.reason, f"{rep.state}"))
                 runtime_reasons.append(rep.reason)
             else:
                 row["state"] = str(CredentialState.AVAILABLE)
+                rep = None
         before = previous.get(spec.name)
         same = (
             before is not None
             and before.get("state") == row["state"]
             and before.get("reason") == row.get("reason")
         )
-        row["lastTransitionTime"] = before.get("lastTransitionTime", stamp) if same and before else stamp
+        if same and before:
+            row["lastTransitionTime"] = before.get("lastTransitionTime", stamp)
+        else:
+            # A reported state changed when the sidecar saw it, not when the operator wrote it.
+            row["lastTransitionTime"] = rfc3339(min(rep.at, now)) if rep is not None else stamp
         rows.append(row)
     total = len(rows)
     available = sum(1 for r in rows if r["state"] == CredentialState.AVAILABLE)
@@ -148,8 +149,11 @@ def chain_status(
     *,
     old: Mapping[str, Any] | None,
     now: float,
+    summary: ChainSummary | None = None,
 ) -> dict[str, Any]:
-    """The chain's status after rendering: readiness, rendered config name and hash."""
+    """The chain's status: readiness and rendered config from the render, and what sidecars
+    reported (``summary``, :meth:`~keyroute.core.reports.ReportBook.chain_summary`): how many report,
+    how many run on a fallback, the entry serving, the latest fallback."""
     old = old or {}
     stamp = rfc3339(now)
     cfg = result.config
@@ -165,25 +169,66 @@ def chain_status(
             "AllProvidersRoutable",
             f"{len(cfg.entries)} providers routable: " + ", ".join(e.name for e in cfg.entries),
         )
-    facts: list[Fact] = [ready]
-    if condition(old.get("conditions"), FALLBACK_ACTIVE) is None:
-        facts.append(fact(FALLBACK_ACTIVE, False, "NoFallbackReported", "no sidecar has reported a fallback"))
+    primary = cfg.entries[0].name if cfg.entries else None
     status: dict[str, Any] = {
         "observedGeneration": chain.metadata.generation,
-        "conditions": merge_conditions(
-            old.get("conditions"), facts, now=stamp, generation=chain.metadata.generation
-        ),
         "config": {"name": config_secret_name(chain.name), "hash": cfg.content_hash()},
+        "activeProvider": primary,
     }
-    active = old.get("activeProvider")
-    routable = {e.name for e in cfg.entries}
-    status["activeProvider"] = (
-        active if active in routable else (cfg.entries[0].name if cfg.entries else None)
+    facts: list[Fact] = [ready]
+    if summary is None:
+        # No report since the operator started: keep what earlier reports left.
+        for keep in ("sidecars", "sidecarsOnFallback", "lastFallback"):
+            if keep in old:
+                status[keep] = old[keep]
+        if old.get("activeProvider") in {e.name for e in cfg.entries}:
+            status["activeProvider"] = old["activeProvider"]
+        if condition(old.get("conditions"), FALLBACK_ACTIVE) is None:
+            facts.append(
+                fact(FALLBACK_ACTIVE, False, "NoFallbackReported", "no sidecar has reported a fallback")
+            )
+    else:
+        status.update(_reported_chain_fields(summary, primary, {e.name for e in cfg.entries}))
+        facts.append(_fallback_fact(summary, primary))
+    status["conditions"] = merge_conditions(
+        old.get("conditions"), facts, now=stamp, generation=chain.metadata.generation
     )
-    for keep in ("sidecars", "sidecarsOnFallback", "lastFallback"):
-        if keep in old:
-            status[keep] = old[keep]
     return status
+
+
+def _reported_chain_fields(summary: ChainSummary, primary: str | None, routable: set[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"sidecars": summary.sidecars, "sidecarsOnFallback": summary.on_fallback}
+    if summary.active and summary.active in routable:
+        out["activeProvider"] = summary.active
+    last = summary.last_fallback
+    if last is not None:
+        out["lastFallback"] = {
+            "from": last.from_entry,
+            "to": last.to_entry,
+            "reason": last.reason,
+            "time": rfc3339(last.at),
+            "pod": last.pod,
+        }
+    return out
+
+
+def _fallback_fact(summary: ChainSummary, primary: str | None) -> Fact:
+    if summary.on_fallback:
+        return fact(
+            FALLBACK_ACTIVE,
+            True,
+            summary.reason or "FallbackReported",
+            f"{summary.on_fallback} of {summary.sidecars} reporting sidecars serve from a fallback "
+            f"(latest: {summary.active}, primary {primary})",
+        )
+    if summary.sidecars:
+        return fact(
+            FALLBACK_ACTIVE,
+            False,
+            "PrimaryServing",
+            f"all {summary.sidecars} reporting sidecars serve from the primary ({primary})",
+        )
+    return fact(FALLBACK_ACTIVE, False, "NoFallbackReported", "no sidecar is reporting on this chain")
 
 
 def invalid_status(

@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -24,9 +25,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from keyroute.core.actions import Action
 from keyroute.core.chains import Chain
 from keyroute.core.config import ConfigError, SidecarConfig
+from keyroute.core.reports import Origin
+from keyroute.kube import Kube
 from keyroute.logs import REDACTOR
+from keyroute.sidecar.fleet import FleetCooldowns
 from keyroute.sidecar.metrics import Metrics
 from keyroute.sidecar.proxy import Proxy
+from keyroute.sidecar.reporter import Reporter
 from keyroute.sidecar.sources import ConfigSource, signature
 
 log = logging.getLogger("keyroute.sidecar")
@@ -76,6 +81,21 @@ class Sidecar:
         self._tasks: list[asyncio.Task[None]] = []
         self.port: int | None = None
         self.admin_port: int | None = None
+        self.reporter: Reporter | None = None
+        self.fleet: FleetCooldowns | None = None
+        self._kube: Kube | None = None
+
+    def enable_reporting(
+        self, kube: Kube, origin: Origin, *, share_cooldowns: bool = True, **reporter: Any
+    ) -> Reporter:
+        """Report recovery actions as Events through ``kube`` and (``share_cooldowns``) honour the
+        cooldowns other pods reported. Call before :meth:`start`; :meth:`stop` closes ``kube``."""
+        self._kube = kube
+        self.reporter = Reporter(kube, origin, lambda: self._config, self.metrics, **reporter)
+        self.listeners.append(self.reporter.offer)
+        if share_cooldowns:
+            self.fleet = FleetCooldowns(kube, origin, lambda: self._chain, self.metrics)
+        return self.reporter
 
     # --- state -----------------------------------------------------------------------------------
 
@@ -163,12 +183,20 @@ class Sidecar:
             self.admin_port = await self._serve(admin, self.admin_listen)
         self._tasks.append(asyncio.create_task(self._watch(), name="keyroute-reload"))
         self._tasks.append(asyncio.create_task(self._tick(), name="keyroute-tick"))
+        if self.reporter is not None:
+            self._tasks.append(asyncio.create_task(self.reporter.run(), name="keyroute-reporter"))
+        if self.fleet is not None:
+            self._tasks.append(asyncio.create_task(self.fleet.run(), name="keyroute-fleet"))
         log.info(
             "sidecar listening",
             extra={"kr": {"listen": f"{self.listen.host}:{self.port}", "admin": self.admin_port}},
         )
 
-    async def stop(self) -> None:
+    async def stop(self, flush: float = 2.0) -> None:
+        """Stop serving; give buffered reports up to ``flush`` seconds to get out first."""
+        if self.reporter is not None and self.reporter.pending and flush > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.reporter.delivered.wait(), timeout=flush)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -181,6 +209,8 @@ class Sidecar:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._kube is not None:
+            await self._kube.close()
 
     async def __aenter__(self) -> Sidecar:
         await self.start()

@@ -77,6 +77,22 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.reports = Counter(
+            "keyroute_reports",
+            "Recovery reports by outcome: sent (new Event), merged (a repeat folded into a queued or "
+            "existing Event), dropped (buffer full), rejected (the API refused it for good), retried.",
+            ["result"],
+            registry=r,
+        )
+        self.reports_pending = Gauge(
+            "keyroute_reports_pending", "Reports buffered, waiting to be sent.", registry=r
+        )
+        self.shared_blocks = Counter(
+            "keyroute_shared_cooldowns_applied",
+            "Credential states reported by other pods and honoured here (fleet cooldowns).",
+            ["pool"],
+            registry=r,
+        )
         self._children: dict[tuple[str, ...], object] = {}
 
     def request(self, chain: str, provider: str, cls: str) -> None:

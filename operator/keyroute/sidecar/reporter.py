@@ -1,0 +1,299 @@
+"""The sidecar's reporter: recovery actions become Events on the CredentialPool or ProviderChain they
+concern, without the data path ever waiting for the API server.
+
+:meth:`Reporter.offer` is synchronous and O(1): it queues the action and returns. A background task
+sends the queue in order through a token bucket (``burst`` Events at once, then ``rate`` per second).
+While the API server is unreachable, the queue holds what happened: a repeat of a queued transition
+is merged into it (``count``), and when the queue is full the oldest report is dropped and counted;
+the count rides on the next Event that gets through, and on ``keyroute_reports_total{result="dropped"}``.
+A report the API refuses for good (403: RBAC; 422: invalid) is logged and counted, never retried forever.
+
+The sidecar's own presence on its chain is a ``SidecarReporting`` Event refreshed periodically, from
+which the operator counts reporting sidecars.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+
+from keyroute.core.actions import Action
+from keyroute.core.config import SidecarConfig
+from keyroute.core.reports import (
+    DEDUP_WINDOW,
+    PRESENCE_INTERVAL,
+    Origin,
+    dedup_key,
+    event_body,
+    event_name,
+    presence_body,
+    presence_name,
+)
+from keyroute.kube import CORE, ApiError, Kube, path
+from keyroute.sidecar.metrics import Metrics
+
+log = logging.getLogger("keyroute.sidecar.reporter")
+
+_PRESENCE = ("presence",)
+# Statuses worth retrying: the API server is down, overloaded or throttling us.
+_RETRY = frozenset({408, 429, 500, 502, 503, 504})
+
+
+@dataclass(slots=True)
+class _Pending:
+    action: Action | None  # None: the presence report
+    count: int
+    first_at: float
+
+
+@dataclass(slots=True)
+class _Sent:
+    name: str
+    count: int
+    first_at: float
+    at: float
+
+
+class TokenBucket:
+    """``burst`` tokens, refilled at ``rate`` per second. Time is a parameter, for tests."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
+        self.rate = rate
+        self.burst = burst
+        self.clock = clock
+        self.tokens = float(burst)
+        self.stamp = clock()
+
+    def wait_time(self) -> float:
+        """Seconds until a token is available (0: now)."""
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
+
+    def take(self) -> None:
+        self.tokens -= 1
+
+
+class Reporter:
+    """Sends one sidecar's reports. ``offer`` from anywhere on the loop; ``run`` as a task."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        origin: Origin,
+        config: Callable[[], SidecarConfig | None],
+        metrics: Metrics,
+        *,
+        rate: float = 1.0,
+        burst: int = 25,
+        capacity: int = 1000,
+        presence_interval: float = PRESENCE_INTERVAL,
+        retry: tuple[float, float] = (0.5, 30.0),
+        clock: Callable[[], float] = time.time,
+    ):
+        self.kube = kube
+        self.origin = origin
+        self.config = config
+        self.metrics = metrics
+        self.capacity = capacity
+        self.presence_interval = presence_interval
+        self.retry = retry
+        self.clock = clock
+        self.bucket = TokenBucket(rate, burst)
+        self.dropped = 0  # dropped since the last Event that got through
+        self._pending: OrderedDict[tuple[str, ...], _Pending] = OrderedDict()
+        self._sent: dict[tuple[str, ...], _Sent] = {}
+        self._wake = asyncio.Event()
+        self._failing = False
+        self.delivered = asyncio.Event()  # set whenever the queue empties (tests, shutdown)
+
+    # --- the data path's side ----------------------------------------------------------------------
+
+    def offer(self, action: Action) -> None:
+        """Queue ``action`` for reporting. Never blocks, never raises for a full queue."""
+        self._queue(dedup_key(action), action, action.at)
+
+    def _queue(self, key: tuple[str, ...], action: Action | None, at: float) -> None:
+        pending = self._pending.get(key)
+        if pending is not None:
+            # The same transition again before the first got out: one Event, counted.
+            pending.count += 1
+            pending.action = action
+            self._pending.move_to_end(key)
+            self.metrics.reports.labels("merged").inc()
+        else:
+            if len(self._pending) >= self.capacity:
+                self._pending.popitem(last=False)
+                self.dropped += 1
+                self.metrics.reports.labels("dropped").inc()
+            self._pending[key] = _Pending(action, 1, at)
+        self.metrics.reports_pending.set(len(self._pending))
+        self.delivered.clear()
+        self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    # --- the sending task --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Send until cancelled: presence now and every ``presence_interval``, reports as they come."""
+        next_presence = 0.0
+        delay = self.retry[0]
+        while True:
+            now = self.clock()
+            if now >= next_presence and self.config() is not None:
+                self._queue(_PRESENCE, None, now)
+                next_presence = now + self.presence_interval
+            if not self._pending:
+                self.delivered.set()
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, next_presence - now))
+                continue
+            wait = self.bucket.wait_time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            key, item = self._pending.popitem(last=False)
+            self.metrics.reports_pending.set(len(self._pending))
+            try:
+                await self._send(key, item)
+            except asyncio.CancelledError:
+                self._requeue(key, item)
+                raise
+            except ApiError as e:
+                if e.status in _RETRY:
+                    self._requeue(key, item)
+                    await self._backoff(e, delay)
+                    delay = min(delay * 2, self.retry[1])
+                    continue
+                self.metrics.reports.labels("rejected").inc()
+                log.error(
+                    "the API server refused a report; it is dropped",
+                    extra={"kr": {"status": e.status, "reason": e.reason, "hint": _hint(e.status)}},
+                )
+            except (TimeoutError, aiohttp.ClientError, OSError) as e:
+                self._requeue(key, item)
+                await self._backoff(e, delay)
+                delay = min(delay * 2, self.retry[1])
+                continue
+            else:
+                self.bucket.take()
+                delay = self.retry[0]
+                if self._failing:
+                    self._failing = False
+                    log.info("reporting to the API server again", extra={"kr": {"pending": self.pending}})
+
+    def _requeue(self, key: tuple[str, ...], item: _Pending) -> None:
+        newer = self._pending.get(key)
+        if newer is not None:
+            newer.count += item.count
+            newer.first_at = min(newer.first_at, item.first_at)
+        else:
+            self._pending[key] = item
+            self._pending.move_to_end(key, last=False)
+        self.metrics.reports_pending.set(len(self._pending))
+
+    async def _backoff(self, err: Exception, delay: float) -> None:
+        self.metrics.reports.labels("retried").inc()
+        if not self._failing:
+            self._failing = True
+            log.warning(
+                "cannot report to the API server; buffering",
+                extra={"kr": {"error": str(err) or type(err).__name__, "pending": self.pending}},
+            )
+        await asyncio.sleep(delay)
+
+    async def _send(self, key: tuple[str, ...], item: _Pending) -> None:
+        config = self.config()
+        if config is None:
+            return
+        now = self.clock()
+        if len(self._sent) > 4 * self.capacity:
+            self._sent = {k: v for k, v in self._sent.items() if now - v.at < DEDUP_WINDOW}
+        sent = self._sent.get(key)
+        if sent is not None and now - sent.at >= DEDUP_WINDOW and item.action is not None:
+            sent = None
+        if item.action is None:
+            body = presence_body(
+                config.chain.name,
+                config.chain.namespace,
+                config.chain.uid,
+                self.origin,
+                at=now,
+                config_hash=config.content_hash(),
+                count=(sent.count if sent else 0) + 1,
+            )
+            name = presence_name(config.chain.name, self.origin)
+            namespace = config.chain.namespace
+            first_at = sent.first_at if sent else now
+            count = body["count"]
+        else:
+            action = item.action
+            namespace = action.namespace
+            name = sent.name if sent else event_name(action.object_name, self.origin, key, action.at)
+            first_at = sent.first_at if sent else item.first_at
+            count = (sent.count if sent else 0) + item.count
+            body = event_body(
+                action,
+                self.origin,
+                name=name,
+                uid=_uid(config, action),
+                count=count,
+                first_at=first_at,
+                dropped=self.dropped,
+            )
+        url = path(*CORE, "events", namespace, name)
+        if sent is not None or item.action is None:
+            try:
+                await self.kube.merge_patch(url, _repeat_patch(body))
+            except ApiError as e:
+                if e.status != 404:
+                    raise
+                await self.kube.create(path(*CORE, "events", namespace), body)
+        else:
+            try:
+                await self.kube.create(path(*CORE, "events", namespace), body)
+            except ApiError as e:
+                if e.status != 409:
+                    raise
+                await self.kube.merge_patch(url, _repeat_patch(body))
+        self.metrics.reports.labels("sent" if sent is None else "merged").inc()
+        if item.action is not None:
+            self.dropped = 0
+        self._sent[key] = _Sent(name=name, count=count, first_at=first_at, at=now)
+
+
+def _repeat_patch(body: dict[str, object]) -> dict[str, object]:
+    """What changes when an Event is repeated: count, times, message, annotations (``until``...)."""
+    meta = body["metadata"]
+    assert isinstance(meta, dict)
+    return {
+        "metadata": {"annotations": meta["annotations"]},
+        "count": body["count"],
+        "lastTimestamp": body["lastTimestamp"],
+        "message": body["message"],
+        "type": body["type"],
+    }
+
+
+def _uid(config: SidecarConfig, action: Action) -> str | None:
+    if action.object_kind == "ProviderChain":
+        return config.chain.uid
+    return next((p.uid for p in config.pools if p.name == action.object_name), None)
+
+
+def _hint(status: int) -> str:
+    if status in (401, 403):
+        return "the pod's ServiceAccount needs create and patch on events (see the README, RBAC)"
+    return "the Event was invalid; please report this as a keyroute bug"
