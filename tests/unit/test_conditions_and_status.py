@@ -8,8 +8,8 @@ import base64
 from keyroute.core.conditions import fact, merge_conditions
 from keyroute.core.objects import HASH_ANNOTATION, config_secret, secret_hash, transitions
 from keyroute.core.render import render, resolve_pool
-from keyroute.core.resources import CredentialPool, CredentialState, ProviderChain, Secret
 from keyroute.core.reports import CredentialReport
+from keyroute.core.resources import CredentialPool, CredentialState, ProviderChain, Secret
 from keyroute.core.status import chain_status, invalid_status, pool_status
 
 T0 = 1_800_000_000.0
