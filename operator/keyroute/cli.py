@@ -84,7 +84,7 @@ def _setup_reporting(sidecar: Any, args: argparse.Namespace) -> None:
     import socket
 
     from keyroute.core.reports import Origin
-    from keyroute.kube import Kube, from_kubeconfig, in_cluster
+    from keyroute.kube import SIDECAR_AGENT, Kube, from_kubeconfig, in_cluster
 
     if args.report == "off":
         return
@@ -97,7 +97,9 @@ def _setup_reporting(sidecar: Any, args: argparse.Namespace) -> None:
     pod = args.pod_name or os.environ.get("POD_NAME") or socket.gethostname()
     namespace = args.pod_namespace or os.environ.get("POD_NAMESPACE") or conn.namespace or "default"
     sidecar.enable_reporting(
-        Kube.from_connection(conn), Origin(pod=pod, namespace=namespace), share_cooldowns=not args.no_share
+        Kube.from_connection(conn, user_agent=SIDECAR_AGENT),
+        Origin(pod=pod, namespace=namespace),
+        share_cooldowns=not args.no_share,
     )
     log.info(
         "reporting recovery actions as Events",

@@ -26,9 +26,13 @@ from urllib.parse import urlencode
 import aiohttp
 import yaml
 
+from keyroute import __version__
+
 log = logging.getLogger("keyroute.kube")
 
 CORE = ("", "v1")
+OPERATOR_AGENT = f"keyroute-operator/{__version__}"
+SIDECAR_AGENT = f"keyroute-sidecar/{__version__}"
 KEYROUTE = ("keyroute.dev", "v1alpha1")
 
 
@@ -72,9 +76,11 @@ class Kube:
     _token_read: float = field(default=0.0, repr=False)
 
     @classmethod
-    def from_connection(cls, info: Any) -> Kube:
-        """Build from kopf's ``ConnectionInfo`` or a :class:`Connection` (duck-typed: no kopf import)."""
-        headers: dict[str, str] = {}
+    def from_connection(cls, info: Any, *, user_agent: str = OPERATOR_AGENT) -> Kube:
+        """Build from kopf's ``ConnectionInfo`` or a :class:`Connection` (duck-typed: no kopf import).
+        ``user_agent`` tells the operator's requests from the sidecars' in audit logs (and in the
+        RBAC test, which derives each role's verbs from what it really sent)."""
+        headers: dict[str, str] = {"User-Agent": user_agent}
         token_file = getattr(info, "token_file", None)
         if token_file:
             pass  # read per request, see _refresh_token

@@ -23,6 +23,7 @@ from keyroute.core import crds
 from keyroute.core.reports import REPORT_LABEL, Origin, parse_rfc3339
 from keyroute.core.resources import CredentialState
 from keyroute.fakeprovider import Behaviour, FakeProvider
+from keyroute.kube import SIDECAR_AGENT
 from keyroute.kube import Kube as ApiClient
 from keyroute.sidecar.app import Address, Sidecar
 from keyroute.sidecar.sources import RenderedConfigFile
@@ -75,7 +76,9 @@ async def start_pod(kube: Kube, tmp_path: Path) -> AsyncIterator[StartPod]:
         )
         reporter.setdefault("retry", (0.05, 0.2))
         sidecar.enable_reporting(
-            ApiClient.from_connection(kube.connection_info()), Origin(pod, "default"), **reporter
+            ApiClient.from_connection(kube.connection_info(), user_agent=SIDECAR_AGENT),
+            Origin(pod, "default"),
+            **reporter,
         )
         if sidecar.fleet is not None:
             sidecar.fleet.interval = 0.05
