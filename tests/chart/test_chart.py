@@ -66,10 +66,10 @@ OPERATOR_NAMESPACED_RULES = {
     *(
         ("keyroute.dev", r, v)
         for r in ["credentialpools/status", "providerchains/status"]
-        for v in ["get", "patch"]
+        for v in ["patch"]
     ),
     *(("", "secrets", v) for v in ["get", "list", "watch", "create", "patch"]),
-    *(("", "events", v) for v in ["create", "patch", "get", "list", "watch"]),
+    *(("", "events", v) for v in ["create", "list", "watch"]),
 }
 # kopf scans CRDs (list+watch) always; it lists and watches namespaces only when given namespaces to
 # watch (kopf/_core/reactor/observation.py: never in cluster-wide mode).
@@ -81,7 +81,7 @@ OPERATOR_NAMESPACE_RULES = {("", "namespaces", "list"), ("", "namespaces", "watc
 SIDECAR_RULES = {
     ("", "events", "create"),
     ("", "events", "patch"),
-    *(("keyroute.dev", "credentialpools", v) for v in ["get", "list", "watch"]),
+    *(("keyroute.dev", "credentialpools", v) for v in ["list", "watch"]),
 }
 
 OPERATOR_ARGS = [
