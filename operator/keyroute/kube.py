@@ -68,7 +68,7 @@ class Kube:
     """A minimal async Kubernetes API client."""
 
     server: str
-    headers: dict[str, str]
+    headers: dict[str, str] = field(repr=False)  # Authorization
     ssl_context: ssl.SSLContext | bool | None = None
     # A projected ServiceAccount token is rotated by the kubelet: re-read it rather than keep it.
     token_file: str | None = None

@@ -32,6 +32,7 @@ from tests.chart.test_chart import FULLNAME, HelmRunner, one, triples
 from tests.e2e import test_webhook as _webhook
 from tests.e2e.conftest import HARNESS_HEADER, eventually
 from tests.e2e.test_operator import API, config_of, pool, secret
+from tests.e2e.test_reporting import watching_reports
 from tests.e2e.test_webhook import MODULES, labelled_pod
 
 # Fixtures of other modules, made available here by name.
@@ -88,6 +89,7 @@ async def test_the_charts_rbac_grants_exactly_what_the_code_uses(
     )
     async with operator_runner(*MODULES, namespaces=["default"]), aiohttp.ClientSession() as session:
         rendered = await eventually(lambda: kube.get("v1", "secrets", "default", "agents-keyroute"), timeout=10)
+        await watching_reports(kube)
         # The webhook admits a labelled pod (it looks the chain up).
         await eventually(hook.up, timeout=10)
         assert (await hook.review(labelled_pod()))["allowed"] is True

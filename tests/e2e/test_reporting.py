@@ -134,6 +134,7 @@ async def agents(kube: Kube, operator_runner: Any, objects: list[dict[str, Any]]
     for obj in objects:
         await kube.create(obj)
     async with operator_runner(HANDLERS, namespaces=["default"]) as op:
+        await watching_reports(kube)
         yield op
     for key in KEYS:
         assert key not in op.log + op.output
@@ -387,6 +388,19 @@ async def test_a_burst_of_1000_rate_limits_yields_few_events_and_bounded_status_
         assert len(events) <= 2 * (3 * 2 * (elapsed + 2) + 4)
         counted = sum(e.get("count", 1) for e in events if e["reason"] != "SidecarReporting")
         assert counted == transitions, (counted, transitions)
+
+
+async def watching_reports(kube: Kube) -> None:
+    """Wait until the operator watches report Events. kmock ignores resourceVersion, so an Event
+    created between the operator's list and its watch would be missed (an API server replays it)."""
+
+    def watching() -> bool:
+        return any(
+            r.resource is not None and r.resource.plural == "events" and str(r.action.value) == "WATCH"
+            for r in kube.requests()
+        )
+
+    await eventually(watching, timeout=10)
 
 
 async def _where(getter: Awaitable[dict[str, Any] | None], ok: Callable[[dict[str, Any]], Any]) -> Any:

@@ -340,13 +340,11 @@ class Pool:
         health = self.health[name]
         scope = model or ALL_MODELS
         current = health.blocks.get(scope)
-        if (
-            current is not None
-            and current.until is not None
-            and block.until is not None
-            and current.until >= block.until
-        ):
-            return False
+        if current is not None and current.active(block.since):
+            # Never shorten what this pod knows (a rejection has no end), and adopt the same block once.
+            ends = float("inf") if current.until is None else current.until
+            if ends >= (float("inf") if block.until is None else block.until):
+                return False
         health.blocks[scope] = block
         health.epoch += 1
         return True

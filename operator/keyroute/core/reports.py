@@ -105,13 +105,13 @@ def dedup_key(action: Action) -> tuple[str, ...]:
 def event_name(object_name: str, origin: Origin, key: tuple[str, ...], at: float) -> str:
     """A unique, valid Event name: the object's name, a hash of pod and transition, and the time."""
     digest = hashlib.sha256("\0".join((origin.pod, *key)).encode()).hexdigest()[:10]
-    return f"{object_name[:200]}.{digest}.{int(at * 1000):x}"
+    return f"{object_name[:200].rstrip('-.')}.{digest}.{int(at * 1000):x}"
 
 
 def presence_name(chain: str, origin: Origin) -> str:
     """The one presence Event per (chain, pod): stable, so a restarted sidecar finds and refreshes it."""
     digest = hashlib.sha256(f"{origin.namespace}/{origin.pod}".encode()).hexdigest()[:10]
-    return f"{chain[:200]}.{digest}.sidecar"
+    return f"{chain[:200].rstrip('-.')}.{digest}.sidecar"
 
 
 def describe(action: Action, pod: str) -> str:
@@ -301,7 +301,7 @@ def parse_report(event: Mapping[str, Any]) -> tuple[str, str, Report]:
     if not (isinstance(namespace, str) and isinstance(name, str) and isinstance(pod, str) and pod):
         raise ReportError("report without object namespace, name or pod")
     if kind not in ("CredentialPool", "ProviderChain"):
-        raise ReportError(f"report about an unexpected kind {kind!r:.40}")
+        raise ReportError("report about a kind other than CredentialPool or ProviderChain")
     at = _float(ann.get(ANN_AT), "at")
     action_name = ann.get(ANN_ACTION)
     if action_name == PRESENCE_REASON:
@@ -391,7 +391,8 @@ class PodState:
     last_seen: float
     # model ("" for requests without one) → the fallback it is on: (from, to, reason, at)
     fallbacks: dict[str, tuple[str, str, str, float]] = field(default_factory=dict)
-    last_order: float = 0.0  # time of the latest chain transition applied (out-of-order guard)
+    # model → time of the latest transition applied: a late delivery of an older one is ignored
+    last_order: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -432,8 +433,9 @@ class ReportBook:
             if pod is None:
                 pods[report.pod] = PodState(last_seen=report.at)
                 return "chain"
+            was_live = pod.last_seen + self.presence_ttl > report.at
             pod.last_seen = max(pod.last_seen, report.at)
-            return None  # a heartbeat changes nothing but liveness
+            return None if was_live else "chain"  # a heartbeat of a live pod changes nothing
         if action.kind in _STATE_OF:
             return "pool" if self._add_pool(namespace, name, action, report.pod) else None
         return "chain" if self._add_chain(namespace, name, action, report.pod) else None
@@ -462,15 +464,16 @@ class ReportBook:
     def _add_chain(self, namespace: str, name: str, action: Action, pod_name: str) -> bool:
         pods = self.chains.setdefault((namespace, name), {})
         pod = pods.get(pod_name)
+        newly_live = pod is None or pod.last_seen + self.presence_ttl <= action.at
         if pod is None:
             pod = pods[pod_name] = PodState(last_seen=action.at)
         pod.last_seen = max(pod.last_seen, action.at)
-        if action.kind is ActionKind.CHAIN_EXHAUSTED:
-            return False  # an Event for kubectl describe; routing state did not change
-        if action.at < pod.last_order:
-            return False
-        pod.last_order = action.at
         model = action.model or ""
+        if action.kind is ActionKind.CHAIN_EXHAUSTED:
+            return newly_live  # an Event for kubectl describe; only the count of pods may change
+        if action.at < pod.last_order.get(model, float("-inf")):
+            return newly_live
+        pod.last_order[model] = action.at
         if action.kind is ActionKind.PRIMARY_RESTORED:
             pod.fallbacks.pop(model, None)
             return True

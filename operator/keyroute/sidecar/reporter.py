@@ -200,6 +200,11 @@ class Reporter:
             newer.count += item.count
             newer.first_at = min(newer.first_at, item.first_at)
         else:
+            if len(self._pending) >= self.capacity:
+                # Full while this one was out: it is the oldest, so it is the one dropped.
+                self.dropped += 1
+                self.metrics.reports.labels("dropped").inc()
+                return
             self._pending[key] = item
             self._pending.move_to_end(key, last=False)
         self.metrics.reports_pending.set(len(self._pending))
