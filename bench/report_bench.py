@@ -41,10 +41,10 @@ Phases:
 2. **Flood** (same model, so keys k01..k40 are already cooling for 600 s): every request now gets
    429 ``Retry-After: 1`` (``--flood-retry-after``); ``--flood-requests`` requests paced evenly over
    ``--flood-seconds`` (at most ``--flood-concurrency`` in flight), alternately through A and B; then
-   until both reporters have delivered everything (bounded by ``--drain-seconds``). Measured from
-   kmock's log: the operator's status PATCHes of pool ``openai`` per 1-s window; the sidecars' Event
-   creates (POST) and repeats (PATCH) against their recovery actions; Event ``count`` sums;
-   ``keyroute_reports_total`` of each sidecar.
+   until the flood's cooldowns have ended and both reporters have delivered everything (bounded by
+   ``--drain-seconds``). Measured from kmock's log: the operator's status PATCHes of pool ``openai``
+   per 1-s window; the sidecars' Event creates (POST) and repeats (PATCH) against their recovery
+   actions; Event ``count`` sums; how late each report reached the API; ``keyroute_reports_total``.
 3. **No key in sight**: no key value (nor the ``sk-bench-REPORT-KEY`` prefix) in the operator's log,
    the sidecars' log (JSON, unredacted formatter), the Events, the pools and chains.
 
@@ -806,12 +806,15 @@ class Bench:
         t_end = time.monotonic()
         log(f"flood sent in {t_end - t_start:.1f} s: {dict(statuses)}; waiting for the reporters to drain")
 
-        # Drain: nothing pending in either reporter and no new action for 1.5 s (the 1-s cooldowns end
-        # by the sidecars' 1-s tick after the last 429); then the operator's trailing reconcile.
+        # Drain: the flood's cooldowns have ended (and the sidecars' 1-s tick has restored them), nothing
+        # is pending in either reporter and no action came for 1.5 s; then the operator's trailing reconcile.
+        expired = t_end + args.flood_retry_after + 1.5
+
         def quiet() -> bool:
             last = max((t for acts in self.actions for t, _ in acts), default=0.0)
             pending = sum(s.reporter.pending for s in self.sidecars if s.reporter)
-            return pending == 0 and time.monotonic() - last >= 1.5
+            now = time.monotonic()
+            return now >= expired and pending == 0 and now - last >= 1.5
 
         drained = await until(quiet, args.drain_seconds, step=0.05)
         t_drained = time.monotonic()
