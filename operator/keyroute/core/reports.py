@@ -120,7 +120,7 @@ def describe(action: Action, pod: str) -> str:
     detail = _detail(action)
     if k in (ActionKind.COOLED_DOWN, ActionKind.EXHAUSTED):
         what = "cooling down" if k is ActionKind.COOLED_DOWN else "exhausted"
-        until = f" until {rfc3339(action.until)}" if action.until is not None else ""
+        until = f" until {rfc3339(math.ceil(action.until))}" if action.until is not None else ""
         text = f"credential {action.credential} {what}{until}{detail}"
     elif k is ActionKind.REJECTED:
         text = f"credential {action.credential} rejected until its Secret value changes{detail}"
@@ -163,7 +163,8 @@ def event_body(
         ANN_CREDENTIAL: action.credential,
         ANN_FINGERPRINT: action.fingerprint,
         ANN_ERROR_CLASS: str(action.error_class) if action.error_class else None,
-        ANN_UNTIL: rfc3339(action.until) if action.until is not None else None,
+        # Rounded up: a cooldown must never end early because the API's time format has no fraction.
+        ANN_UNTIL: rfc3339(math.ceil(action.until)) if action.until is not None else None,
         ANN_STATUS: str(action.status) if action.status else None,
         ANN_MODEL: action.model,
         ANN_FROM: action.from_entry,
