@@ -81,10 +81,8 @@ class Kube:
         ``user_agent`` tells the operator's requests from the sidecars' in audit logs (and in the
         RBAC test, which derives each role's verbs from what it really sent)."""
         headers: dict[str, str] = {"User-Agent": user_agent}
-        token_file = getattr(info, "token_file", None)
-        if token_file:
-            pass  # read per request, see _refresh_token
-        elif info.token:
+        token_file = getattr(info, "token_file", None)  # if set, _refresh_token sets Authorization
+        if token_file is None and info.token:
             headers["Authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
         elif info.username and info.password:
             creds = base64.b64encode(f"{info.username}:{info.password}".encode()).decode()
@@ -113,7 +111,8 @@ class Kube:
             self._session = None
 
     def _refresh_token(self) -> None:
-        if not self.token_file or (time.monotonic() - self._token_read < 60 and self._token_read):
+        fresh = self._token_read and time.monotonic() - self._token_read < 60
+        if not self.token_file or fresh:
             return
         try:
             token = Path(self.token_file).read_text().strip()

@@ -56,6 +56,15 @@ def chain_of(name: str, *entries: tuple[str, str, FakeProvider], **fallback: Any
     }
 
 
+def pool_of_keys(keys: list[str]) -> list[dict[str, Any]]:
+    """A Secret ``openai-keys`` holding ``keys`` as k0, k1, ... and the pool ``openai`` of them, in order."""
+    names = [f"k{i}" for i in range(len(keys))]
+    return [
+        secret("openai-keys", **dict(zip(names, keys, strict=True))),
+        pool("openai", "openai", *((n, "openai-keys", n) for n in names)),
+    ]
+
+
 @pytest.fixture
 async def start_pod(kube: Kube, tmp_path: Path) -> AsyncIterator[StartPod]:
     """``await start_pod("pod-a", chain="agents", **reporter options)``: a sidecar on the operator's
@@ -297,8 +306,7 @@ async def test_reports_buffered_while_the_api_is_unreachable_are_delivered(
     for k in keys[:3]:
         openai.set(Behaviour.rate_limited(retry_after=60), key=k)
     objects = [
-        secret("openai-keys", **{f"k{i}": k for i, k in enumerate(keys)}),
-        pool("openai", "openai", *((f"k{i}", "openai-keys", f"k{i}") for i in range(4))),
+        *pool_of_keys(keys),
         chain_of("agents", ("openai", "openai", openai)),
     ]
     async with agents(kube, operator_runner, objects), aiohttp.ClientSession() as session:
@@ -329,8 +337,7 @@ async def test_a_full_buffer_drops_the_oldest_and_says_how_many(kube, operator_r
     for k in keys[:4]:
         openai.set(Behaviour.rate_limited(retry_after=60), key=k)
     objects = [
-        secret("openai-keys", **{f"k{i}": k for i, k in enumerate(keys)}),
-        pool("openai", "openai", *((f"k{i}", "openai-keys", f"k{i}") for i in range(5))),
+        *pool_of_keys(keys),
         chain_of("agents", ("openai", "openai", openai)),
     ]
     async with agents(kube, operator_runner, objects), aiohttp.ClientSession() as session:
@@ -356,8 +363,7 @@ async def test_a_burst_of_1000_rate_limits_yields_few_events_and_bounded_status_
     keys = [f"sk-test-REPORT-FLOOD-KEY-{i:08d}" for i in range(3)]
     openai = await fake_provider("openai", keys=keys, default=Behaviour.rate_limited(retry_after=1))
     objects = [
-        secret("openai-keys", **{f"k{i}": k for i, k in enumerate(keys)}),
-        pool("openai", "openai", *((f"k{i}", "openai-keys", f"k{i}") for i in range(3))),
+        *pool_of_keys(keys),
         chain_of("agents", ("openai", "openai", openai)),
     ]
     async with agents(kube, operator_runner, objects), aiohttp.ClientSession() as session:

@@ -20,12 +20,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from keyroute.controller.metrics import OperatorMetrics
+from keyroute.core.actions import rfc3339
 from keyroute.core.config import describe_validation_error
 from keyroute.core.objects import Note, config_secret, note_event, secret_hash, transitions
 from keyroute.core.render import render, resolve_pool
 from keyroute.core.reports import ReportBook, ReportError, is_report, parse_report
 from keyroute.core.resources import CredentialPool, ProviderChain, Secret
-from keyroute.core.status import chain_status, config_secret_name, invalid_status, pool_status, rfc3339
+from keyroute.core.status import chain_status, config_secret_name, invalid_status, pool_status
 from keyroute.kube import CORE, KEYROUTE, ApiError, Kube, path
 
 log = logging.getLogger("keyroute.operator")

@@ -37,6 +37,7 @@ from typing import Any
 
 from keyroute.core.actions import Action, ActionKind, rfc3339
 from keyroute.core.classes import ErrorClass
+from keyroute.core.pools import Block
 from keyroute.core.resources import API_VERSION, CredentialState
 
 REPORT_LABEL = "keyroute.dev/report"
@@ -648,6 +649,17 @@ class SharedBlock:
     model: str | None
     status: int | None
     reported_by: str
+
+    def as_block(self, now: float) -> Block:
+        """The pool block a sidecar holds for it (marked as another pod's: it ends without a report)."""
+        return Block(
+            state=self.state,
+            error_class=self.error_class,
+            since=now,
+            until=self.until,
+            status=self.status,
+            reported_by=self.reported_by,
+        )
 
 
 _DEFAULT_CLASS = {

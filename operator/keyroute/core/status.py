@@ -25,10 +25,10 @@ ProviderChain
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from typing import Any
 
+from keyroute.core.actions import rfc3339
 from keyroute.core.conditions import Fact, condition, fact, merge_conditions
 from keyroute.core.render import RenderResult, ResolvedPool
 from keyroute.core.reports import ChainSummary, CredentialReport
@@ -39,11 +39,6 @@ DEGRADED = "Degraded"
 EXHAUSTED = "Exhausted"
 FALLBACK_ACTIVE = "FallbackActive"
 INVALID_SPEC = "InvalidSpec"
-
-
-def rfc3339(ts: float) -> str:
-    """Kubernetes' time format, to the second."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def config_secret_name(chain_name: str) -> str:

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import Any
 
 from keyroute.core.chains import Chain
-from keyroute.core.pools import Block
 from keyroute.core.reports import Origin, shared_blocks
 from keyroute.kube import KEYROUTE, Kube, path, watch_forever
 from keyroute.sidecar.metrics import Metrics
@@ -98,15 +97,7 @@ class FleetCooldowns:
         now = self.clock()
         adopted = 0
         for b in shared_blocks(obj.get("status"), pod=self.origin.pod, now=now):
-            block = Block(
-                state=b.state,
-                error_class=b.error_class,
-                since=now,
-                until=b.until,
-                status=b.status,
-                reported_by=b.reported_by,
-            )
-            if pool.apply_block(b.credential, b.fingerprint, block, b.model):
+            if pool.apply_block(b.credential, b.fingerprint, b.as_block(now), b.model):
                 adopted += 1
                 self.metrics.shared_blocks.labels(pool_name).inc()
                 log.info(
