@@ -90,14 +90,12 @@ class KeyrouteProcess:
         began = time.monotonic()
         if self.popen.poll() is None:
             self.popen.send_signal(sig)
-        deadline = began + timeout
-        while self.popen.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        took = time.monotonic() - began
-        if self.popen.poll() is None:
+        try:
+            await asyncio.to_thread(self.popen.wait, timeout)
+        except subprocess.TimeoutExpired:
             self.popen.kill()
             self.popen.wait(5)
-        return took
+        return time.monotonic() - began
 
     def kill(self) -> None:
         if self.popen is not None and self.popen.poll() is None:
