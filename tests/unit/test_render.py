@@ -202,7 +202,7 @@ def test_fallback_settings_are_resolved() -> None:
     assert (fb.restore_after, fb.max_wait, fb.max_attempts) == (120.0, 1.5, 4)
     assert fb.triggers == [ErrorClass.RATE_LIMITED, ErrorClass.TIMEOUT]
     assert fb.context_length == ["openrouter"]
-    assert fb.restore_max == 4 * 3600.0
+    assert fb.restore_max == 90.0
 
 
 def test_fallback_defaults() -> None:

@@ -79,7 +79,7 @@ class EntryConfig(_Config):
 
 class FallbackConfig(_Config):
     restore_after: float = Field(default=60.0, alias="restoreAfter", ge=0)
-    restore_max: float = Field(default=4 * 3600.0, alias="restoreMax", ge=0)
+    restore_max: float = Field(default=90.0, alias="restoreMax", ge=0)
     triggers: list[ErrorClass] | None = None
     max_wait: float = Field(default=5.0, alias="maxWait", ge=0)
     context_length: list[str] = Field(default=[], alias="contextLength")

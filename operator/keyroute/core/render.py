@@ -215,6 +215,7 @@ def render(
         pools=[_pool_config(resolved[name]) for name in sorted(used)],
         fallback=FallbackConfig(
             restore_after=parse_duration(fb.restore_after),
+            restore_max=parse_duration(fb.restore_max),
             triggers=list(fb.triggers) if fb.triggers is not None else None,
             max_wait=parse_duration(fb.max_wait),
             # An excluded entry cannot serve a long prompt either.

@@ -190,6 +190,10 @@ class ProviderEntry(_Spec):
 
 class Fallback(_Spec):
     restore_after: Duration = Field(default="60s", alias="restoreAfter")
+    # The longest wait between two probes of an entry that keeps failing (the waits grow with the
+    # outage, see keyroute.core.chains): bounds how long traffic stays on a fallback once the entry
+    # has recovered. Envoy caps its ejections at 300 s; probes here cost only an extra round trip.
+    restore_max: Duration = Field(default="90s", alias="restoreMax")
     # Not `on`: YAML 1.1 (kubectl included) reads an unquoted `on:` key as the boolean true.
     triggers: Annotated[list[ErrorClass], Field(max_length=16)] | None = None
 
