@@ -332,3 +332,19 @@ def test_model_mapping():
     assert e.upstream_model("other") == "default-model"
     object.__setattr__(e, "models", {"gpt-4o": "x"})
     assert e.upstream_model("other") == "other"
+
+
+def test_first_token_reaches_the_attempt_capped_by_the_deadline():
+    cfg = config(
+        [
+            entry("acme", "acme", "http://a.test/v1", "a", timeouts={"firstToken": 20}),
+            entry("backup", "backup", "http://b.test/v1", "b"),
+        ],
+        [pool("a", "acme", cred("a1")), pool("b", "backup", cred("b1"))],
+        requestTimeout=30,
+    )
+    route = Route(Chain(cfg), M, T0)
+    assert step(route).first_token == 20
+    assert step(route, T0 + 25).first_token == pytest.approx(5)  # the same route, 25 s later
+    route.report(step(route, T0 + 25), failure(ErrorClass.TIMEOUT), T0 + 25)
+    assert step(route, T0 + 25).first_token is None  # off on the entry that does not set it

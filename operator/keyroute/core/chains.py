@@ -60,6 +60,7 @@ class Entry:
     connect: float
     first_byte: float
     idle: float
+    first_token: float | None = None  # off unless set: see keyroute.core.resources.Timeouts
 
     def __post_init__(self) -> None:
         if self.pool.provider != self.provider:
@@ -132,6 +133,7 @@ class Chain:
                 connect=e.timeouts.connect,
                 first_byte=e.timeouts.first_byte,
                 idle=e.timeouts.idle,
+                first_token=e.timeouts.first_token,
             )
             for i, e in enumerate(config.entries)
         )

@@ -65,6 +65,8 @@ class TimeoutConfig(_Config):
     connect: float = Field(default=5.0, gt=0)
     first_byte: float = Field(default=30.0, alias="firstByte", gt=0)
     idle: float = Field(default=30.0, gt=0)
+    # None: off (the default); see keyroute.core.resources.Timeouts.
+    first_token: float | None = Field(default=None, alias="firstToken", gt=0)
 
 
 class EntryConfig(_Config):

@@ -132,6 +132,15 @@ def _pool_config(resolved: ResolvedPool) -> PoolConfig:
     )
 
 
+def _optional_timeout(field_name: str, *layers: Timeouts | None) -> float | None:
+    """A timeout that is off unless set; the first layer that sets it wins, and ``0s`` means off."""
+    for layer in layers:
+        value = getattr(layer, field_name) if layer is not None else None
+        if value is not None:
+            return parse_duration(value) or None
+    return None
+
+
 def _timeout(field_name: str, *layers: Timeouts | None) -> float:
     for layer in layers:
         value = getattr(layer, field_name) if layer is not None else None
@@ -201,6 +210,7 @@ def render(
                     connect=_timeout("connect", entry.timeouts, spec.timeouts),
                     first_byte=_timeout("first_byte", entry.timeouts, spec.timeouts),
                     idle=_timeout("idle", entry.timeouts, spec.timeouts),
+                    first_token=_optional_timeout("first_token", entry.timeouts, spec.timeouts),
                 ),
             )
         )

@@ -154,10 +154,16 @@ class PoolRef(_Spec):
 
 class Timeouts(_Spec):
     """Unset fields inherit from the chain's timeouts, then from the defaults (connect 5s, firstByte 30s,
-    idle 30s, request 10m). ``request`` is per chain only: the deadline of a whole call."""
+    idle 30s, request 10m, firstToken off). ``request`` is per chain only: the deadline of a whole call.
+
+    ``firstToken`` bounds a streamed answer from its response headers to its first data event (comments
+    and pings do not count); ``0s`` turns it off for one entry when the chain sets it. Off by default:
+    reasoning models can think for minutes before their first token, and failing them over would only
+    pay for the same thinking again on the next provider."""
 
     connect: Duration | None = None
     first_byte: Duration | None = Field(default=None, alias="firstByte")
+    first_token: Duration | None = Field(default=None, alias="firstToken")
     idle: Duration | None = None
     request: Duration | None = None
 
