@@ -226,7 +226,10 @@ async def test_a_provider_saying_upstream_is_its_own_rate_limit(fake_provider, s
     primary, backup, sidecar = await setup(fake_provider, start_sidecar)
     primary.set(Behaviour.status(429, body=body), key=key("p1"))
     status, headers, _ = await ask(agent, sidecar)
-    assert status == 200 and (headers["X-Keyroute-Provider"], headers["X-Keyroute-Credential"]) == ("acme", "p2")
+    assert status == 200 and (headers["X-Keyroute-Provider"], headers["X-Keyroute-Credential"]) == (
+        "acme",
+        "p2",
+    )
     assert state(sidecar, "acme-keys", "p1")[0] is CredentialState.COOLING_DOWN
     assert len(backup.received) == 0
 

@@ -206,7 +206,9 @@ async def test_keepalive_comments_are_not_a_first_token(fake_provider, start_sid
     assert b"keepalive" not in body  # the comments held back with the failed attempt
 
 
-async def test_first_token_within_the_bound_is_served_with_its_keepalives(fake_provider, start_sidecar, agent):
+async def test_first_token_within_the_bound_is_served_with_its_keepalives(
+    fake_provider, start_sidecar, agent
+):
     primary, backup, sidecar = await setup(fake_provider, start_sidecar, firstToken=2.0)
     primary.set(Behaviour.stream(3, first_event_delay=0.3, keepalive=0.05))
     status, headers, body = await stream(agent, sidecar)
@@ -226,7 +228,9 @@ async def test_first_token_is_off_by_default_so_a_thinking_model_is_waited_for(
     assert b"chatcmpl-acme" in body and len(backup.received) == 0
 
 
-async def test_first_token_does_not_apply_to_answers_that_are_not_streamed(fake_provider, start_sidecar, agent):
+async def test_first_token_does_not_apply_to_answers_that_are_not_streamed(
+    fake_provider, start_sidecar, agent
+):
     primary, backup, sidecar = await setup(fake_provider, start_sidecar, firstToken=0.2)
     primary.set(Behaviour.ok(delay=0.5))
     async with agent.post(sidecar.base_url + "/chat/completions", json=chat()) as resp:

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from keyroute.core.classes import ErrorClass
-from keyroute.core.resources import ApiStyle, Strategy
+from keyroute.core.resources import ApiStyle, RateLimitScope, Strategy
 
 CONFIG_VERSION = 1
 CONFIG_FILENAME = "config.json"
@@ -51,6 +51,7 @@ class PoolConfig(_Config):
     strategy: Strategy = Strategy.FILL_FIRST
     cooldowns: CooldownConfig = CooldownConfig()
     share_cooldowns: bool = Field(default=True, alias="shareCooldowns")
+    rate_limit_scope: RateLimitScope = Field(default=RateLimitScope.CREDENTIAL, alias="rateLimitScope")
     credentials: Annotated[list[CredentialConfig], Field(min_length=1)]
 
     @model_validator(mode="after")

@@ -128,6 +128,7 @@ def _pool_config(resolved: ResolvedPool) -> PoolConfig:
             max=parse_duration(cd.max),
         ),
         share_cooldowns=spec.share_cooldowns,
+        rate_limit_scope=spec.rate_limit_scope,
         credentials=resolved.credentials,
     )
 

@@ -71,6 +71,14 @@ class ApiStyle(enum.StrEnum):
     ANTHROPIC = "anthropic"
 
 
+class RateLimitScope(enum.StrEnum):
+    """What one rate limit covers: one key (``Credential``), or every key of the pool (``Pool``: keys of
+    one organization or project, which OpenAI and Anthropic meter together)."""
+
+    CREDENTIAL = "Credential"
+    POOL = "Pool"
+
+
 class CredentialState(enum.StrEnum):
     AVAILABLE = "Available"
     COOLING_DOWN = "CoolingDown"
@@ -107,6 +115,9 @@ class CredentialPoolSpec(_Spec):
     credentials: Annotated[list[CredentialSpec], Field(min_length=1, max_length=256)]
     cooldowns: Cooldowns = Cooldowns()
     share_cooldowns: bool = Field(default=True, alias="shareCooldowns")
+    # Pool: a 429 cools the limited model for every key of the pool, and a short reset is waited out
+    # on the same route instead of spending the other keys on the same exhausted budget.
+    rate_limit_scope: RateLimitScope = Field(default=RateLimitScope.CREDENTIAL, alias="rateLimitScope")
 
     @field_validator("credentials")
     @classmethod
@@ -135,6 +146,8 @@ class CredentialStatus(_Status):
     reported_by: str | None = Field(default=None, alias="reportedBy")
     # Set when a sidecar benched the key for one model only (a per-model rate limit).
     model: str | None = None
+    # "Pool" when the state comes from a rate limit the pool's keys share (rateLimitScope: Pool).
+    scope: RateLimitScope | None = None
 
 
 class CredentialPoolStatus(_Status):

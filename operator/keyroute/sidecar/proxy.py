@@ -230,7 +230,9 @@ class Proxy:
                         start, end = first_data_event(buf)
         except TimeoutError:
             if first_token is None:
-                self._fail_transport(route, attempt, transport_failure(TimeoutError(), "first event"), latency)
+                self._fail_transport(
+                    route, attempt, transport_failure(TimeoutError(), "first event"), latency
+                )
             self._fail_transport(
                 route,
                 attempt,
