@@ -102,3 +102,14 @@ def test_a_long_outage_is_probed_less_often_than_a_short_one():
 def test_restore_max_bounds_the_time_on_the_fallback():
     times = measure(2 * 3600, 1, ErrorClass.SERVER_ERROR, seeds=3, phases=2, restoreAfter=5, restoreMax=20)
     assert max(times) <= 20 * 1.1 + 1
+
+
+def test_the_demo_returns_to_the_primary_before_it_ends():
+    """``keyroute demo`` (issue 11, item 6): at its default length and rate, the primary's outage ends
+    with a quarter of the run left; the return must fit in it, with room to spare."""
+    from keyroute import demo
+
+    outage = (demo.OUTAGE_ENDS - demo.OUTAGE_STARTS) * demo.DEFAULT_DURATION
+    left = (1 - demo.OUTAGE_ENDS) * demo.DEFAULT_DURATION
+    times = measure(outage, 1 / 8, ErrorClass.SERVER_ERROR, seeds=10, restoreAfter=demo.RESTORE_AFTER)
+    assert max(times) <= left / 2, (max(times), left)
