@@ -76,7 +76,7 @@ async def test_pool_scope_falls_back_at_once_on_a_long_reset(fake_provider, star
     primary.set(Behaviour.rate_limited(retry_after=30))
     t = time.monotonic()
     assert await ask(agent, sidecar) == (200, "backup", "b1")
-    assert time.monotonic() - t < 1.0
+    assert time.monotonic() - t < 5.0  # no wait: 30 s is past maxWait
     assert primary.keys_seen() == [key("p1")]
     assert state(sidecar, "p1") is state(sidecar, "p2") is CredentialState.COOLING_DOWN
     # The metrics say the pool's scope acted.

@@ -193,7 +193,7 @@ async def test_first_token_past_the_bound_fails_over_before_anything_reaches_the
     assert status == 200 and headers["X-Keyroute-Provider"] == "backup"
     assert b"chatcmpl-backup" in body and b"chatcmpl-acme" not in body
     assert len(primary.received) == 1  # a Timeout: a silent route is never retried
-    assert 0.3 <= elapsed < 2.0
+    assert 0.3 <= elapsed < 2.9  # the first token would have come at 3 s
     restore = sidecar.chain.models["gpt-4o"].restores["acme"]
     assert str(restore.reason) == "Timeout"
 
