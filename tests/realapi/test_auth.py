@@ -29,6 +29,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+import keyroute.controller.login as login
 from keyroute.fakeprovider import Behaviour, FakeProvider
 from keyroute.kube import Credentials, Kube, KubeconfigError
 from tests.polling import eventually
@@ -318,6 +319,12 @@ async def test_in_cluster_service_account(
         )
         assert review["status"]["userInfo"]["username"] == f"system:serviceaccount:{namespace}:agent"
         assert creds.connection().namespace == namespace
+        # What the operator's kopf gets from the same credentials, used the way kopf uses it.
+        info = login.connection_info(creds.connection())
+        async with aiohttp.ClientSession(headers=info.as_http_headers()) as session, session.get(
+            f"{info.server}/api/v1/namespaces/{namespace}", ssl=info.as_ssl_context()
+        ) as resp:
+            assert resp.status == 200 and info.default_namespace == namespace
         # The kubelet rotates the projected token: the file is read again, here after a refusal.
         (sa_dir / "token").write_text("not-a-token")
         creds._loaded_at -= 60  # a minute later
