@@ -80,9 +80,16 @@ class Kube:
     a file or run a plugin: it runs in a thread, off the event loop.
     """
 
-    def __init__(self, credentials: Credentials, *, user_agent: str = OPERATOR_AGENT) -> None:
+    def __init__(
+        self,
+        credentials: Credentials,
+        *,
+        user_agent: str = OPERATOR_AGENT,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self.credentials = credentials
         self.user_agent = user_agent
+        self._extra = dict(headers or {})  # sent with every request (e.g. a test harness's marker)
         self._session: aiohttp.ClientSession | None = None
         self._lock = asyncio.Lock()
         self._conn: Connection | None = None
@@ -95,11 +102,13 @@ class Kube:
         return f"Kube(server={self.server!r}, credentials={self.credentials.describe!r})"
 
     @classmethod
-    def from_connection(cls, info: Any, *, user_agent: str = OPERATOR_AGENT) -> Kube:
+    def from_connection(
+        cls, info: Any, *, user_agent: str = OPERATOR_AGENT, headers: Mapping[str, str] | None = None
+    ) -> Kube:
         """Build from kopf's ``ConnectionInfo`` or a :class:`Connection` (duck-typed: no kopf import).
         ``user_agent`` tells the operator's requests from the sidecars' in audit logs (and in the
         RBAC test, which derives each role's verbs from what it really sent)."""
-        return cls(Credentials.of(Connection.of(info)), user_agent=user_agent)
+        return cls(Credentials.of(Connection.of(info)), user_agent=user_agent, headers=headers)
 
     @property
     def server(self) -> str:
@@ -109,7 +118,7 @@ class Kube:
     @property
     def headers(self) -> dict[str, str]:
         """The headers the next request carries (tests look; nothing should log them)."""
-        out = {"User-Agent": self.user_agent}
+        out = {**self._extra, "User-Agent": self.user_agent}
         if self._authorization:
             out["Authorization"] = self._authorization
         return out
@@ -144,7 +153,7 @@ class Kube:
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                headers={"User-Agent": self.user_agent},
+                headers={**self._extra, "User-Agent": self.user_agent},
                 timeout=aiohttp.ClientTimeout(total=30, sock_connect=5),
             )
         return self._session
