@@ -177,6 +177,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
 def _cmd_operator(args: argparse.Namespace) -> int:
     from keyroute.kube import Credentials, KubeconfigError
 
+    setup_logging(args.log_level, args.log_format)
     # Credentials first, before kopf starts: a bad kubeconfig is a clear error now, not a login retry loop.
     try:
         creds = Credentials.resolve(args.kubeconfig, args.context)
@@ -204,7 +205,6 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     webhook.export_options(
         port=args.webhook_port, cert_dir=args.webhook_cert_dir, injection_config=args.injection_config
     )
-    setup_logging(args.log_level, args.log_format)
     log.info("API server credentials", extra={"kr": {"source": creds.describe, "server": creds.connection().server}})
     if args.metrics_port:
         start_http_server(args.metrics_port, registry=handlers.STATE["metrics"].registry)

@@ -630,10 +630,11 @@ def from_kubeconfig(path: str | Path, context: str | None = None) -> Connection:
     problem (a file, a context, a plugin's command), never a credential.
     """
     where = str(path)
-    files = [Path(p).expanduser() for p in where.split(os.pathsep) if p]
-    missing = [str(p) for p in files if not p.is_file()]
-    if not files or missing:
-        raise KubeconfigError(f"kubeconfig {where}: no such file: {', '.join(missing) or where}")
+    # As kubectl does, files missing from a list are skipped; none at all is an error.
+    files = [str(Path(p).expanduser()) for p in where.split(os.pathsep) if p]
+    existing = [p for p in files if Path(p).is_file()]
+    if not existing:
+        raise KubeconfigError(f"kubeconfig {where}: no such file: {', '.join(files) or where}")
     try:
         from kubernetes.client import Configuration
         from kubernetes.config.config_exception import ConfigException
@@ -643,7 +644,7 @@ def from_kubeconfig(path: str | Path, context: str | None = None) -> Connection:
 
     with tempfile.TemporaryDirectory(prefix="keyroute-kubeconfig-") as tmp, _plugin_errors() as errors:
         try:
-            merged = KubeConfigMerger(where).config  # type: ignore[no-untyped-call]
+            merged = KubeConfigMerger(os.pathsep.join(existing)).config  # type: ignore[no-untyped-call]
             if merged is None or not isinstance(merged.value, dict):
                 raise KubeconfigError(f"kubeconfig {where} is not a mapping")
             loader = KubeConfigLoader(  # type: ignore[no-untyped-call]

@@ -209,6 +209,10 @@ def test_kubeconfig_list_of_files_like_KUBECONFIG(tmp_path: Path):
     second = tmp_path / "second"
     second.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "Config", "users": [], "clusters": []}))
     assert from_kubeconfig(f"{first}{os.pathsep}{second}").token == TOKEN
+    # As with kubectl, a missing file in a list is skipped; only a list with none is an error.
+    assert from_kubeconfig(f"{tmp_path / 'gone'}{os.pathsep}{first}").token == TOKEN
+    with pytest.raises(KubeconfigError, match=r"no such file: .*gone"):
+        from_kubeconfig(f"{tmp_path / 'gone'}{os.pathsep}{tmp_path / 'gone-too'}")
 
 
 def test_kubeconfig_context_without_user_has_no_credentials(tmp_path: Path):
