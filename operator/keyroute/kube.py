@@ -512,7 +512,7 @@ class Credentials:
         context: str | None = None,
         *,
         env: Mapping[str, str] | None = None,
-        sa_dir: Path = SERVICE_ACCOUNT_DIR,
+        sa_dir: Path | None = None,
         home_config: str = DEFAULT_KUBECONFIG,
     ) -> Credentials:
         """The operator's credentials, in controller-runtime's order: ``kubeconfig`` (the flag),
@@ -595,14 +595,13 @@ class Credentials:
             return conn
 
 
-def in_cluster(
-    env: Mapping[str, str] | None = None, sa_dir: Path = SERVICE_ACCOUNT_DIR
-) -> Connection | None:
+def in_cluster(env: Mapping[str, str] | None = None, sa_dir: Path | None = None) -> Connection | None:
     """The pod's ServiceAccount connection, or ``None`` outside a cluster (or with no token mounted).
 
     This one is keyroute's own (a host, a port and three files, as every client reads them): the
     sidecar in a pod must not import the kubernetes client for it (see the README)."""
     env = os.environ if env is None else env
+    sa_dir = SERVICE_ACCOUNT_DIR if sa_dir is None else sa_dir  # read at call time: tests point it elsewhere
     host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT", "443")
     token = sa_dir / "token"
     if not host or not token.is_file():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import sys
 import textwrap
@@ -302,12 +303,7 @@ async def test_in_cluster_service_account(
     """What a pod has: KUBERNETES_SERVICE_HOST/PORT and a mounted token, CA and namespace."""
     service_account("agent")
     sa_dir = tmp_path / "serviceaccount"
-    sa_dir.mkdir()
-    (sa_dir / "token").write_text(control_plane.create_token(namespace, "agent"))
-    shutil.copy(control_plane.pki / "ca.crt", sa_dir / "ca.crt")
-    (sa_dir / "namespace").write_text(namespace)
-    host, port = control_plane.server.removeprefix("https://").rsplit(":", 1)
-    env = {"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port}
+    env = fake_service_account(control_plane, namespace, "agent", sa_dir)
 
     creds = Credentials.resolve(env=env, sa_dir=sa_dir, home_config=str(tmp_path / "none"))
     assert creds.describe == f"token file {sa_dir / 'token'}"
@@ -335,6 +331,54 @@ async def test_in_cluster_service_account(
         assert await kube.get(f"/api/v1/namespaces/{namespace}")
     finally:
         await kube.close()
+
+
+# What runs in a pod: ``keyroute operator`` with the ServiceAccount folder pointed at the test's (the
+# real one is /var/run/secrets/…); at exit it says whether the kubernetes client was ever imported.
+IN_POD = """
+import atexit, pathlib, sys
+import keyroute.kube
+keyroute.kube.SERVICE_ACCOUNT_DIR = pathlib.Path(sys.argv[1])
+atexit.register(lambda: print("kubernetes client imported:", sys.modules.get("kubernetes") is not None, flush=True))
+from keyroute.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def fake_service_account(cp: ControlPlane, namespace: str, sa: str, folder: Path) -> dict[str, str]:
+    """A pod's ServiceAccount mount (TokenRequest token, CA, namespace) and its environment."""
+    folder.mkdir()
+    (folder / "token").write_text(cp.create_token(namespace, sa))
+    shutil.copy(cp.pki / "ca.crt", folder / "ca.crt")
+    (folder / "namespace").write_text(namespace)
+    host, port = cp.server.removeprefix("https://").rsplit(":", 1)
+    return {"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port}
+
+
+async def test_operator_in_a_pod_on_its_service_account_without_the_kubernetes_client(
+    control_plane: ControlPlane, api: Api, namespace: str, service_account, keyroute_process, tmp_path: Path
+):
+    service_account()
+    sa_dir = tmp_path / "serviceaccount"
+    env = fake_service_account(control_plane, namespace, "operator", sa_dir)
+    await create_pool(api, namespace)
+    procs: Processes = keyroute_process
+    env = {**{k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "HOME")}, **env, "PYTHONUNBUFFERED": "1"}
+    env["HOME"] = str(tmp_path)  # no ~/.kube/config to fall back on
+    op = KeyrouteProcess(
+        "operator",
+        [sys.executable, "-c", IN_POD, str(sa_dir), "operator", "-n", namespace, *OPERATOR_FLAGS],
+        env,
+        tmp_path / "operator.log",
+    )
+    procs.started.append(op)
+    op.start()
+    await wait_ready(api, namespace, "openai", op)
+    assert f'"source": "token file {sa_dir / "token"}"' in op.output
+    await op.terminate()
+    assert op.returncode == 0, op.output[-3000:]
+    assert "kubernetes client imported: False" in op.output
+    assert_clean(op.output, [(sa_dir / "token").read_text()])
 
 
 # --- the sidecar --------------------------------------------------------------------------------------
