@@ -768,3 +768,31 @@ def _pki_with_cryptography(d: Path) -> dict[str, Path]:  # pragma: no cover
 
 def ca_subjects(ctx: ssl.SSLContext) -> list[str]:
     return [v for c in ctx.get_ca_certs() for rdn in c["subject"] for k, v in rdn if k == "commonName"]
+
+
+# --- what kopf logs in with (the operator) -------------------------------------------------------------
+
+
+def test_kopf_gets_pem_data_and_the_renewal_time(pki: dict[str, Path]):
+    from keyroute.controller.login import connection_info
+
+    cert, key = pki["cert"].read_text(), pki["key"].read_text()
+    soon = datetime.datetime.now(UTC) + datetime.timedelta(minutes=10)
+    info = connection_info(
+        Connection(server=SERVER, ca_data=b64(cert), certificate_data=b64(cert), private_key_data=b64(key), namespace="ns"),
+        soon,
+    )
+    assert (info.ca_data, info.certificate_data, info.private_key_data) == (cert, cert, key)
+    assert info.expiration == soon and info.default_namespace == "ns" and info.token is None
+    assert "keyroute-test-ca" in ca_subjects(info.as_ssl_context())  # kopf's own use of it
+    token = connection_info(Connection(server=SERVER, token=TOKEN))
+    assert token.as_http_headers() == {"Authorization": f"Bearer {TOKEN}"} and token.expiration is None
+
+
+def test_kopf_is_never_told_a_token_expired_already():
+    """A plugin handing out expired tokens must not make kopf log in again in a tight loop."""
+    from keyroute.controller.login import connection_info
+
+    past = datetime.datetime.now(UTC) - datetime.timedelta(minutes=1)
+    info = connection_info(Connection(server=SERVER, token=TOKEN, expiration=past))
+    assert info.expiration is not None and info.expiration > datetime.datetime.now(UTC)

@@ -14,12 +14,13 @@ kmock emulator. Whatever kopf logs in with is kept in :data:`CURRENT`.
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 from typing import Any
 
 import kopf
 
-from keyroute.kube import OPERATOR_AGENT, Connection, Credentials, Kube, _pem
+from keyroute.kube import MIN_RENEW_INTERVAL, OPERATOR_AGENT, Connection, Credentials, Kube, _pem
 
 OVERRIDE: kopf.ConnectionInfo | None = None
 CURRENT: list[kopf.ConnectionInfo] = []
@@ -38,9 +39,15 @@ def credentials() -> Credentials:
     return CREDENTIALS[0] if CREDENTIALS else configure()
 
 
-def connection_info(conn: Connection, renew_after: Any = None) -> kopf.ConnectionInfo:
+def connection_info(conn: Connection, renew_after: datetime.datetime | None = None) -> kopf.ConnectionInfo:
     """kopf's view of a :class:`Connection`: PEM data in memory, the renewal time as expiration (so
     kopf logs in again before the token expires)."""
+    expiration = renew_after or conn.expiration
+    if expiration is not None:
+        # A plugin handing out tokens already (nearly) expired must not make kopf log in in a loop.
+        soonest = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=MIN_RENEW_INTERVAL)
+        aware = expiration if expiration.tzinfo else expiration.replace(tzinfo=datetime.UTC)
+        expiration = max(aware, soonest)
     return kopf.ConnectionInfo(
         server=conn.server,
         ca_path=conn.ca_path,
@@ -55,7 +62,7 @@ def connection_info(conn: Connection, renew_after: Any = None) -> kopf.Connectio
         private_key_path=conn.private_key_path,
         private_key_data=_pem(conn.private_key_data) if conn.private_key_data else None,
         default_namespace=conn.namespace,
-        expiration=renew_after or conn.expiration,
+        expiration=expiration,
     )
 
 
