@@ -658,6 +658,8 @@ def from_kubeconfig(path: str | Path, context: str | None = None) -> Connection:
         except (AttributeError, KeyError, TypeError) as e:  # a malformed file the loader trips on
             raise KubeconfigError(f"kubeconfig {where} is malformed ({type(e).__name__})") from None
         ctx = loader.current_context.get("context") or {}
+        if not _named(merged, "clusters", ctx.get("cluster")).get("server"):
+            raise KubeconfigError(f"kubeconfig {where}: cluster {ctx.get('cluster')!r} has no server")
         user = _named(merged, "users", ctx.get("user"))
         authorization = cfg.api_key.get("BearerToken")  # the header: "Bearer …" or "Basic …"
         cert, key = cfg.cert_file, cfg.key_file

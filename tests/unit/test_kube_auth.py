@@ -247,6 +247,8 @@ def test_kubeconfig_that_is_not_a_mapping(tmp_path: Path, text: str):
         ({"current": "nowhere"}, r"no context named 'nowhere' \(the current-context\)"),
         ({"current": None}, "no current-context"),
         ({"context": {"cluster": "c9"}}, "no cluster named 'c9'"),
+        ({"cluster": {"server": ""}}, "cluster 'c1' has no server"),
+        ({"extra": {"clusters": [{"name": "c1", "cluster": {}}]}}, "cluster 'c1' has no server"),
     ],
 )
 def test_kubeconfig_errors_name_the_problem_never_the_token(tmp_path: Path, kwargs: dict[str, Any], match: str):
