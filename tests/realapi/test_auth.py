@@ -277,7 +277,10 @@ async def test_operator_renews_expiring_exec_tokens_before_the_old_one_is_revoke
     script = write_plugin(plugin, tokens)
     kubeconfig = control_plane.write_kubeconfig(tmp_path / "kubeconfig", user=exec_user(script, lifetime=4))
     await create_pool(api, namespace, "first")
-    op = keyroute_process.start("operator", "-n", namespace, *OPERATOR_FLAGS, kubeconfig=kubeconfig, name="operator")
+    # Debug logs: not even kopf's and the kubernetes client's own chatter may show a token.
+    op = keyroute_process.start(
+        "operator", "-n", namespace, *OPERATOR_FLAGS, "--log-level", "debug", kubeconfig=kubeconfig, name="operator"
+    )
     await wait_ready(api, namespace, "first", op)
 
     await eventually(lambda: plugin_calls(plugin) >= 1)
