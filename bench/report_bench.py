@@ -255,14 +255,13 @@ class PoolWatch:
     on arrival."""
 
     def __init__(self, url: str, token: str) -> None:
-        from keyroute.kube import Kube
+        from keyroute.kube import Connection, Kube
 
-        headers = {
-            "Authorization": f"Bearer {token}",
-            ob.HARNESS_HEADER: "1",
-            "User-Agent": "keyroute-report-bench",
-        }
-        self.kube = Kube(server=url, headers=headers)
+        self.kube = Kube.from_connection(
+            Connection(server=url, token=token),
+            user_agent="keyroute-report-bench",
+            headers={ob.HARNESS_HEADER: "1"},
+        )
         self.first_cooling: dict[tuple[str, str], float] = {}
         self.status: Json = {}
         self.changes: list[float] = []  # arrival of every event that changed the status

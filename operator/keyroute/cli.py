@@ -84,26 +84,42 @@ def _setup_reporting(sidecar: Any, args: argparse.Namespace) -> None:
     import socket
 
     from keyroute.core.reports import Origin
-    from keyroute.kube import SIDECAR_AGENT, Kube, from_kubeconfig, in_cluster
+    from keyroute.kube import SIDECAR_AGENT, Credentials, Kube, in_cluster
 
     if args.report == "off":
         return
-    conn = from_kubeconfig(args.kubeconfig) if args.kubeconfig else in_cluster()
-    if conn is None:
+    creds: Credentials | None = None
+    if args.kubeconfig:  # loaded by the kubernetes client (exec plugins too): a bad one stops us here
+        creds = Credentials.kubeconfig(args.kubeconfig, args.context)
+    elif args.context:
+        raise ValueError("--context needs --kubeconfig")
+    else:  # a pod's ServiceAccount: read here, without importing the kubernetes client
+        conn = in_cluster()
+        creds = Credentials.token_file(conn) if conn is not None else None
+    if creds is None:
         if args.report == "on":
             raise ValueError("--report on needs a ServiceAccount token (in a pod) or --kubeconfig")
         log.info("not in a cluster and no --kubeconfig: recovery actions are logged, not reported")
         return
+    conn = creds.connection()
     pod = args.pod_name or os.environ.get("POD_NAME") or socket.gethostname()
     namespace = args.pod_namespace or os.environ.get("POD_NAMESPACE") or conn.namespace or "default"
     sidecar.enable_reporting(
-        Kube.from_connection(conn, user_agent=SIDECAR_AGENT),
+        Kube(creds, user_agent=SIDECAR_AGENT),
         Origin(pod=pod, namespace=namespace),
         share_cooldowns=not args.no_share,
     )
     log.info(
         "reporting recovery actions as Events",
-        extra={"kr": {"server": conn.server, "pod": pod, "namespace": namespace, "share": not args.no_share}},
+        extra={
+            "kr": {
+                "server": conn.server,
+                "credentials": creds.describe,
+                "pod": pod,
+                "namespace": namespace,
+                "share": not args.no_share,
+            }
+        },
     )
 
 
@@ -159,9 +175,27 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
 
 def _cmd_operator(args: argparse.Namespace) -> int:
+    from keyroute.kube import Credentials, KubeconfigError
+
+    setup_logging(args.log_level, args.log_format)
+    # Credentials first, before kopf starts: a bad kubeconfig is a clear error now, not a login retry loop.
+    try:
+        creds = Credentials.resolve(args.kubeconfig, args.context)
+    except KubeconfigError as e:
+        print(f"keyroute operator: {e}", file=sys.stderr)
+        return 2
+    if "kubernetes" not in sys.modules:
+        # kopf imports the kubernetes client whenever it is installed, only to recognise its model
+        # objects (keyroute passes none): +17 MB and ~0.5 s for an operator in a pod that never reads
+        # a kubeconfig. Marked absent, kopf takes its documented "not installed" path.
+        sys.modules["kubernetes"] = None  # type: ignore[assignment]
+
     import kopf
     from prometheus_client import start_http_server
 
+    import keyroute.controller.login as login
+
+    login.CREDENTIALS[:] = [creds]
     if args.namespace:  # read by the handlers module at import: the report watch's namespaces
         os.environ["KEYROUTE_NAMESPACES"] = ",".join(args.namespace)
     import keyroute.controller.handlers as handlers  # registers the handlers
@@ -171,7 +205,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     webhook.export_options(
         port=args.webhook_port, cert_dir=args.webhook_cert_dir, injection_config=args.injection_config
     )
-    setup_logging(args.log_level, args.log_format)
+    log.info("API server credentials", extra={"kr": {"source": creds.describe, "server": creds.connection().server}})
     if args.metrics_port:
         start_http_server(args.metrics_port, registry=handlers.STATE["metrics"].registry)
     kopf.run(
@@ -217,7 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="report recovery actions as Events (auto: when in a cluster or given --kubeconfig)",
     )
-    s.add_argument("--kubeconfig", metavar="FILE", help="report through this kubeconfig (outside a cluster)")
+    s.add_argument(
+        "--kubeconfig",
+        metavar="FILE",
+        help="report through this kubeconfig (outside a cluster; any user form kubectl takes, exec plugins too)",
+    )
+    s.add_argument("--context", help="the kubeconfig context to use (default: its current-context)")
     s.add_argument("--pod-name", help="the reporting pod's name (default: $POD_NAME, else the hostname)")
     s.add_argument("--pod-namespace", help="the pod's namespace (default: $POD_NAMESPACE)")
     s.add_argument(
@@ -236,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument(
         "--namespace", "-n", action="append", help="watch this namespace (repeatable; default: all)"
     )
+    o.add_argument(
+        "--kubeconfig",
+        metavar="FILE",
+        help="the API server and credentials (default: $KUBECONFIG, else the pod's ServiceAccount, "
+        "else ~/.kube/config)",
+    )
+    o.add_argument("--context", help="the kubeconfig context to use (default: its current-context)")
     o.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port (0: off)")
     o.add_argument("--health-port", type=int, default=8081, help="liveness endpoint port (0: off)")
     # Defaults live in keyroute.controller.webhook: an unset flag leaves its environment variable be.

@@ -7,7 +7,7 @@ from __future__ import annotations
 from keyroute.core.actions import Action, ActionKind
 from keyroute.core.classes import ErrorClass
 from keyroute.core.reports import Origin, dedup_key
-from keyroute.kube import Kube
+from keyroute.kube import Connection, Kube
 from keyroute.sidecar.metrics import Metrics
 from keyroute.sidecar.reporter import Reporter, TokenBucket
 
@@ -17,7 +17,7 @@ T0 = 1_800_000_000.0
 def make_reporter(capacity: int = 3) -> tuple[Reporter, Metrics]:
     metrics = Metrics()
     reporter = Reporter(
-        kube=Kube(server="http://127.0.0.1:9", headers={}),
+        kube=Kube.from_connection(Connection(server="http://127.0.0.1:9")),
         origin=Origin("pod-a", "default"),
         config=lambda: None,
         metrics=metrics,

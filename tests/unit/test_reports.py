@@ -51,7 +51,7 @@ from keyroute.core.reports import (
 )
 from keyroute.core.resources import CredentialPool, CredentialState, ProviderChain, Secret
 from keyroute.core.status import chain_status, pool_status
-from keyroute.kube import Kube
+from keyroute.kube import Connection, Kube
 from keyroute.sidecar.fleet import FleetCooldowns
 from keyroute.sidecar.metrics import Metrics
 from tests.builders import two_providers
@@ -1484,7 +1484,7 @@ def test_an_adopted_rejection_replaces_a_cooldown():
 # --- FleetCooldowns.apply ---------------------------------------------------------------------------
 
 
-NEVER_USED = Kube(server="http://127.0.0.1:9", headers={})
+NEVER_USED = Kube.from_connection(Connection(server="http://127.0.0.1:9"))
 
 
 def fleet(chain: Chain | None, metrics: Metrics, now: float = T0) -> FleetCooldowns:

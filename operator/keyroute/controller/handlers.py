@@ -32,7 +32,7 @@ from keyroute.controller import login as _login
 from keyroute.controller.metrics import OperatorMetrics
 from keyroute.controller.reconcile import Reconciler
 from keyroute.core.reports import REPORT_LABEL, REPORT_LABEL_VALUE
-from keyroute.kube import CORE, Kube, path, watch_forever
+from keyroute.kube import CORE, path, watch_forever
 
 GROUP, VERSION = "keyroute.dev", "v1alpha1"
 POOLS = (GROUP, VERSION, "credentialpools")
@@ -55,7 +55,7 @@ def reconciler() -> Reconciler:
     if r is None:
         if not _login.CURRENT:
             raise kopf.TemporaryError("not logged in yet", delay=1)
-        r = STATE["reconciler"] = Reconciler(Kube.from_connection(_login.CURRENT[0]), STATE["metrics"])
+        r = STATE["reconciler"] = Reconciler(_login.kube(), STATE["metrics"])
     assert isinstance(r, Reconciler)
     return r
 

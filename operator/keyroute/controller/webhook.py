@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import kopf
 
 from keyroute.controller import login as _login
@@ -221,35 +220,42 @@ async def cleanup(**_: Any) -> None:
 
 
 def _kube() -> Kube | None:
-    """The API client, built from what kopf logged in with (rebuilt if kopf logged in anew)."""
+    """The API client on the operator's credentials (it renews them by itself), once logged in."""
     if not _login.CURRENT:
         return None
-    info = _login.CURRENT[0]
     entry = STATE.get("kube")
-    if entry is not None and entry[0] is info:
+    if entry is not None and entry[0] is _login.OVERRIDE:
         return entry[1]  # type: ignore[no-any-return]
-    kube = Kube.from_connection(info)
-    STATE["kube"] = (info, kube)
-    # The old client is left to the garbage collector: a request may still be using it.
+    kube = _login.kube()
+    # Keyed by the override (tests swap it); the old client is left to the garbage collector: a
+    # request may still be using it.
+    STATE["kube"] = (_login.OVERRIDE, kube)
     return kube
 
 
 async def chain_exists(namespace: str | None, chain: str) -> tuple[bool | None, str]:
-    """Whether the ProviderChain exists: ``(True|False, "")``, or ``(None, why)`` if unknown."""
+    """Whether the ProviderChain exists: ``(True|False, "")``, or ``(None, why)`` if unknown.
+
+    Any failure to look it up (API down or slow, refused credentials, a client that cannot even be
+    built) is "unknown": the README promises such a pod is injected with a warning, never refused
+    by an exception. ``why`` names the request and the error's kind, never a credential."""
     if not namespace:
         return None, "the admission request names no namespace"
-    kube = _kube()
-    if kube is None:
-        return None, "the operator is not logged in to the API server yet"
     url = api_path(GROUP, VERSION, "providerchains", namespace, chain)
     try:
+        kube = _kube()
+        if kube is None:
+            return None, "the operator is not logged in to the API server yet"
         async with asyncio.timeout(LOOKUP_TIMEOUT):
             found = await kube.get(url)
     except ApiError as e:
         return None, str(e)
     except TimeoutError:
         return None, f"GET {url}: no answer within {LOOKUP_TIMEOUT:g}s"
-    except (aiohttp.ClientError, ValueError) as e:
+    except Exception as e:  # an SSL error, a bad certificate, a refused connection, a bug: never a 500
+        log.warning(
+            "ProviderChain lookup failed", extra={"kr": {"url": url, "error": type(e).__name__}}
+        )
         return None, f"GET {url}: {type(e).__name__}"
     return found is not None, ""
 
