@@ -12,6 +12,7 @@ import json
 import re
 
 from keyroute.core.classes import ErrorClass
+from keyroute.core.usage import USAGE_KEY, USAGE_MAX, decode_usage_at
 
 # A finish reason that is a string (``null`` means "not yet"), OpenAI and Anthropic spellings, the
 # Anthropic and Responses API terminal events, and the ``[DONE]`` sentinel.
@@ -26,24 +27,55 @@ _EVENT_END = re.compile(rb"\r?\n\r?\n")
 
 
 class StreamWatch:
-    """Feed it every chunk; it tells whether the stream has said it is complete."""
+    """Feed it every chunk; it tells whether the stream has said it is complete, and the token usage
+    reported so far (``usage``: kind -> tokens; later reports win, as providers send running totals)."""
 
-    __slots__ = ("_tail", "complete")
+    __slots__ = ("_pending", "_tail", "_track", "_utail", "complete", "usage")
 
-    def __init__(self) -> None:
+    def __init__(self, *, usage: bool = True) -> None:
+        self._track = usage
         self.complete = False
+        self.usage: dict[str, int] = {}
         self._tail = b""
+        self._utail = b""  # the last bytes of the previous chunk, for a "usage" key split across two
+        self._pending = b""  # a usage object cut by the end of the previous chunk, from its key on
 
     def feed(self, chunk: bytes) -> None:
-        if self.complete:
-            return
-        # Search the chunk itself, then only the seam with the previous one: no copy of the chunk.
-        if _COMPLETE.search(chunk) or (self._tail and _COMPLETE.search(self._tail + chunk[:_TAIL])):
-            self.complete = True
-        elif len(chunk) >= _TAIL:
-            self._tail = chunk[-_TAIL:]
-        else:
-            self._tail = (self._tail + chunk)[-_TAIL:]
+        if not self.complete:
+            # Search the chunk itself, then only the seam with the previous one: no copy of the chunk.
+            if _COMPLETE.search(chunk) or (self._tail and _COMPLETE.search(self._tail + chunk[:_TAIL])):
+                self.complete = True
+            elif len(chunk) >= _TAIL:
+                self._tail = chunk[-_TAIL:]
+            else:
+                self._tail = (self._tail + chunk)[-_TAIL:]
+        # Usage comes after the finish reason in OpenAI streams, so this goes on past completion.
+        if self._track:
+            self._scan_usage(chunk)
+
+    def _scan_usage(self, chunk: bytes) -> None:
+        if self._pending:
+            # A usage object cut by a chunk boundary: grow it until it decodes or is too long to be one.
+            pending, self._pending = self._pending, b""
+            self._take(pending + chunk[:USAGE_MAX], 0)
+        elif self._utail:
+            seam = self._utail + chunk[: len(USAGE_KEY)]
+            at = seam.find(USAGE_KEY)
+            if 0 <= at < len(self._utail):
+                self._take(self._utail[at:] + chunk[:USAGE_MAX], 0)
+        at = chunk.find(USAGE_KEY)
+        while at >= 0:
+            self._take(chunk, at)
+            at = chunk.find(USAGE_KEY, at + len(USAGE_KEY))
+        keep = len(USAGE_KEY) - 1
+        self._utail = chunk[-keep:] if len(chunk) >= keep else (self._utail + chunk)[-keep:]
+
+    def _take(self, data: bytes, at: int) -> None:
+        counts, truncated = decode_usage_at(data, at)
+        if counts:
+            self.usage.update(counts)
+        elif truncated:
+            self._pending = data[at:]
 
 
 def first_event_end(buf: bytes) -> int:
