@@ -30,14 +30,14 @@ class StreamWatch:
     """Feed it every chunk; it tells whether the stream has said it is complete, and the token usage
     reported so far (``usage``: kind -> tokens; later reports win, as providers send running totals)."""
 
-    __slots__ = ("_pending", "_tail", "_track", "_utail", "complete", "usage")
+    __slots__ = ("_pending", "_prev", "_tail", "_track", "complete", "usage")
 
     def __init__(self, *, usage: bool = True) -> None:
         self._track = usage
         self.complete = False
         self.usage: dict[str, int] = {}
         self._tail = b""
-        self._utail = b""  # the last bytes of the previous chunk, for a "usage" key split across two
+        self._prev = b""  # the previous chunk (a reference, not a copy): a "usage" key may straddle two
         self._pending = b""  # a usage object cut by the end of the previous chunk, from its key on
 
     def feed(self, chunk: bytes) -> None:
@@ -50,25 +50,22 @@ class StreamWatch:
             else:
                 self._tail = (self._tail + chunk)[-_TAIL:]
         # Usage comes after the finish reason in OpenAI streams, so this goes on past completion.
+        # Per chunk: two searches in C; anything more only where "usage" is.
         if self._track:
-            self._scan_usage(chunk)
-
-    def _scan_usage(self, chunk: bytes) -> None:
-        if self._pending:
-            # A usage object cut by a chunk boundary: grow it until it decodes or is too long to be one.
-            pending, self._pending = self._pending, b""
-            self._take(pending + chunk[:USAGE_MAX], 0)
-        elif self._utail:
-            seam = self._utail + chunk[: len(USAGE_KEY)]
-            at = seam.find(USAGE_KEY)
-            if 0 <= at < len(self._utail):
-                self._take(self._utail[at:] + chunk[:USAGE_MAX], 0)
-        at = chunk.find(USAGE_KEY)
-        while at >= 0:
-            self._take(chunk, at)
-            at = chunk.find(USAGE_KEY, at + len(USAGE_KEY))
-        keep = len(USAGE_KEY) - 1
-        self._utail = chunk[-keep:] if len(chunk) >= keep else (self._utail + chunk)[-keep:]
+            if self._pending:
+                # A usage object cut by a chunk boundary: grow it until it decodes or is too long to be one.
+                pending, self._pending = self._pending, b""
+                self._take(pending + chunk[:USAGE_MAX], 0)
+            elif self._prev:
+                prev = self._prev
+                q = prev.rfind(b'"', max(0, len(prev) - len(USAGE_KEY) + 1))
+                if q >= 0 and USAGE_KEY.startswith(prev[q:]):
+                    self._take(prev[q:] + chunk[:USAGE_MAX], 0)
+            at = chunk.find(USAGE_KEY)
+            while at >= 0:
+                self._take(chunk, at)
+                at = chunk.find(USAGE_KEY, at + len(USAGE_KEY))
+            self._prev = chunk if len(chunk) >= len(USAGE_KEY) else (self._prev + chunk)[-len(USAGE_KEY) :]
 
     def _take(self, data: bytes, at: int) -> None:
         counts, truncated = decode_usage_at(data, at)

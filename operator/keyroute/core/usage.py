@@ -35,34 +35,47 @@ USAGE_MAX = 2048
 _DECODER = json.JSONDecoder()
 _SPACE = b" \t\r\n"
 
-# (kind, path into the usage object); the first path present for a kind wins.
-_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    (INPUT, ("prompt_tokens",)),
-    (INPUT, ("input_tokens",)),
-    (OUTPUT, ("completion_tokens",)),
-    (OUTPUT, ("output_tokens",)),
-    (CACHED, ("prompt_tokens_details", "cached_tokens")),
-    (CACHED, ("input_tokens_details", "cached_tokens")),
-    (CACHED, ("cache_read_input_tokens",)),
-    (CACHE_WRITE, ("cache_creation_input_tokens",)),
-    (REASONING, ("completion_tokens_details", "reasoning_tokens")),
-    (REASONING, ("output_tokens_details", "reasoning_tokens")),
-)
+
+
+def _count(value: Any) -> int | None:
+    # bool is an int subclass: a provider's true/false is no token count.
+    return value if type(value) is int and value >= 0 else None
+
+
+def _detail(usage: Mapping[str, Any], name: str, field: str) -> int | None:
+    details = usage.get(name)
+    return _count(details.get(field)) if isinstance(details, Mapping) else None
 
 
 def usage_counts(usage: Mapping[str, Any]) -> dict[str, int]:
     """The token counts of one usage object, by kind; kinds the provider did not report are absent."""
-    out: dict[str, int] = {}
-    for kind, path in _FIELDS:
-        if kind in out:
-            continue
-        value: Any = usage
-        for key in path:
-            value = value.get(key) if isinstance(value, Mapping) else None
-        # bool is an int subclass: a provider's true/false is no token count.
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            out[kind] = value
-    return out
+    # Plain lookups, not a table walk: this runs once per answer on the request path.
+    get = usage.get
+    found = (
+        (INPUT, _count(get("prompt_tokens")) if "prompt_tokens" in usage else _count(get("input_tokens"))),
+        (
+            OUTPUT,
+            _count(get("completion_tokens")) if "completion_tokens" in usage else _count(get("output_tokens")),
+        ),
+        (
+            CACHED,
+            _detail(usage, "prompt_tokens_details", "cached_tokens")
+            if "prompt_tokens_details" in usage
+            else _detail(usage, "input_tokens_details", "cached_tokens")
+            if "input_tokens_details" in usage
+            else _count(get("cache_read_input_tokens")),
+        ),
+        (CACHE_WRITE, _count(get("cache_creation_input_tokens"))),
+        (
+            REASONING,
+            _detail(usage, "completion_tokens_details", "reasoning_tokens")
+            if "completion_tokens_details" in usage
+            else _detail(usage, "output_tokens_details", "reasoning_tokens")
+            if "output_tokens_details" in usage
+            else None,
+        ),
+    )
+    return {kind: n for kind, n in found if n is not None}
 
 
 def decode_usage_at(data: bytes, at: int) -> tuple[dict[str, int] | None, bool]:
