@@ -1,8 +1,8 @@
 """The chart's alerts and dashboard: valid for promtool, tested with its unit tests, linked to the
 runbook, and querying only metrics (and labels) the code exports.
 
-promtool comes from Debian's ``prometheus`` package (``./dev test`` installs it when it is missing and
-it can), or from ``KEYROUTE_PROMTOOL``. Without it these tests skip on a developer's machine and FAIL
+promtool is ``KEYROUTE_PROMTOOL``, else ``.tools/promtool/promtool`` (``./dev test`` extracts it from
+Debian's ``prometheus`` package with ``tools/fetch_promtool.sh``), else the one on ``PATH``. Without it these tests skip on a developer's machine and FAIL
 when ``CI`` is set: alerts nobody evaluated are not tested alerts.
 """
 
@@ -33,12 +33,13 @@ TARGET_LABELS = {"namespace", "pod", "container", "service", "endpoint", "job", 
 
 
 def promtool() -> str:
-    path = os.environ.get("KEYROUTE_PROMTOOL") or shutil.which("promtool")
+    fetched = ROOT / ".tools" / "promtool" / "promtool"  # tools/fetch_promtool.sh, run by ./dev test
+    path = os.environ.get("KEYROUTE_PROMTOOL") or (str(fetched) if fetched.exists() else shutil.which("promtool"))
     if path:
         return path
     message = (
-        "promtool not found: `./dev test` installs Debian's prometheus package when it can "
-        "(apt-get install prometheus), or set KEYROUTE_PROMTOOL=/path/to/promtool"
+        "promtool not found: `./dev test` extracts it from Debian's prometheus package "
+        "(tools/fetch_promtool.sh), or put it on PATH, or set KEYROUTE_PROMTOOL=/path/to/promtool"
     )
     if os.environ.get("CI"):
         pytest.fail(message, pytrace=False)
