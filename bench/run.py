@@ -883,7 +883,7 @@ class Bench:
         )
         on, port_on, _ = self.start_sidecar("sidecar-tokens-on", cfg)
         off, port_off, _ = self.start_sidecar("sidecar-tokens-off", cfg, extra=("--token-metrics", "off"))
-        rounds, d = (4, 3.0) if not self.quick else (2, 2.0)
+        rounds, d = (6, 3.0) if not self.quick else (2, 2.0)
         out: dict[str, Any] = {"rounds": rounds, "duration_s": d}
         for kind, stream in (("json_c32", False), ("stream_c32", True)):
             runs: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
@@ -1382,18 +1382,21 @@ def micro_tokens(n: int = 20000) -> dict[str, float]:
         if w.usage:
             metrics.tokens_used("bench", "acme", "acme-1", "gpt-bench", w.usage)
 
-    def per_call_us(fn: Callable[[], None]) -> float:
-        best = float("inf")
-        for _ in range(5):  # the least disturbed of five
-            t0 = time.process_time()
-            for _ in range(n):
-                fn()
-            best = min(best, time.process_time() - t0)
-        return best * 1e6 / n
+    def per_call_us(*fns: Callable[[], None], reps: int = 9) -> list[float]:
+        """The least disturbed of ``reps`` timings of each function, interleaved so that a slow
+        spell of the machine hits them alike."""
+        best = [float("inf")] * len(fns)
+        for _ in range(reps):
+            for i, fn in enumerate(fns):
+                t0 = time.process_time()
+                for _ in range(n):
+                    fn()
+                best[i] = min(best[i], time.process_time() - t0)
+        return [b * 1e6 / n for b in best]
 
-    on, off = per_call_us(lambda: stream(True)), per_call_us(lambda: stream(False))
+    on, off = per_call_us(lambda: stream(True), lambda: stream(False))
     return {
-        "json_added_us": round(per_call_us(json_path), 2),
+        "json_added_us": round(per_call_us(json_path)[0], 2),
         "stream_22_events_on_us": round(on, 2),
         "stream_22_events_off_us": round(off, 2),
         "stream_added_us": round(on - off, 2),

@@ -56,7 +56,9 @@ class StreamWatch:
                 # A usage object cut by a chunk boundary: grow it until it decodes or is too long to be one.
                 pending, self._pending = self._pending, b""
                 self._take(pending + chunk[:USAGE_MAX], 0)
-            elif self._prev:
+            elif self._prev and not self._prev.endswith(b"\n"):
+                # Chunks nearly always end with an event's blank line; only when one did not can a
+                # "usage" key straddle the seam.
                 prev = self._prev
                 q = prev.rfind(b'"', max(0, len(prev) - len(USAGE_KEY) + 1))
                 if q >= 0 and USAGE_KEY.startswith(prev[q:]):
