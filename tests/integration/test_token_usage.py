@@ -97,3 +97,19 @@ async def test_token_metrics_off_counts_nothing(fake_provider, start_sidecar, ag
     async with agent.post(sidecar.base_url + "/chat/completions", json=chat()) as resp:
         assert resp.status == 200
     assert tokens(sidecar) == {}
+
+
+async def test_a_stream_cut_midway_still_counts_what_the_provider_reported(fake_provider, start_sidecar, agent):
+    fp: FakeProvider = await fake_provider("claude", keys=[key("c1")])
+    cfg = config(
+        [entry("claude", "claude", fp.base_url, "c", api="anthropic")],
+        [pool("c", "claude", cred("c1", key("c1")))],
+    )
+    sidecar = await start_sidecar(cfg)
+    fp.set(Behaviour.stream(4, cut_after=2))  # message_start (input tokens) went out with chunk 1
+    body = {"model": "claude-x", "max_tokens": 10, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    async with agent.post(sidecar.base_url + "/messages", json=body) as resp:
+        answer = await resp.read()
+    assert b"keyroute_stream_error" in answer  # the agent was told the answer is cut
+    # The provider bills the input it reported in message_start; the output placeholder is what it said so far.
+    assert tokens(sidecar, credential="c1") == {"input": 1, "output": 1}
