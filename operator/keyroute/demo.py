@@ -7,9 +7,14 @@ every recovery action as it happens. The script, on the primary ``acme`` (keys `
 
 1. ``acme-1`` is rate limited (429, ``Retry-After``): the pool moves to ``acme-2``, then back;
 2. ``acme-1`` runs out of credit (402): it is benched for the billing period;
-3. the whole provider fails (500): traffic falls back to ``backup``, probes of the primary fail and
-   the restore wait doubles;
-4. the provider recovers: the next probe succeeds and traffic returns to the primary.
+3. the whole provider fails (500): traffic falls back to ``backup``; an agent request probes the
+   primary every ``restoreAfter`` (2 s) and fails over again;
+4. the provider recovers: the next probe succeeds and traffic returns to the primary, by itself,
+   within about ``restoreAfter`` of the recovery (the restore wait grows only with the outage's
+   length: see :mod:`keyroute.core.chains`).
+
+The run ends with a summary that says whether rotation, fallback and the return to the primary were
+all shown; the exit status is non-zero if one was not, or if an agent request went unanswered.
 """
 
 from __future__ import annotations
@@ -34,6 +39,13 @@ from keyroute.sidecar.sources import ManifestSource
 # Obviously fake keys: the demo shows that only names and fingerprints ever reach the terminal.
 DEMO_KEYS = {"acme-1": "demo-acme-key-ONE-not-a-real-key", "acme-2": "demo-acme-key-TWO-not-a-real-key"}
 BACKUP_KEY = "demo-backup-key-not-a-real-key"
+#: The chain's restoreAfter: how often, at most, an agent request probes the failed primary.
+RESTORE_AFTER = 2.0
+#: When (fractions of the run) the primary fails for every key, and when it recovers: the recovery
+#: leaves a quarter of the run for the return to the primary to show.
+OUTAGE_STARTS, OUTAGE_ENDS = 0.48, 0.75
+#: The default length of a run (``keyroute demo --duration``).
+DEFAULT_DURATION = 24.0
 
 
 def demo_manifests(primary_url: str, backup_url: str) -> str:
@@ -76,7 +88,7 @@ spec:
       baseURL: "{backup_url}"
       credentialPoolRef: {{name: backup-keys}}
       models: {{"*": backup-large}}
-  fallback: {{restoreAfter: 2s, maxWait: 1s}}
+  fallback: {{restoreAfter: {RESTORE_AFTER:g}s, maxWait: 1s}}
   timeouts: {{firstByte: 5s, request: 20s}}
 """
 
@@ -117,7 +129,12 @@ class _Narrator:
             ActionKind.COOLED_DOWN: f"{a.object_name}/{a.credential} cooling down ({a.error_class})",
             ActionKind.EXHAUSTED: f"{a.object_name}/{a.credential} exhausted ({a.error_class})",
             ActionKind.REJECTED: f"{a.object_name}/{a.credential} rejected ({a.error_class})",
-            ActionKind.RESTORED: f"{a.object_name}/{a.credential} available again",
+            ActionKind.RESTORED: (
+                # A per-model cooldown ending says just that: the key may still be benched otherwise.
+                f"{a.object_name}/{a.credential} {a.error_class} over for model {a.model}"
+                if a.model
+                else f"{a.object_name}/{a.credential} available again"
+            ),
             ActionKind.FALLBACK_ACTIVATED: f"fallback {a.from_entry} → {a.to_entry} ({a.error_class})",
             ActionKind.PRIMARY_RESTORED: f"primary restored: {a.from_entry} → {a.to_entry}",
             ActionKind.CHAIN_EXHAUSTED: f"chain exhausted ({a.error_class})",
@@ -125,6 +142,14 @@ class _Narrator:
         if a.until is not None and a.kind is not ActionKind.CHAIN_EXHAUSTED:
             what += f", for {a.until - a.at:.0f}s"
         print(self._c(f"{self._t()}  ⚑ {what}", "36"), file=self.out, flush=True)
+
+    def shown(self) -> dict[str, bool]:
+        """Whether the run showed each part of the story."""
+        return {
+            "rotation": self.served[("acme", "acme-2")] > 0 and self.actions["CredentialCoolingDown"] > 0,
+            "fallback": self.actions["FallbackActivated"] > 0,
+            "return to the primary": self.actions["PrimaryRestored"] > 0,
+        }
 
     def summary(self, primary: FakeProvider, backup: FakeProvider) -> None:
         total = sum(self.served.values()) + self.failed
@@ -139,14 +164,20 @@ class _Narrator:
         print(f"  keys sent to the wrong provider: {len(wrong)}", file=self.out)
         for kind, n in sorted(self.actions.items()):
             print(f"  {kind}: {n}", file=self.out)
+        shown = self.shown()
+        print(
+            "  shown: " + ", ".join(f"{what} {'yes' if ok else 'NO'}" for what, ok in shown.items()),
+            file=self.out,
+        )
         print(
             "  (the same actions become Events and status on the CredentialPool/ProviderChain in a cluster)",
             file=self.out,
         )
 
 
-async def run_demo(duration: float = 24.0, rate: float = 8.0, out: TextIO | None = None) -> int:
-    """Run the scripted demo; returns 0 if every agent request was answered."""
+async def run_demo(duration: float = DEFAULT_DURATION, rate: float = 8.0, out: TextIO | None = None) -> int:
+    """Run the scripted demo; returns 0 if every agent request was answered and the run showed
+    rotation, fallback and the return to the primary."""
     out = out or sys.stdout
     primary = FakeProvider("acme", keys=DEMO_KEYS.values())
     backup = FakeProvider("backup", keys=[BACKUP_KEY])
@@ -175,8 +206,12 @@ async def run_demo(duration: float = 24.0, rate: float = 8.0, out: TextIO | None
             ),
             (0.30, "acme-1's rate limit lifts", lambda: primary.reset_rules()),
             (0.36, "acme-1 runs out of credit (402)", lambda: primary.set(Behaviour.billing(), key=k1)),
-            (0.48, "acme fails for every key (500)", lambda: primary.set(Behaviour.server_error(500))),
-            (0.75, "acme recovers (acme-1 still has no credit)", lambda: recover()),
+            (
+                OUTAGE_STARTS,
+                "acme fails for every key (500)",
+                lambda: primary.set(Behaviour.server_error(500)),
+            ),
+            (OUTAGE_ENDS, "acme recovers (acme-1 still has no credit)", lambda: recover()),
         ]
 
         def recover() -> None:
@@ -191,7 +226,7 @@ async def run_demo(duration: float = 24.0, rate: float = 8.0, out: TextIO | None
             narrator.summary(primary, backup)
             await primary.stop()
             await backup.stop()
-    return 0 if narrator.failed == 0 else 1
+    return 0 if narrator.failed == 0 and all(narrator.shown().values()) else 1
 
 
 async def _drive(

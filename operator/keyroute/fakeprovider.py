@@ -99,10 +99,14 @@ class Behaviour:
     malformed_at: int | None = None
     first_event_error: str | None = None  # JSON text of the error object
     model: str | None = None  # model_not_found: the model to name (default: the request's)
+    first_event_delay: float = 0.0  # streams: after the headers, before the first event
+    keepalive: float | None = None  # streams: a ": keepalive" comment this often while waiting
 
     def __post_init__(self) -> None:
-        if self.delay < 0 or self.interval < 0:
-            raise ValueError("delay and interval must be >= 0")
+        if self.delay < 0 or self.interval < 0 or self.first_event_delay < 0:
+            raise ValueError("delay, interval and first_event_delay must be >= 0")
+        if self.keepalive is not None and self.keepalive <= 0:
+            raise ValueError("keepalive must be > 0")
         if self.chunks < 1:
             raise ValueError("a stream has at least one chunk")
         if self.stall_after is not None and self.cut_after is not None:
@@ -150,6 +154,8 @@ class Behaviour:
         first_event_error: Mapping[str, Any] | None = None,
         content: str | None = None,
         delay: float = 0.0,
+        first_event_delay: float = 0.0,
+        keepalive: float | None = None,
     ) -> Behaviour:
         """An SSE answer (whatever the request's ``stream`` flag says), in the path's dialect.
 
@@ -159,6 +165,8 @@ class Behaviour:
         ``cut_after=N``: after N chunks close the connection without the chunked terminator.
         ``malformed_at=N``: chunk N is ``data: {not json`` and the stream otherwise completes.
         ``first_event_error``: 200 ``text/event-stream`` whose only event is that error, then end.
+        ``first_event_delay``: the headers go at once, the first event that long after (a model that
+        thinks before its first token); ``keepalive``: meanwhile a ``: keepalive`` comment that often.
         """
         return cls(
             "stream",
@@ -172,6 +180,8 @@ class Behaviour:
             first_event_error=None if first_event_error is None else _dumps(first_event_error),
             content=content,
             delay=delay,
+            first_event_delay=first_event_delay,
+            keepalive=keepalive,
         )
 
     # -- errors ----------------------------------------------------------------------------------
@@ -580,6 +590,8 @@ class FakeProvider:
             f"{self.name}-{next(self._ids)}", rec.model or self.models[0], int(time.time()), self._text(b)
         )
         try:
+            if b.first_event_delay:
+                await _wait_with_keepalives(resp, b.first_event_delay, b.keepalive)
             if b.first_event_error is not None:
                 await resp.write(sse.error(json.loads(b.first_event_error)))
                 return resp
@@ -964,6 +976,15 @@ def _normalise_prefix(prefix: str) -> str:
     if prefix and not prefix.startswith("/"):
         prefix = "/" + prefix
     return prefix
+
+
+async def _wait_with_keepalives(resp: web.StreamResponse, delay: float, every: float | None) -> None:
+    """Sleep ``delay`` seconds, writing an SSE comment every ``every`` seconds meanwhile (if given)."""
+    end = time.monotonic() + delay
+    while (left := end - time.monotonic()) > 0:
+        await asyncio.sleep(min(left, every) if every else left)
+        if every and time.monotonic() < end:
+            await resp.write(b": keepalive\n\n")
 
 
 async def _forever() -> None:

@@ -86,7 +86,6 @@ import contextlib
 import dataclasses
 import datetime
 import http
-import inspect
 import logging
 import secrets
 import sys
@@ -94,7 +93,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -106,6 +105,7 @@ import pytest
 from kopf.testing import KopfRunner
 
 import keyroute.controller.login
+from tests.polling import eventually
 
 GROUP = "keyroute.dev"
 VERSION = "v1alpha1"
@@ -127,42 +127,6 @@ class KubeAPIError(Exception):
         super().__init__(f"{method} {path} -> {status}: {message}")
         self.status = status
         self.body = body
-
-
-# ----------------------------------------------------------------------------------------------------
-# Polling
-
-
-async def eventually(
-    predicate: Callable[[], Any] | Callable[[], Awaitable[Any]],
-    timeout: float = 5.0,  # noqa: ASYNC109 -- a polling deadline, not a cancellation scope
-    interval: float = 0.05,
-) -> Any:
-    """Call ``predicate`` (sync or async) until it returns something truthy; return that.
-
-    ``AssertionError`` and ``LookupError`` (a key not there yet) count as "not yet". On timeout,
-    raise ``AssertionError`` naming the last result, chained to the last such error.
-    """
-    deadline = time.monotonic() + timeout
-    last_error: BaseException | None = None
-    result: Any = None
-    while True:
-        try:
-            result = predicate()
-            if inspect.isawaitable(result):
-                result = await result
-        except (AssertionError, LookupError) as e:
-            last_error, result = e, None
-        else:
-            last_error = None
-            if result:
-                return result
-        if time.monotonic() >= deadline:
-            name = getattr(predicate, "__qualname__", repr(predicate))
-            raise AssertionError(
-                f"not true within {timeout}s: {name} (last result: {result!r})"
-            ) from last_error
-        await asyncio.sleep(interval)
 
 
 # ----------------------------------------------------------------------------------------------------

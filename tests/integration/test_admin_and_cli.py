@@ -153,6 +153,7 @@ async def test_demo_runs_and_nothing_is_lost():
     for kind in ("CredentialCoolingDown", "CredentialExhausted", "FallbackActivated", "PrimaryRestored"):
         assert kind in text, kind
     assert "not-a-real-key" not in text
+    assert "shown: rotation yes, fallback yes, return to the primary yes" in text
 
 
 def test_cli_check_and_render_on_the_examples(tmp_path, capsys):

@@ -212,6 +212,29 @@ async def test_upstream_rate_limited_falls_back_without_touching_the_key(fake_pr
 
 
 @pytest.mark.parametrize(
+    "body",
+    [
+        {"error": {"message": "Upstream request limit exceeded", "code": "rate_limit_exceeded"}},
+        "Too many requests: upstream rate limit reached",
+        {"error": {"message": "rate limited by upstream, slow down"}},
+    ],
+    ids=["json-code", "plain-text", "json-wording"],
+)
+async def test_a_provider_saying_upstream_is_its_own_rate_limit(fake_provider, start_sidecar, agent, body):
+    """Only an aggregator's structured signal means "the upstream model is limited": a provider or
+    gateway that says "upstream" in its own 429 benches the key that was sent and rotates."""
+    primary, backup, sidecar = await setup(fake_provider, start_sidecar)
+    primary.set(Behaviour.status(429, body=body), key=key("p1"))
+    status, headers, _ = await ask(agent, sidecar)
+    assert status == 200 and (headers["X-Keyroute-Provider"], headers["X-Keyroute-Credential"]) == (
+        "acme",
+        "p2",
+    )
+    assert state(sidecar, "acme-keys", "p1")[0] is CredentialState.COOLING_DOWN
+    assert len(backup.received) == 0
+
+
+@pytest.mark.parametrize(
     "behaviour",
     [Behaviour.status(400, body={"error": {"message": "bad param"}}), Behaviour.status(404, body="not here")],
 )

@@ -177,3 +177,61 @@ async def test_anthropic_style_stream_and_key_header(fake_provider, start_sideca
     assert rec.key == key("c1")
     assert rec.headers.get("x-api-key") == key("c1") and "authorization" not in rec.headers
     assert rec.headers.get("anthropic-version")
+
+
+# --- timeouts.firstToken: headers at once, the first token late ------------------------------------
+
+
+async def test_first_token_past_the_bound_fails_over_before_anything_reaches_the_agent(
+    fake_provider, start_sidecar, agent
+):
+    primary, backup, sidecar = await setup(fake_provider, start_sidecar, firstToken=0.3)
+    primary.set(Behaviour.stream(3, first_event_delay=3.0))
+    t = time.monotonic()
+    status, headers, body = await stream(agent, sidecar)
+    elapsed = time.monotonic() - t
+    assert status == 200 and headers["X-Keyroute-Provider"] == "backup"
+    assert b"chatcmpl-backup" in body and b"chatcmpl-acme" not in body
+    assert len(primary.received) == 1  # a Timeout: a silent route is never retried
+    assert 0.3 <= elapsed < 2.9  # the first token would have come at 3 s
+    restore = sidecar.chain.models["gpt-4o"].restores["acme"]
+    assert str(restore.reason) == "Timeout"
+
+
+async def test_keepalive_comments_are_not_a_first_token(fake_provider, start_sidecar, agent):
+    primary, backup, sidecar = await setup(fake_provider, start_sidecar, firstToken=0.3)
+    primary.set(Behaviour.stream(3, first_event_delay=3.0, keepalive=0.05))
+    status, headers, body = await stream(agent, sidecar)
+    assert status == 200 and headers["X-Keyroute-Provider"] == "backup"
+    assert b"keepalive" not in body  # the comments held back with the failed attempt
+
+
+async def test_first_token_within_the_bound_is_served_with_its_keepalives(
+    fake_provider, start_sidecar, agent
+):
+    primary, backup, sidecar = await setup(fake_provider, start_sidecar, firstToken=2.0)
+    primary.set(Behaviour.stream(3, first_event_delay=0.3, keepalive=0.05))
+    status, headers, body = await stream(agent, sidecar)
+    assert status == 200 and headers["X-Keyroute-Provider"] == "acme"
+    assert body.startswith(b": keepalive\n\n") and body.rstrip().endswith(b"data: [DONE]")
+    assert len(backup.received) == 0
+
+
+async def test_first_token_is_off_by_default_so_a_thinking_model_is_waited_for(
+    fake_provider, start_sidecar, agent
+):
+    """Without firstToken, a first event 1 s after the headers is passed through (firstByte bounds it)."""
+    primary, backup, sidecar = await setup(fake_provider, start_sidecar)
+    primary.set(Behaviour.stream(3, first_event_delay=1.0))
+    status, headers, body = await stream(agent, sidecar)
+    assert status == 200 and headers["X-Keyroute-Provider"] == "acme"
+    assert b"chatcmpl-acme" in body and len(backup.received) == 0
+
+
+async def test_first_token_does_not_apply_to_answers_that_are_not_streamed(
+    fake_provider, start_sidecar, agent
+):
+    primary, backup, sidecar = await setup(fake_provider, start_sidecar, firstToken=0.2)
+    primary.set(Behaviour.ok(delay=0.5))
+    async with agent.post(sidecar.base_url + "/chat/completions", json=chat()) as resp:
+        assert resp.status == 200 and resp.headers["X-Keyroute-Provider"] == "acme"

@@ -8,7 +8,7 @@ import pytest
 
 from keyroute.core.bodies import inspect_body, rewrite_model
 from keyroute.core.classes import ErrorClass
-from keyroute.core.streams import StreamWatch, error_event, first_event_end
+from keyroute.core.streams import StreamWatch, error_event, first_data_event, first_event_end
 
 
 def test_inspect_finds_model_and_stream():
@@ -82,3 +82,32 @@ def test_a_body_without_a_model_is_never_given_one():
     assert e.upstream_model("") == ""
     raw = b'{"input": "text"}'
     assert inspect_body(raw, "application/json").with_model(e.upstream_model("")) is raw
+
+
+@pytest.mark.parametrize(
+    ("before", "event"),
+    [
+        (b"", b'data: {"choices": []}\n\n'),
+        (b": keepalive\n\n", b"data: x\n\n"),
+        (b": keepalive\r\n\r\n", b"data: x\r\n\r\n"),
+        (b'event: ping\ndata: {"type": "ping"}\n\n', b"event: message_start\ndata: {}\n\n"),
+        (b"", b"event: error\ndata: {}\n\n"),
+        (b"id: 1\n\n", b"data: x\n\n"),  # an event without data is not an answer
+    ],
+)
+def test_first_data_event_skips_comments_and_pings(before, event):
+    assert first_data_event(before + event + b"data: next\n\n") == (len(before), len(before) + len(event))
+
+
+@pytest.mark.parametrize(
+    "buf",
+    [
+        b"",
+        b": OPENROUTER PROCESSING\n\n",
+        b": keepalive\n\n: keepalive\n\n",
+        b"data: {}",  # not complete yet
+        b'event: ping\ndata: {"type": "ping"}\n\n',
+    ],
+)
+def test_no_data_event_yet(buf):
+    assert first_data_event(buf) == (-1, -1)

@@ -466,6 +466,56 @@ CASES = [
         {},
         id="openrouter-upstream-overloaded",
     ),
+    # Messages that merely contain the word "upstream" are not an aggregator speaking: the key that was
+    # sent is the one limited, so it is benched (RateLimited), not left alone by a fallback.
+    pytest.param(
+        429,
+        {},
+        openai("Upstream request limit exceeded for this API key.", "requests", "rate_limit_exceeded"),
+        E.RATE_LIMITED,
+        {"code": "rate_limit_exceeded"},
+        id="provider-says-upstream-with-code",
+    ),
+    pytest.param(
+        429,
+        {"Retry-After": "2"},
+        b"Too many requests: upstream rate limit reached, retry later",
+        E.RATE_LIMITED,
+        {},
+        id="gateway-plain-text-upstream",
+    ),
+    pytest.param(
+        429,
+        {},
+        j({"message": "API rate limit exceeded", "upstream": "api.example.com"}),
+        E.RATE_LIMITED,
+        {},
+        id="gateway-json-upstream-field",
+    ),
+    pytest.param(
+        429,
+        {},
+        j({"error": {"message": "rate limited by upstream, slow down", "type": "error"}}),
+        E.RATE_LIMITED,
+        {},
+        id="gateway-rate-limited-by-upstream",
+    ),
+    pytest.param(
+        429,
+        {},
+        b"<html><head><title>429 Too Many Requests (upstream)</title></head></html>",
+        E.RATE_LIMITED,
+        {},
+        id="proxy-html-upstream",
+    ),
+    pytest.param(
+        429,
+        {},
+        openrouter(429, "Provider returned error", raw="slow down", provider_name="Together"),
+        E.UPSTREAM_RATE_LIMITED,
+        {},
+        id="openrouter-provider-name-without-the-word",
+    ),
     # --- ServerError: 500, 502, 504, other 5xx -----------------------------------------------------------
     pytest.param(
         500,
@@ -856,6 +906,13 @@ STREAM_ERRORS = [
         429,
         {},
         id="openrouter-upstream-in-band",
+    ),
+    pytest.param(
+        b'data: {"error": {"code": "rate_limit_exceeded", "message": "upstream rate limit reached"}}\n\n',
+        E.RATE_LIMITED,
+        429,
+        {},
+        id="in-band-upstream-word-is-the-providers-own-limit",
     ),
     pytest.param(
         b'event: error\ndata: {"type": "error", "code": "server_error", "message": "The server had an error"}\n\n',

@@ -615,7 +615,7 @@ def pool_status() -> Doc:
         "nextAvailableAt": "2026-01-02T03:05:05Z",
         "credentials": [
             {"name": "k1", "state": "Available", "fingerprint": "3f2a9c1d", "lastTransitionTime": T},
-            {"name": "k2", "state": "CoolingDown", "reason": "RateLimited", "until": "2026-01-02T03:05:05Z", "lastErrorCode": 429, "fingerprint": "9b0e44aa", "lastTransitionTime": T, "reportedBy": "agent-7d9f-x2", "model": "gpt-4o"},
+            {"name": "k2", "state": "CoolingDown", "reason": "RateLimited", "until": "2026-01-02T03:05:05Z", "lastErrorCode": 429, "fingerprint": "9b0e44aa", "lastTransitionTime": T, "reportedBy": "agent-7d9f-x2", "model": "gpt-4o", "scope": "Pool"},
             {"name": "k3", "state": "Exhausted", "reason": "Billing", "until": "2026-01-02T04:04:05Z", "lastErrorCode": 402, "fingerprint": "07c1d2e3", "lastTransitionTime": T, "reportedBy": "default/agent-7d9f-x2"},
             {"name": "k4", "state": "Rejected", "reason": "Revoked", "lastErrorCode": 401, "fingerprint": "5e6f7a8b", "lastTransitionTime": T, "reportedBy": "default/agent-7d9f-q8"},
             {"name": "k5", "state": "Missing", "reason": "SecretKeyNotFound", "lastTransitionTime": T},

@@ -202,7 +202,7 @@ def test_fallback_settings_are_resolved() -> None:
     assert (fb.restore_after, fb.max_wait, fb.max_attempts) == (120.0, 1.5, 4)
     assert fb.triggers == [ErrorClass.RATE_LIMITED, ErrorClass.TIMEOUT]
     assert fb.context_length == ["openrouter"]
-    assert fb.restore_max == 4 * 3600.0
+    assert fb.restore_max == 90.0
 
 
 def test_fallback_defaults() -> None:
@@ -288,6 +288,20 @@ def test_timeouts_inherit_entry_then_chain_then_default() -> None:
         60.0,
     )
     assert cfg.request_timeout == 300.0
+
+
+def test_first_token_is_off_unless_set_and_inherits_entry_then_chain() -> None:
+    assert all(e.timeouts.first_token is None for e in two_provider_render().config.entries)
+    chain = make_chain(
+        make_entry("openai"),
+        make_entry("openrouter", timeouts={"firstToken": "0s"}),  # 0s: off for this entry only
+        timeouts={"firstToken": "20s"},
+    )
+    cfg = render(chain, by_name(openai_pool(), openrouter_pool()), all_secrets()).config
+    assert [e.timeouts.first_token for e in cfg.entries] == [20.0, None]
+    chain = make_chain(make_entry("openai", timeouts={"firstToken": "1500ms"}), make_entry("openrouter"))
+    cfg = render(chain, by_name(openai_pool(), openrouter_pool()), all_secrets()).config
+    assert [e.timeouts.first_token for e in cfg.entries] == [1.5, None]
 
 
 # --- the binding rule -------------------------------------------------------------------------------

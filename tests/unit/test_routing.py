@@ -182,43 +182,58 @@ def test_long_reset_is_not_waited_out():
     assert step(route).entry.name == "backup"
 
 
-def test_restore_after_cooldown_probes_primary_and_doubles_on_failure():
-    chain = Chain(two_providers(fallback={"restoreAfter": 60}))
+def test_restore_after_cooldown_probes_primary_and_waits_again_on_failure():
+    chain = Chain(two_providers(fallback={"restoreAfter": 60}), rng=random.Random(1))
     route = Route(chain, M, T0)
     route.report(step(route), failure(ErrorClass.TIMEOUT), T0)
     route.report(step(route), None, T0)
+    due = chain.models[M].restores["acme"].restore_at
+    assert T0 + 54 <= due <= T0 + 66  # restoreAfter ± 10 %
     # Within the restore wait, new requests start on the fallback (a silent primary is not a last resort).
-    assert Route(chain, M, T0 + 30).order[0].name == "backup"
+    assert Route(chain, M, due - 0.01).order[0].name == "backup"
     # At the restore time, the next request probes the primary; a concurrent one does not.
-    probe = Route(chain, M, T0 + 60)
+    probe = Route(chain, M, due)
     assert probe.order[0].name == "acme"
-    other = Route(chain, M, T0 + 60)
+    other = Route(chain, M, due)
     assert other.order[0].name == "backup"
-    pa = step(probe, T0 + 60)
+    pa = step(probe, due)
     assert pa.probe
-    probe.report(pa, failure(ErrorClass.SERVER_ERROR, 500), T0 + 60)
-    probe.report(step(probe, T0 + 60), failure(ErrorClass.SERVER_ERROR, 500), T0 + 60)
-    assert chain.models[M].restores["acme"].restore_at == T0 + 60 + 120  # doubled
-    # Succeeds at the next probe: traffic returns to the primary and the backoff resets.
-    back = Route(chain, M, T0 + 180)
-    a = step(back, T0 + 180)
+    probe.report(pa, failure(ErrorClass.SERVER_ERROR, 500), due)
+    probe.report(step(probe, due), failure(ErrorClass.SERVER_ERROR, 500), due)
+    r = chain.models[M].restores["acme"]
+    assert r.wait == 60 and due + 54 <= r.restore_at <= due + 66  # a short outage: restoreAfter again
+    # Succeeds at the next probe: traffic returns to the primary and the restore state is cleared.
+    back = Route(chain, M, r.restore_at)
+    a = step(back, r.restore_at)
     assert a.entry.name == "acme"
-    back.report(a, None, T0 + 180)
+    back.report(a, None, r.restore_at)
     assert any(x.kind is ActionKind.PRIMARY_RESTORED for x in back.actions)
     assert "acme" not in chain.models[M].restores
     assert not chain.on_fallback(M)
 
 
-def test_restore_backoff_is_capped():
-    chain = Chain(two_providers(fallback={"restoreAfter": 3600}))
-    now = T0
-    for _ in range(5):
+def test_restore_wait_grows_with_the_outage_and_is_capped():
+    chain = Chain(two_providers(fallback={"restoreAfter": 10, "restoreMax": 90}), rng=random.Random(3))
+    assert [chain.restore_wait(age) for age in (0, 60, 80, 160, 720, 86400)] == [10, 10, 10, 20, 90, 90]
+    now, gaps = T0, []
+    for _ in range(60):
         r = Route(chain, M, now)
         a = step(r, now)
         if a.entry.name == "acme":
             r.report(a, failure(ErrorClass.MODEL_NOT_FOUND, 404), now)
-        now = chain.models[M].restores["acme"].restore_at
-    assert chain.models[M].restores["acme"].backoff == 4 * 3600
+        r.abandon()
+        due = chain.models[M].restores["acme"].restore_at
+        gaps.append(due - now)
+        now = due
+    restore = chain.models[M].restores["acme"]
+    assert restore.since == T0 and restore.wait == 90
+    assert 9 <= gaps[0] <= 11 and all(81 <= g <= 99 for g in gaps[-10:])  # bounded, symmetric jitter
+    assert max(gaps) <= 99
+
+
+def test_restore_max_below_restore_after_keeps_restore_after():
+    chain = Chain(two_providers(fallback={"restoreAfter": 30, "restoreMax": 5}))
+    assert chain.restore_wait(3600) == 30
 
 
 def test_abandoned_probe_is_released():
@@ -226,9 +241,10 @@ def test_abandoned_probe_is_released():
     r = Route(chain, M, T0)
     r.report(step(r), failure(ErrorClass.MODEL_NOT_FOUND, 404), T0)
     r.report(step(r), None, T0)
-    probe = Route(chain, M, T0 + 10)
+    due = chain.models[M].restores["acme"].restore_at
+    probe = Route(chain, M, due)
     probe.abandon()
-    assert Route(chain, M, T0 + 10).order[0].name == "acme"
+    assert Route(chain, M, due).order[0].name == "acme"
 
 
 def test_fallback_state_is_per_model():
@@ -316,3 +332,19 @@ def test_model_mapping():
     assert e.upstream_model("other") == "default-model"
     object.__setattr__(e, "models", {"gpt-4o": "x"})
     assert e.upstream_model("other") == "other"
+
+
+def test_first_token_reaches_the_attempt_capped_by_the_deadline():
+    cfg = config(
+        [
+            entry("acme", "acme", "http://a.test/v1", "a", timeouts={"firstToken": 20}),
+            entry("backup", "backup", "http://b.test/v1", "b"),
+        ],
+        [pool("a", "acme", cred("a1")), pool("b", "backup", cred("b1"))],
+        requestTimeout=30,
+    )
+    route = Route(Chain(cfg), M, T0)
+    assert step(route).first_token == 20
+    assert step(route, T0 + 25).first_token == pytest.approx(5)  # the same route, 25 s later
+    route.report(step(route, T0 + 25), failure(ErrorClass.TIMEOUT), T0 + 25)
+    assert step(route, T0 + 25).first_token is None  # off on the entry that does not set it

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from keyroute.core.classes import ErrorClass
+from keyroute.core.resources import RateLimitScope
 
 
 class ActionKind(enum.StrEnum):
@@ -48,6 +49,9 @@ class Action:
     to_entry: str | None = None
     status: int | None = None
     message: str = ""
+    # Set on credential actions: POOL when a rate limit the pool's keys share benched all of them
+    # (``credential`` then names the key that got the 429, or none for the end of the limit).
+    scope: RateLimitScope | None = None
 
     @property
     def object_kind(self) -> str:
@@ -65,6 +69,7 @@ class Action:
             "from_entry",
             "to_entry",
             "status",
+            "scope",
         ):
             value = getattr(self, name)
             if value is None:

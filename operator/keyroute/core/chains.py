@@ -8,10 +8,29 @@ anywhere, so nothing one provider does can change another provider's host or key
 
 Restore (SPEC §2 ``fallback.restoreAfter``): an entry a request had to leave is skipped until its
 restore time; the first request after that probes it with the real call (one probe at a time per
-model and entry); a failed probe doubles the wait (capped by ``restoreMax``, 4 h); a success clears
-it. The same rule serves every entry, the primary included, so a chain of three degrades and recovers
-one step at a time. Entries still waiting are tried last, as a last resort, except after a
-``Timeout``: a silent route is never retried.
+model and entry); a success clears it. The same rule serves every entry, the primary included, so a
+chain of three degrades and recovers one step at a time. Entries still waiting are tried last, as a
+last resort, except after a ``Timeout``: a silent route is never retried.
+
+Restore cadence (decision; the spec's "doubled on each failed restore, capped at 4 h" kept traffic on
+a fallback, often the dearer provider, for up to hours after the primary had recovered). After a
+failed probe the next one comes after ``outage so far / 8``, never less than ``restoreAfter`` and never
+more than ``restoreMax`` (default 90 s), then ±10 % jitter. So:
+
+- the time spent on the fallback after the primary recovers is at most an eighth of the outage's
+  length, bounded by ``restoreMax`` + 10 % + the gap to the next request: within 15 s for
+  ``restoreAfter: 10s`` after a 60 s outage with a request every 4 s, within 2 min with the defaults
+  after an outage of any length (``tests/unit/test_restore.py`` measures both);
+- the share of requests that pay for a failing probe (one extra round trip, or ``firstByte`` for a
+  silent entry) still falls as an outage drags on, which is what the doubling was for;
+- the jitter is symmetric and bounded, so sidecars that lost the primary together do not probe it in
+  lockstep, and the average wait is the nominal one.
+
+Probes ride on agent requests; there are no synthetic ones. A probe must exercise what failed (this
+model, this endpoint), which only the agent's own request does: a ``GET /models`` answered 200 by a
+provider whose completions answer 503 would bring traffic back to a broken primary, and a synthetic
+completion spends tokens and needs a body for every endpoint and dialect. A sidecar with no traffic
+has nothing to restore.
 """
 
 from __future__ import annotations
@@ -41,6 +60,7 @@ class Entry:
     connect: float
     first_byte: float
     idle: float
+    first_token: float | None = None  # off unless set: see keyroute.core.resources.Timeouts
 
     def __post_init__(self) -> None:
         if self.pool.provider != self.provider:
@@ -59,11 +79,18 @@ class Entry:
         return cred.base_url or self.base_url
 
 
+#: After a failed probe, the next one waits this share of the outage so far (within restoreAfter..restoreMax).
+RESTORE_GROWTH = 1 / 8
+#: Every restore wait is scaled by a uniform factor in [1 - RESTORE_JITTER, 1 + RESTORE_JITTER].
+RESTORE_JITTER = 0.1
+
+
 @dataclass(slots=True)
 class Restore:
-    """An entry a request had to leave: when to probe it again and how long the next wait is."""
+    """An entry a request had to leave: since when, how long the current wait is, and when to probe."""
 
-    backoff: float
+    since: float  # the first failure of this outage
+    wait: float  # the nominal wait before ``restore_at`` (jitter excluded)
     restore_at: float
     reason: ErrorClass | None
     probing: bool = False
@@ -106,6 +133,7 @@ class Chain:
                 connect=e.timeouts.connect,
                 first_byte=e.timeouts.first_byte,
                 idle=e.timeouts.idle,
+                first_token=e.timeouts.first_token,
             )
             for i, e in enumerate(config.entries)
         )
@@ -165,16 +193,26 @@ class Chain:
         st = self.state(model)
         r = st.restores.get(entry.name)
         if r is None:
+            wait = self.fallback.restore_after
             st.restores[entry.name] = Restore(
-                backoff=self.fallback.restore_after, restore_at=now + self.fallback.restore_after, reason=cls
+                since=now, wait=wait, restore_at=now + self._jittered(wait), reason=cls
             )
             return
         if r.restore_at > now and not r.probing:
             return  # already waiting; a request that was in flight does not extend the wait
-        r.backoff = min(r.backoff * 2, self.fallback.restore_max)
-        r.restore_at = now + r.backoff
+        r.wait = self.restore_wait(now - r.since)
+        r.restore_at = now + self._jittered(r.wait)
         r.reason = cls
         r.probing = False
+
+    def restore_wait(self, outage: float) -> float:
+        """The nominal wait before the next probe of an entry that has been failing for ``outage`` s."""
+        fb = self.fallback
+        # restoreAfter is the floor even if restoreMax was set below it.
+        return max(fb.restore_after, min(outage * RESTORE_GROWTH, fb.restore_max))
+
+    def _jittered(self, wait: float) -> float:
+        return wait * self.rng.uniform(1 - RESTORE_JITTER, 1 + RESTORE_JITTER)
 
     def served(self, model: str, entry: Entry, now: float, reason: ErrorClass | None) -> list[Action]:
         """``entry`` answered a request for ``model``: clear its wait, and report a change of serving entry."""

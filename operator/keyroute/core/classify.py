@@ -13,8 +13,13 @@ providers echo (partial) keys and the message ends up in Events and logs (SPEC �
 
 Decisions where the spec is silent:
 
-- 429 precedence: an aggregator's upstream signal (OpenRouter ``metadata.provider_name`` or
-  "upstream" wording) → ``UpstreamRateLimited`` (``Overloaded`` if the upstream said overloaded);
+- 429 precedence: an aggregator's upstream signal → ``UpstreamRateLimited`` (``Overloaded`` if the
+  upstream said overloaded). Only structured signals and the aggregators' own phrasing count:
+  OpenRouter's ``error.metadata.provider_name`` (set only when an upstream provider answered) and its
+  sentence "<model> is temporarily rate-limited upstream". The bare word "upstream" does not: plain
+  providers and internal gateways use it for their own limits ("upstream request limit", "rate limited
+  by upstream"), and reading those as an aggregator's would fall back without benching the key that
+  is actually limited.
   then codes (``usage_limit_reached`` → ``UsageLimit``; ``insufficient_quota`` and other billing codes
   → ``Billing``; ``rate_limit_exceeded``/``resource_exhausted``/``rate_limit_error`` → ``RateLimited``;
   ``overloaded_error`` → ``Overloaded``); then wording (overloaded/capacity → ``Overloaded``; quota or
@@ -135,7 +140,9 @@ _BILLING_STRONG_WORDS = re.compile(
 _USAGE_WORDS = re.compile(r"usage[ _-]?limit|quota|per[ -]day|daily|weekly|monthly|使用上限|额度")
 _RATE_WORDS = re.compile(r"rate[ _-]?limit|too many requests|requests per|tokens per|速率|频率|并发")
 _OVERLOADED_WORDS = re.compile(r"overload|capacity|过载|繁忙")
-_UPSTREAM_WORDS = re.compile(r"upstream")
+# OpenRouter's sentence when a free or shared upstream model is limited ("... is temporarily
+# rate-limited upstream. Please retry shortly ..."): specific enough to be an aggregator speaking.
+_UPSTREAM_WORDS = re.compile(r"\btemporarily rate[ -]limited upstream\b")
 _MODEL_WORDS = re.compile(r"\bmodels?\b")
 _CONTEXT_WORDS = re.compile(
     r"context[ _-]?(?:length|window)|prompt is too long|too many (?:input )?tokens|request too large"

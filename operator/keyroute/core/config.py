@@ -16,7 +16,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from keyroute.core.classes import ErrorClass
-from keyroute.core.resources import ApiStyle, Strategy
+from keyroute.core.resources import ApiStyle, RateLimitScope, Strategy
 
 CONFIG_VERSION = 1
 CONFIG_FILENAME = "config.json"
@@ -51,6 +51,7 @@ class PoolConfig(_Config):
     strategy: Strategy = Strategy.FILL_FIRST
     cooldowns: CooldownConfig = CooldownConfig()
     share_cooldowns: bool = Field(default=True, alias="shareCooldowns")
+    rate_limit_scope: RateLimitScope = Field(default=RateLimitScope.CREDENTIAL, alias="rateLimitScope")
     credentials: Annotated[list[CredentialConfig], Field(min_length=1)]
 
     @model_validator(mode="after")
@@ -65,6 +66,8 @@ class TimeoutConfig(_Config):
     connect: float = Field(default=5.0, gt=0)
     first_byte: float = Field(default=30.0, alias="firstByte", gt=0)
     idle: float = Field(default=30.0, gt=0)
+    # None: off (the default); see keyroute.core.resources.Timeouts.
+    first_token: float | None = Field(default=None, alias="firstToken", gt=0)
 
 
 class EntryConfig(_Config):
@@ -79,7 +82,7 @@ class EntryConfig(_Config):
 
 class FallbackConfig(_Config):
     restore_after: float = Field(default=60.0, alias="restoreAfter", ge=0)
-    restore_max: float = Field(default=4 * 3600.0, alias="restoreMax", ge=0)
+    restore_max: float = Field(default=90.0, alias="restoreMax", ge=0)
     triggers: list[ErrorClass] | None = None
     max_wait: float = Field(default=5.0, alias="maxWait", ge=0)
     context_length: list[str] = Field(default=[], alias="contextLength")

@@ -129,11 +129,14 @@ def transitions(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[N
                 notes.append(Note("Normal", "CredentialAvailable", f"credential {cred['name']} is available"))
             continue
         until = f" until {cred['until']}" if cred.get("until") else ""
+        shared = (
+            " (pool-wide rate limit: the pool's keys share one limit)" if cred.get("scope") == "Pool" else ""
+        )
         notes.append(
             Note(
                 "Warning",
                 cred.get("reason") or cred["state"],
-                f"credential {cred['name']}: {cred['state']}{until}",
+                f"credential {cred['name']}: {cred['state']}{until}{shared}",
             )
         )
     old_cfg = (old.get("config") or {}).get("hash")

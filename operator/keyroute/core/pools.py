@@ -16,6 +16,13 @@ Decisions where the spec is silent:
 - The sole-key cap (60 s) applies to every cooldown but ``Billing`` and ``Revoked``, provider resets
   included: a pool's only key is retried at least once a minute.
 - ``Billing`` takes the longer of ``billing`` and the provider's reset: it is never shortened.
+- ``rateLimitScope: Pool`` (keys of one organization share one limit): a ``RateLimited`` answer blocks
+  the limited model on every key of the pool, with one cooldown (the provider's reset, else
+  ``rateLimited`` doubling per consecutive pool-wide hit) and one action naming the key that got the
+  429. Rotating to another key of the same organization would only buy another 429 and bench a
+  second key for nothing. The block is a copy per credential, so selection costs nothing more than
+  in ``Credential`` scope. Only ``RateLimited`` is shared: usage, billing and auth states belong to
+  the key.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from keyroute.core.actions import Action, ActionKind
 from keyroute.core.classes import ErrorClass
 from keyroute.core.classify import Classification
 from keyroute.core.config import CooldownConfig, PoolConfig
-from keyroute.core.resources import CredentialState, Strategy
+from keyroute.core.resources import CredentialState, RateLimitScope, Strategy
 
 SOLE_KEY_CAP = 60.0
 #: Model scope key for blocks that apply to every model.
@@ -71,6 +78,8 @@ class Block:
     status: int | None = None
     # Set for blocks learned from another pod's report (fleet cooldowns).
     reported_by: str | None = None
+    # Part of a pool-wide rate limit (rateLimitScope: Pool): every credential holds a copy.
+    pool_wide: bool = False
 
     def active(self, now: float) -> bool:
         return self.until is None or self.until > now
@@ -108,6 +117,10 @@ class Pool:
         self.strategy = config.strategy
         self.cooldowns: CooldownConfig = config.cooldowns
         self.share_cooldowns = config.share_cooldowns
+        self.rate_limit_scope = config.rate_limit_scope
+        self._pool_wide = config.rate_limit_scope is RateLimitScope.POOL
+        # Consecutive pool-wide rate limits per model (Pool scope; per-credential strikes otherwise).
+        self._pool_strikes: dict[str, int] = {}
         self.credentials: tuple[Credential, ...] = tuple(
             Credential(
                 name=c.name, key=c.key, fingerprint=c.fingerprint, priority=c.priority, base_url=c.base_url
@@ -210,6 +223,8 @@ class Pool:
         if health is None:
             return []
         health.strikes.pop(lease.model, None)
+        if self._pool_strikes:
+            self._pool_strikes.pop(lease.model, None)
         health.last_status = 200
         return []
 
@@ -222,6 +237,8 @@ class Pool:
             return []
         cred = lease.credential
         health.last_status = verdict.status
+        if self._pool_wide and cls is ErrorClass.RATE_LIMITED:
+            return self._record_pool_limit(lease, health, verdict, now)
         scope = lease.model if cls in _PER_MODEL else ALL_MODELS
         current = health.blocks.get(scope)
         if current is not None and current.active(now) and lease.epoch != health.epoch:
@@ -254,6 +271,59 @@ class Pool:
                 model=lease.model if scope != ALL_MODELS else None,
                 status=verdict.status,
                 message=verdict.message,
+            )
+        ]
+
+    def _record_pool_limit(
+        self, lease: Lease, health: Health, verdict: Classification, now: float
+    ) -> list[Action]:
+        """A rate limit the pool's keys share: block ``lease.model`` on every credential at once."""
+        model = lease.model
+        cls = ErrorClass.RATE_LIMITED
+        current = health.blocks.get(model)
+        if current is not None and current.active(now) and lease.epoch != health.epoch:
+            # A lease taken before the current block: the same incident. A later reset extends it,
+            # on every key that holds it.
+            reset = verdict.reset_at
+            if reset is not None and current.until is not None and reset > current.until:
+                extended = self._cap(reset, now, cls)
+                for h in self.health.values():
+                    b = h.blocks.get(model)
+                    if b is not None and b.pool_wide and b.until is not None:
+                        b.until = max(b.until, extended)
+            return []
+        strikes = self._pool_strikes[model] = self._pool_strikes.get(model, 0) + 1
+        until = self._until(cls, verdict.reset_at, strikes, now)
+        assert until is not None  # a rate limit always ends
+        for c in self.credentials:
+            h = self.health[c.name]
+            existing = h.blocks.get(model)
+            if existing is not None and existing.active(now) and (existing.until or float("inf")) >= until:
+                continue  # a longer block this key already holds stays
+            h.blocks[model] = Block(
+                state=CredentialState.COOLING_DOWN,
+                error_class=cls,
+                since=now,
+                until=until,
+                status=verdict.status,
+                pool_wide=True,
+            )
+            h.epoch += 1
+        cred = lease.credential
+        return [
+            Action(
+                kind=ActionKind.COOLED_DOWN,
+                at=now,
+                namespace=self.namespace,
+                object_name=self.name,
+                error_class=cls,
+                credential=cred.name,
+                fingerprint=cred.fingerprint,
+                until=until,
+                model=model,
+                status=verdict.status,
+                message=verdict.message,
+                scope=RateLimitScope.POOL,
             )
         ]
 
@@ -299,6 +369,7 @@ class Pool:
         """Drop blocks whose time has passed, returning a restoration action for each credential freed
         by this sidecar's own block (blocks adopted from other pods end silently)."""
         actions: list[Action] = []
+        pool_wide_ended: dict[str, Block] = {}
         for cred in self.credentials:
             blocks = self.health[cred.name].blocks
             ended = [s for s, b in blocks.items() if not b.active(now)]
@@ -306,6 +377,9 @@ class Pool:
                 b = blocks.pop(scope)
                 if b.reported_by is not None:
                     continue  # another pod's block: restoring it is that pod's report to make
+                if b.pool_wide:
+                    pool_wide_ended.setdefault(scope, b)  # one action for the pool, not one per key
+                    continue
                 actions.append(
                     Action(
                         kind=ActionKind.RESTORED,
@@ -319,6 +393,19 @@ class Pool:
                         message=f"was {b.state}",
                     )
                 )
+        for scope, b in pool_wide_ended.items():
+            actions.append(
+                Action(
+                    kind=ActionKind.RESTORED,
+                    at=now,
+                    namespace=self.namespace,
+                    object_name=self.name,
+                    error_class=b.error_class,
+                    model=scope if scope != ALL_MODELS else None,
+                    message=f"was {b.state}",
+                    scope=RateLimitScope.POOL,
+                )
+            )
         return actions
 
     def state(self, name: str, now: float) -> tuple[CredentialState, Block | None]:

@@ -128,8 +128,18 @@ def _pool_config(resolved: ResolvedPool) -> PoolConfig:
             max=parse_duration(cd.max),
         ),
         share_cooldowns=spec.share_cooldowns,
+        rate_limit_scope=spec.rate_limit_scope,
         credentials=resolved.credentials,
     )
+
+
+def _optional_timeout(field_name: str, *layers: Timeouts | None) -> float | None:
+    """A timeout that is off unless set; the first layer that sets it wins, and ``0s`` means off."""
+    for layer in layers:
+        value = getattr(layer, field_name) if layer is not None else None
+        if value is not None:
+            return parse_duration(value) or None
+    return None
 
 
 def _timeout(field_name: str, *layers: Timeouts | None) -> float:
@@ -201,6 +211,7 @@ def render(
                     connect=_timeout("connect", entry.timeouts, spec.timeouts),
                     first_byte=_timeout("first_byte", entry.timeouts, spec.timeouts),
                     idle=_timeout("idle", entry.timeouts, spec.timeouts),
+                    first_token=_optional_timeout("first_token", entry.timeouts, spec.timeouts),
                 ),
             )
         )
@@ -215,6 +226,7 @@ def render(
         pools=[_pool_config(resolved[name]) for name in sorted(used)],
         fallback=FallbackConfig(
             restore_after=parse_duration(fb.restore_after),
+            restore_max=parse_duration(fb.restore_max),
             triggers=list(fb.triggers) if fb.triggers is not None else None,
             max_wait=parse_duration(fb.max_wait),
             # An excluded entry cannot serve a long prompt either.

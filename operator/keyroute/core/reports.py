@@ -23,6 +23,11 @@ Decisions where the spec is silent:
   ``status.sidecars``. Fallback state is kept per pod and model, so a pod counts as "on a fallback"
   while any model it serves runs on an entry other than the primary.
 - Events carry no provider message: a provider's error text can echo part of a key.
+- A rate limit the pool's keys share (``rateLimitScope: Pool``) is one report, annotated
+  ``keyroute.dev/scope: Pool``, naming the key that got the 429; the book keeps it under
+  :data:`POOL_WIDE` and status shows it on every credential row with ``scope: Pool``. Its end is one
+  report too, without a credential. A pool-wide state holds whatever key value a credential has now:
+  the limit is the organization's, not the key's.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from typing import Any
 from keyroute.core.actions import Action, ActionKind, rfc3339
 from keyroute.core.classes import ErrorClass
 from keyroute.core.pools import Block
-from keyroute.core.resources import API_VERSION, CredentialState
+from keyroute.core.resources import API_VERSION, CredentialState, RateLimitScope
 
 REPORT_LABEL = "keyroute.dev/report"
 REPORT_LABEL_VALUE = "sidecar"
@@ -68,6 +73,10 @@ ANN_FROM = _A + "from"
 ANN_TO = _A + "to"
 ANN_DROPPED = _A + "dropped"
 ANN_CONFIG = _A + "config-hash"
+ANN_SCOPE = _A + "scope"
+
+#: The book's credential key for a state every credential of the pool shares (rateLimitScope: Pool).
+POOL_WIDE = "*"
 
 _STATE_OF = {
     ActionKind.COOLED_DOWN: CredentialState.COOLING_DOWN,
@@ -91,15 +100,18 @@ class Origin:
 
 def dedup_key(action: Action) -> tuple[str, ...]:
     """What makes two actions "the same transition" for Event deduplication."""
+    pool_wide = action.scope is RateLimitScope.POOL
     return (
         action.namespace,
         action.object_kind,
         action.object_name,
         str(action.kind),
-        action.credential or "",
+        # A pool-wide limit is one transition whichever key happened to get the 429.
+        POOL_WIDE if pool_wide else action.credential or "",
         action.model or "",
         action.from_entry or "",
         action.to_entry or "",
+        str(action.scope or ""),
     )
 
 
@@ -119,6 +131,17 @@ def describe(action: Action, pod: str) -> str:
     """The Event message: what happened, in words, with the pod. Never a key or a provider's text."""
     k = action.kind
     detail = _detail(action)
+    if action.scope is RateLimitScope.POOL and k in (ActionKind.COOLED_DOWN, ActionKind.RESTORED):
+        model = f" for model {action.model}" if action.model else ""
+        if k is ActionKind.COOLED_DOWN:
+            until = f" until {rfc3339(math.ceil(action.until))}" if action.until is not None else ""
+            text = (
+                f"every credential cooling down{model}{until}: the pool's keys share one rate limit "
+                f"(rateLimitScope: Pool){detail}; hit by credential {action.credential}"
+            )
+        else:
+            text = f"pool-wide rate limit ended: every credential available again{model}"
+        return f"{text}; reported by pod {pod}"
     if k in (ActionKind.COOLED_DOWN, ActionKind.EXHAUSTED):
         what = "cooling down" if k is ActionKind.COOLED_DOWN else "exhausted"
         until = f" until {rfc3339(math.ceil(action.until))}" if action.until is not None else ""
@@ -171,6 +194,7 @@ def event_body(
         ANN_FROM: action.from_entry,
         ANN_TO: action.to_entry,
         ANN_DROPPED: str(dropped) if dropped else None,
+        ANN_SCOPE: str(action.scope) if action.scope else None,
     }
     annotations.update({k: v for k, v in optional.items() if v})
     message = describe(action, origin.pod)
@@ -320,6 +344,12 @@ def parse_report(event: Mapping[str, Any]) -> tuple[str, str, Report]:
             error_class = ErrorClass(ann[ANN_ERROR_CLASS])
         except ValueError:
             raise ReportError("report with an unknown error class") from None
+    scope: RateLimitScope | None = None
+    if ann.get(ANN_SCOPE):
+        try:
+            scope = RateLimitScope(ann[ANN_SCOPE])
+        except ValueError:
+            raise ReportError("report with an unknown scope") from None
     action = Action(
         kind=kind_of,
         at=at,
@@ -333,10 +363,11 @@ def parse_report(event: Mapping[str, Any]) -> tuple[str, str, Report]:
         from_entry=_str(ann.get(ANN_FROM)),
         to_entry=_str(ann.get(ANN_TO)),
         status=int(_float(ann[ANN_STATUS], "status")) if ann.get(ANN_STATUS) else None,
+        scope=scope,
     )
     if action.object_kind != kind:
         raise ReportError(f"{kind_of} reported on a {kind}")
-    if kind_of in _STATE_OF and not action.credential:
+    if kind_of in _STATE_OF and not action.credential and scope is not RateLimitScope.POOL:
         raise ReportError("credential report without a credential name")
     return namespace, name, Report(action, pod, at)
 
@@ -384,6 +415,7 @@ class CredentialReport:
     status: int | None
     pod: str
     model: str | None
+    scope: RateLimitScope | None = None
 
 
 @dataclass(slots=True)
@@ -443,9 +475,11 @@ class ReportBook:
         return "chain" if self._add_chain(namespace, name, action, report.pod) else None
 
     def _add_pool(self, namespace: str, name: str, action: Action, pod: str) -> bool:
-        assert action.credential is not None
+        pool_wide = action.scope is RateLimitScope.POOL
+        credential = POOL_WIDE if pool_wide else action.credential
+        assert credential is not None
         creds = self.pools.setdefault((namespace, name), {})
-        key = (action.credential, action.model or "")
+        key = (credential, action.model or "")
         current = creds.get(key)
         if current is not None and current.at > action.at:
             return False  # a late delivery of an older state
@@ -460,6 +494,7 @@ class ReportBook:
             status=action.status,
             pod=pod,
             model=action.model,
+            scope=action.scope,
         )
         return True
 
@@ -495,13 +530,14 @@ class ReportBook:
 
     def pool_reports(self, namespace: str, name: str, now: float) -> dict[str, CredentialReport]:
         """Per credential, the report status should show now: an all-models block first, else the
-        model block that lasts longest. Ended and restored states are left out."""
+        model block that lasts longest. Ended and restored states are left out. A pool-wide rate
+        limit is under :data:`POOL_WIDE`: it applies to every credential."""
         out: dict[str, CredentialReport] = {}
         for (cred, _model), rep in (self.pools.get((namespace, name)) or {}).items():
             if rep.state is CredentialState.AVAILABLE or (rep.until is not None and rep.until <= now):
                 continue
             best = out.get(cred)
-            if best is None or _outranks(rep, best):
+            if best is None or outranks(rep, best):
                 out[cred] = rep
         return out
 
@@ -598,7 +634,8 @@ class ReportBook:
             return
 
 
-def _outranks(a: CredentialReport, b: CredentialReport) -> bool:
+def outranks(a: CredentialReport, b: CredentialReport) -> bool:
+    """Which of two states of one credential status shows: an all-models block, else the longer."""
     if (a.model is None) != (b.model is None):
         return a.model is None
     return _end(a) > _end(b)
@@ -631,6 +668,7 @@ def _row_report(row: Any, now: float) -> CredentialReport | None:
         status=status if isinstance(status, int) else None,
         pod=str(row.get("reportedBy") or ""),
         model=row.get("model") or None,
+        scope=RateLimitScope.POOL if row.get("scope") == RateLimitScope.POOL else None,
     )
 
 

@@ -71,6 +71,14 @@ class ApiStyle(enum.StrEnum):
     ANTHROPIC = "anthropic"
 
 
+class RateLimitScope(enum.StrEnum):
+    """What one rate limit covers: one key (``Credential``), or every key of the pool (``Pool``: keys of
+    one organization or project, which OpenAI and Anthropic meter together)."""
+
+    CREDENTIAL = "Credential"
+    POOL = "Pool"
+
+
 class CredentialState(enum.StrEnum):
     AVAILABLE = "Available"
     COOLING_DOWN = "CoolingDown"
@@ -107,6 +115,9 @@ class CredentialPoolSpec(_Spec):
     credentials: Annotated[list[CredentialSpec], Field(min_length=1, max_length=256)]
     cooldowns: Cooldowns = Cooldowns()
     share_cooldowns: bool = Field(default=True, alias="shareCooldowns")
+    # Pool: a 429 cools the limited model for every key of the pool, and a short reset is waited out
+    # on the same route instead of spending the other keys on the same exhausted budget.
+    rate_limit_scope: RateLimitScope = Field(default=RateLimitScope.CREDENTIAL, alias="rateLimitScope")
 
     @field_validator("credentials")
     @classmethod
@@ -135,6 +146,8 @@ class CredentialStatus(_Status):
     reported_by: str | None = Field(default=None, alias="reportedBy")
     # Set when a sidecar benched the key for one model only (a per-model rate limit).
     model: str | None = None
+    # "Pool" when the state comes from a rate limit the pool's keys share (rateLimitScope: Pool).
+    scope: RateLimitScope | None = None
 
 
 class CredentialPoolStatus(_Status):
@@ -156,10 +169,16 @@ class PoolRef(_Spec):
 
 class Timeouts(_Spec):
     """Unset fields inherit from the chain's timeouts, then from the defaults (connect 5s, firstByte 30s,
-    idle 30s, request 10m). ``request`` is per chain only: the deadline of a whole call."""
+    idle 30s, request 10m, firstToken off). ``request`` is per chain only: the deadline of a whole call.
+
+    ``firstToken`` bounds a streamed answer from its response headers to its first data event (comments
+    and pings do not count); ``0s`` turns it off for one entry when the chain sets it. Off by default:
+    reasoning models can think for minutes before their first token, and failing them over would only
+    pay for the same thinking again on the next provider."""
 
     connect: Duration | None = None
     first_byte: Duration | None = Field(default=None, alias="firstByte")
+    first_token: Duration | None = Field(default=None, alias="firstToken")
     idle: Duration | None = None
     request: Duration | None = None
 
@@ -192,6 +211,10 @@ class ProviderEntry(_Spec):
 
 class Fallback(_Spec):
     restore_after: Duration = Field(default="60s", alias="restoreAfter")
+    # The longest wait between two probes of an entry that keeps failing (the waits grow with the
+    # outage, see keyroute.core.chains): bounds how long traffic stays on a fallback once the entry
+    # has recovered. Envoy caps its ejections at 300 s; probes here cost only an extra round trip.
+    restore_max: Duration = Field(default="90s", alias="restoreMax")
     # Not `on`: YAML 1.1 (kubectl included) reads an unquoted `on:` key as the boolean true.
     triggers: Annotated[list[ErrorClass], Field(max_length=16)] | None = None
 

@@ -44,6 +44,9 @@ class Attempt:
     first_byte: float
     idle: float
     probe: bool = False
+    # For a streamed answer, the bound from response headers to the first data event (None: off, and
+    # ``first_byte`` bounds that wait as it always did).
+    first_token: float | None = None
 
     @property
     def credential_name(self) -> str:
@@ -151,6 +154,7 @@ class Route:
                     first_byte=min(entry.first_byte, remaining),
                     idle=entry.idle,
                     probe=entry in self._probes,
+                    first_token=min(entry.first_token, remaining) if entry.first_token else None,
                 )
             # No usable key here. Wait out a short reset rather than leave the entry (SPEC §4).
             soonest = entry.pool.earliest_available(upstream, now)

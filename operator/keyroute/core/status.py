@@ -31,8 +31,8 @@ from typing import Any
 from keyroute.core.actions import rfc3339
 from keyroute.core.conditions import Fact, condition, fact, merge_conditions
 from keyroute.core.render import RenderResult, ResolvedPool
-from keyroute.core.reports import ChainSummary, CredentialReport
-from keyroute.core.resources import CredentialPool, CredentialState, ProviderChain
+from keyroute.core.reports import POOL_WIDE, ChainSummary, CredentialReport, outranks
+from keyroute.core.resources import CredentialPool, CredentialState, ProviderChain, RateLimitScope
 
 READY = "Ready"
 DEGRADED = "Degraded"
@@ -63,6 +63,10 @@ def pool_status(
     previous = {c.get("name"): c for c in old.get("credentials") or [] if isinstance(c, Mapping)}
     missing = {x.credential: x for x in resolved.missing}
     present = {c.name: c for c in resolved.credentials}
+    reported = reported or {}
+    pool_wide = reported.get(POOL_WIDE)
+    if pool_wide is not None and pool_wide.until is not None and pool_wide.until <= now:
+        pool_wide = None
     rows: list[dict[str, Any]] = []
     unavailable: list[tuple[str, str, str]] = []  # (credential, reason, message)
     back_at: list[float] = []  # the ``until`` of each benched credential
@@ -78,12 +82,15 @@ def pool_status(
             unavailable.append((spec.name, reason, gone.message if gone else ""))
         else:
             row["fingerprint"] = cred.fingerprint
-            rep = (reported or {}).get(spec.name)
-            if (
-                rep is not None
-                and rep.fingerprint == cred.fingerprint
-                and (rep.until is None or rep.until > now)
+            rep = reported.get(spec.name)
+            if rep is not None and (
+                rep.fingerprint != cred.fingerprint or (rep.until is not None and rep.until <= now)
             ):
+                rep = None
+            # A pool-wide limit holds whatever the key value: it is the organization's, not the key's.
+            if pool_wide is not None and (rep is None or outranks(pool_wide, rep)):
+                rep = pool_wide
+            if rep is not None:
                 row.update(state=str(rep.state), reason=rep.reason)
                 if rep.until is not None:
                     row["until"] = rfc3339(rep.until)
@@ -94,7 +101,16 @@ def pool_status(
                     row["reportedBy"] = rep.pod
                 if rep.model:
                     row["model"] = rep.model
-                unavailable.append((spec.name, rep.reason, f"{rep.state}"))
+                shared = rep.scope is RateLimitScope.POOL
+                if shared:
+                    row["scope"] = str(RateLimitScope.POOL)
+                unavailable.append(
+                    (
+                        spec.name,
+                        rep.reason,
+                        f"{rep.state} (pool-wide rate limit)" if shared else f"{rep.state}",
+                    )
+                )
                 runtime_reasons.append(rep.reason)
             else:
                 row["state"] = str(CredentialState.AVAILABLE)

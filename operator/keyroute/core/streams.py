@@ -77,6 +77,28 @@ class StreamWatch:
             self._pending = data[at:]
 
 
+_DATA_LINE = re.compile(rb"(?:^|\n)data:")
+_PING = re.compile(rb"(?:^|\n)event:\s*ping\s*(?:\r?\n|$)")
+
+
+def first_data_event(buf: bytes) -> tuple[int, int]:
+    """``(start, end)`` of the first complete SSE event in ``buf`` that carries data; ``(-1, -1)`` if
+    there is none yet.
+
+    What ``timeouts.firstToken`` waits for. Comment-only events (``: OPENROUTER PROCESSING``, keep-alives)
+    and Anthropic's ``ping`` events say the upstream is alive, not that it has answered, so they do not
+    count. Any other event with a ``data:`` field does, including a role-only first chunk or Anthropic's
+    ``message_start``: recognising "a token" in every dialect is not worth parsing JSON per event.
+    """
+    start = 0
+    for m in _EVENT_END.finditer(buf):
+        event = buf[start : m.start()].replace(b"\r\n", b"\n")
+        if _DATA_LINE.search(event) and not _PING.search(event):
+            return start, m.end()
+        start = m.end()
+    return -1, -1
+
+
 def first_event_end(buf: bytes) -> int:
     """Index just past the first complete SSE event in ``buf``, or -1 if it is not complete yet."""
     m = _EVENT_END.search(buf)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from keyroute.core.actions import Action, ActionKind
+from keyroute.core.actions import POOL_ACTIONS, Action, ActionKind
 from keyroute.core.chains import Chain
-from keyroute.core.resources import CredentialState
+from keyroute.core.resources import CredentialState, RateLimitScope
 
 OK = "OK"  # the class label of a successful request or attempt
 
@@ -54,8 +54,9 @@ class Metrics:
         )
         self.actions = Counter(
             "keyroute_recovery_actions",
-            "Recovery actions by kind and class.",
-            ["kind", "class"],
+            "Recovery actions by kind, class and scope (credential actions: Credential, or Pool for a "
+            "rate limit the pool's keys share; empty for chain actions).",
+            ["kind", "class", "scope"],
             registry=r,
         )
         self.upstream_latency = Histogram(
@@ -135,7 +136,11 @@ class Metrics:
             child.inc(n)  # type: ignore[attr-defined]
 
     def action(self, action: Action) -> None:
-        self.actions.labels(str(action.kind), str(action.error_class or "")).inc()
+        if action.scope is not None:
+            scope = str(action.scope)
+        else:
+            scope = str(RateLimitScope.CREDENTIAL) if action.kind in POOL_ACTIONS else ""
+        self.actions.labels(str(action.kind), str(action.error_class or ""), scope).inc()
         if action.kind is ActionKind.FALLBACK_ACTIVATED:
             self.fallbacks.labels(
                 action.object_name,

@@ -27,7 +27,7 @@ from keyroute.core.bodies import inspect_body
 from keyroute.core.classes import ErrorClass
 from keyroute.core.classify import Classification, classify, classify_stream_event
 from keyroute.core.routing import Attempt, Exhausted, Route, Verdict, Wait
-from keyroute.core.streams import StreamWatch, error_event, first_event_end
+from keyroute.core.streams import StreamWatch, error_event, first_data_event, first_event_end
 from keyroute.core.usage import body_usage
 from keyroute.sidecar.metrics import OK, Metrics
 from keyroute.sidecar.upstream import (
@@ -221,14 +221,36 @@ class Proxy:
     ) -> web.StreamResponse:
         content = upstream.content
         buf = b""
+        # Nothing reaches the agent before the first event is in: until then the route may fail over.
+        # With firstToken set, keep-alives do not count and the wait has its own bound.
+        first_token = attempt.first_token
+        start, end = 0, -1
         try:
-            async with asyncio.timeout(attempt.first_byte):
-                while first_event_end(buf) < 0 and len(buf) < MAX_FIRST_EVENT:
+            async with asyncio.timeout(first_token or attempt.first_byte):
+                while end < 0 and len(buf) < MAX_FIRST_EVENT:
                     chunk = await content.readany()
                     if not chunk:
                         break
                     buf += chunk
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    if first_token is None:
+                        end = first_event_end(buf)
+                    else:
+                        start, end = first_data_event(buf)
+        except TimeoutError:
+            if first_token is None:
+                self._fail_transport(
+                    route, attempt, transport_failure(TimeoutError(), "first event"), latency
+                )
+            self._fail_transport(
+                route,
+                attempt,
+                Classification(
+                    ErrorClass.TIMEOUT,
+                    message=f"no first token within {first_token:g}s of the response headers (firstToken)",
+                ),
+                latency,
+            )
+        except (aiohttp.ClientError, OSError) as exc:
             self._fail_transport(route, attempt, transport_failure(exc, "first event"), latency)
         if not buf:
             self._fail_transport(
@@ -237,8 +259,7 @@ class Proxy:
                 Classification(ErrorClass.CONNECTION_ERROR, message="stream ended before any event"),
                 latency,
             )
-        end = first_event_end(buf)
-        inband = classify_stream_event(buf[:end] if end > 0 else buf, _clock())
+        inband = classify_stream_event(buf[start:end] if end > 0 else buf, _clock())
         if inband is not None:
             self._fail(route, attempt, inband, latency)  # the agent gets the stream as sent
         else:

@@ -1,0 +1,77 @@
+"""The ``realapi`` tier: tests on a real kube-apiserver, etcd and kube-controller-manager.
+
+Fixtures:
+
+- ``control_plane`` (session): a :class:`~tests.realapi.controlplane.ControlPlane` started from
+  ``KUBEBUILDER_ASSETS``, with keyroute's CRDs applied. Without the binaries every test here skips
+  with a message saying how to get them; with ``CI`` set, missing binaries fail the run instead.
+- ``namespace``: a fresh namespace per test (its ``default`` ServiceAccount made), deleted afterwards.
+- ``api``: :class:`~tests.realapi.client.Api`, admin requests for setting up and looking.
+- ``keyroute_process``: :class:`~tests.realapi.processes.Processes`, ``keyroute`` commands run as
+  processes of their own; whatever is still running at teardown is killed.
+
+Every test under this folder is marked ``realapi`` (``pytest -m realapi`` runs just them).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.realapi.client import Api
+from tests.realapi.controlplane import HOW_TO_GET_ASSETS, ControlPlane, find_assets
+from tests.realapi.processes import Processes
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if HERE in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.realapi)
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """A real control plane for the whole session, with keyroute's CRDs installed."""
+    assets = find_assets()
+    if assets is None:
+        message = f"no Kubernetes control-plane binaries: {HOW_TO_GET_ASSETS}"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (CI is set: the realapi tier must run there)")
+        pytest.skip(message)
+    with ControlPlane.start(assets) as cp:
+        cp.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+        cp.kubectl("wait", "--for=condition=Established", "--timeout=30s", "-f", str(ROOT / "crds"))
+        yield cp
+
+
+@pytest.fixture
+def namespace(control_plane: ControlPlane, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace named after the test, with its default ServiceAccount; deleted afterwards."""
+    stem = "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-")
+    name = f"{stem}-{secrets.token_hex(3)}"
+    control_plane.kubectl("create", "namespace", name)
+    control_plane.wait_service_account(name)
+    yield name
+    control_plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+async def api(control_plane: ControlPlane) -> AsyncIterator[Api]:
+    async with Api(control_plane.server, control_plane.ssl_context()) as client:
+        yield client
+
+
+@pytest.fixture
+def keyroute_process(tmp_path: Path) -> Iterator[Processes]:
+    procs = Processes(tmp_path)
+    try:
+        yield procs
+    finally:
+        procs.close()
