@@ -3,6 +3,7 @@
     python bench/run.py            # full run, about 5 minutes
     python bench/run.py --quick    # smaller version, about 1 minute
     python bench/run.py --profile 15   # py-spy profile of the sidecar at concurrency 32 only
+    python bench/run.py --tokens       # CPU cost of token counting only: --token-metrics on vs off
 
 Starts, as separate processes: fast fake providers (bench/fastprovider.py), the minimal aiohttp
 pass-through (bench/baseline_proxy.py) and ``keyroute sidecar`` with a config rendered from
@@ -349,7 +350,9 @@ class Bench:
         wait_tcp(port, p)
         return p, port
 
-    def start_sidecar(self, name: str, config_json: str, loop: str = "auto") -> tuple[Proc, int, int]:
+    def start_sidecar(
+        self, name: str, config_json: str, loop: str = "auto", extra: tuple[str, ...] = ()
+    ) -> tuple[Proc, int, int]:
         cfg = self.tmp / f"{name}.json"
         cfg.write_text(config_json)
         cfg.chmod(0o600)
@@ -360,6 +363,7 @@ class Bench:
         ]  # fmt: skip
         if loop != "auto":
             cmd += ["--loop", loop]
+        cmd += extra
         p = self.spawn(name, cmd, self.proxy_core, "proxy")
         deadline = time.monotonic() + 30
         while True:
@@ -864,6 +868,49 @@ class Bench:
                 self.drop(proc)
         self.res["compare"] = {"direct": direct, "variants": rows, "big_body_bytes": big}
 
+    def stage_tokens(self) -> None:
+        """The CPU cost of token counting: two sidecars from one config, ``--token-metrics on`` and
+        ``off``, alone on core 0 in turn; rounds alternate their order, and each round gives a
+        paired ratio of CPU per request (on / off). JSON answers at c=32 carry a ``usage`` object
+        (the fast provider's fixed completion); streams at c=32 exercise the per-chunk scan."""
+        self.prov_a, self.port_a = self.start_provider("provider-primary")
+        self.prov_b, self.port_b = self.start_provider("provider-fallback")
+        cfg = sidecar_config(
+            f"http://127.0.0.1:{self.port_a}/v1",
+            f"http://127.0.0.1:{self.port_b}/v1",
+            [fake_key("acme-1"), fake_key("acme-2")],
+            [fake_key("backup-1"), fake_key("backup-2")],
+        )
+        on, port_on, _ = self.start_sidecar("sidecar-tokens-on", cfg)
+        off, port_off, _ = self.start_sidecar("sidecar-tokens-off", cfg, extra=("--token-metrics", "off"))
+        rounds, d = (6, 3.0) if not self.quick else (2, 2.0)
+        out: dict[str, Any] = {"rounds": rounds, "duration_s": d}
+        for kind, stream in (("json_c32", False), ("stream_c32", True)):
+            runs: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
+            for i in range(rounds):
+                order = [("on", port_on, on), ("off", port_off, off)]
+                for label, port, proc in order if i % 2 == 0 else reversed(order):
+                    log(f"tokens {kind} round {i + 1}/{rounds} --token-metrics {label}")
+                    r = self.load(port, proc, c=32, duration=d, warmup=500, stream=stream)
+                    log(f"  {self.brief(r)}")
+                    runs[label].append(r)
+            ratios = [
+                a["proxy_cpu_us_per_req"] / b["proxy_cpu_us_per_req"]
+                for a, b in zip(runs["on"], runs["off"], strict=True)
+            ]
+            out[kind] = {
+                "cpu_us_per_req_on": [r["proxy_cpu_us_per_req"] for r in runs["on"]],
+                "cpu_us_per_req_off": [r["proxy_cpu_us_per_req"] for r in runs["off"]],
+                "paired_ratios": [round(x, 4) for x in ratios],
+                "paired_ratio_median": round(statistics.median(ratios), 4),
+            }
+            log(f"  {kind}: CPU per request on/off, paired median {out[kind]['paired_ratio_median']:.3f}")
+        out["micro"] = micro_tokens()
+        off_us = statistics.median(out["json_c32"]["cpu_us_per_req_off"])
+        out["micro"]["json_added_pct_of_request"] = round(100 * out["micro"]["json_added_us"] / off_us, 2)
+        log(f"  in-process: {out['micro']}")
+        self.res["tokens"] = out
+
     def stage_profile(self, seconds: float, c: int) -> None:
         """py-spy the sidecar under load at concurrency ``c``; summarise self and inclusive time per function."""
         assert self.sidecar is not None
@@ -1306,6 +1353,87 @@ def report(res: dict[str, Any]) -> str:
     return "\n".join(L)
 
 
+def micro_tokens(n: int = 20000) -> dict[str, float]:
+    """The exact work token counting adds, timed in this process (CPU time, so another process on
+    the core slows it less than the end-to-end runs): reading a JSON answer's usage and counting it,
+    and a 20-event stream's scan with and without usage tracking."""
+    from fastprovider import COMPLETION, sse_event
+    from keyroute.core.streams import StreamWatch
+    from keyroute.core.usage import body_usage
+    from keyroute.sidecar.metrics import Metrics
+
+    metrics = Metrics()
+
+    def json_path() -> None:
+        counts = body_usage(COMPLETION)
+        if counts:
+            metrics.tokens_used("bench", "acme", "acme-1", "gpt-bench", counts)
+
+    final = (
+        b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","choices":[],'
+        b'"usage":{"prompt_tokens":12,"completion_tokens":21,"total_tokens":33}}\n\n'
+    )
+    chunks = [sse_event(i, 20) for i in range(20)] + [final, b"data: [DONE]\n\n"]
+
+    def stream(track: bool) -> None:
+        w = StreamWatch(usage=track)
+        for c in chunks:
+            w.feed(c)
+        if w.usage:
+            metrics.tokens_used("bench", "acme", "acme-1", "gpt-bench", w.usage)
+
+    def per_call_us(*fns: Callable[[], None], reps: int = 9) -> list[float]:
+        """The least disturbed of ``reps`` timings of each function, interleaved so that a slow
+        spell of the machine hits them alike."""
+        best = [float("inf")] * len(fns)
+        for _ in range(reps):
+            for i, fn in enumerate(fns):
+                t0 = time.process_time()
+                for _ in range(n):
+                    fn()
+                best[i] = min(best[i], time.process_time() - t0)
+        return [b * 1e6 / n for b in best]
+
+    on, off = per_call_us(lambda: stream(True), lambda: stream(False))
+    return {
+        "json_added_us": round(per_call_us(json_path)[0], 2),
+        "stream_22_events_on_us": round(on, 2),
+        "stream_22_events_off_us": round(off, 2),
+        "stream_added_us": round(on - off, 2),
+    }
+
+
+def tokens_report(res: dict[str, Any]) -> str:
+    """The ``--tokens`` run as markdown."""
+    t = res["tokens"]
+    m = res["machine"]
+    lines = [
+        f"# keyroute token counting CPU cost ({res['date']})",
+        "",
+        f"Machine: {m.get('cpu', '?')}, {m['cores']} cores, Python {m['python']}; {res['pinning']}. "
+        f"{t['rounds']} rounds of {t['duration_s']:g} s per sidecar per load, order alternating.",
+        "",
+        "| load | CPU µs/req, on | CPU µs/req, off | on/off per round | median |",
+        "|---|---|---|---|---|",
+    ]
+    for kind in ("json_c32", "stream_c32"):
+        r = t[kind]
+        lines.append(
+            f"| {kind} | {', '.join(f'{x:.0f}' for x in r['cpu_us_per_req_on'])} "
+            f"| {', '.join(f'{x:.0f}' for x in r['cpu_us_per_req_off'])} "
+            f"| {', '.join(f'{x:.3f}' for x in r['paired_ratios'])} | **{r['paired_ratio_median']:.3f}** |"
+        )
+    mi = t["micro"]
+    lines += [
+        "",
+        f"In-process (CPU time of the added work alone): JSON answer {mi['json_added_us']:.1f} µs per request "
+        f"({mi['json_added_pct_of_request']:.2f}% of the sidecar's median CPU per request with counting off); "
+        f"a 22-event stream {mi['stream_added_us']:.1f} µs ({mi['stream_22_events_off_us']:.1f} → "
+        f"{mi['stream_22_events_on_us']:.1f} µs for the scan).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smaller version, about a minute")
@@ -1316,6 +1444,8 @@ def main() -> int:
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="first wait up to SECONDS for other processes to leave both cores idle")  # fmt: skip
     p.add_argument("--profile-c", type=int, default=32, help="concurrency while profiling (default 32)")
+    p.add_argument("--tokens", action="store_true",
+                   help="only measure the CPU cost of token counting (--token-metrics on vs off)")  # fmt: skip
     p.add_argument("--wait-sidecar", type=float, default=0.0, metavar="SECONDS",
                    help="if the sidecar cannot import yet, retry every 60 s for this long")  # fmt: skip
     args = p.parse_args()
@@ -1336,6 +1466,18 @@ def main() -> int:
     if max(busy) > 10:
         log(f"warning: the machine is busy before the run (per-core busy % {busy}); numbers will be noisy")
     old = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.tokens:
+        res["mode"] = "tokens"
+        try:
+            bench.stage_tokens()
+        finally:
+            bench.close()
+            shutil.rmtree(bench.tmp, ignore_errors=True)  # rendered configs (fake keys)
+        text = tokens_report(res)
+        (RESULTS / "latest-tokens.json").write_text(json.dumps(res, indent=1, default=str))
+        (RESULTS / "latest-tokens.md").write_text(text)
+        print(text)
+        return 0
     try:
         bench.setup()
         if args.profile:

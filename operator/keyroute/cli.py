@@ -54,6 +54,7 @@ async def _serve_sidecar(args: argparse.Namespace) -> int:
         listen=Address.parse(args.listen),
         admin_listen=Address.parse(args.admin_listen) if args.admin_listen != "off" else None,
         reload_interval=args.reload_interval,
+        count_tokens=args.token_metrics == "on",
     )
     try:
         _setup_reporting(sidecar, args)
@@ -263,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-share",
         action="store_true",
         help="do not honour cooldowns other pods reported (pools can opt out with shareCooldowns: false)",
+    )
+    s.add_argument(
+        "--token-metrics",
+        choices=["on", "off"],
+        default="on",
+        help="count the tokens answers report in keyroute_tokens_total (off: fewer series, no usage scan)",
     )
     s.add_argument("--log-level", default="info")
     s.add_argument("--log-format", choices=["json", "text"], default="json")

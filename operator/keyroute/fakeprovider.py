@@ -606,6 +606,10 @@ class FakeProvider:
                 )
                 for i, piece in enumerate(pieces, start=1)
             ]
+            options = _json_field(rec.body, "stream_options")
+            if b.finish and isinstance(options, dict) and options.get("include_usage") is True:
+                # OpenAI's final chunk: no choices, the usage; sent only when the client asked for it.
+                events.append(sse.usage(max(1, len(rec.body) // 4), max(1, len(self._text(b).split()))))
             if b.done:
                 events.append(sse.done())
             for i in range(len(events) + 1):
@@ -749,6 +753,23 @@ class _Sse:
     def done(self) -> bytes:
         return b"data: [DONE]\n\n"
 
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        """The ``include_usage`` chunk (empty for the dialects that report usage in their own events)."""
+        return _event(
+            {
+                "id": f"chatcmpl-{self.ident}",
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            }
+        )
+
     def error(self, err: Mapping[str, Any]) -> bytes:
         return _event({"error": err})
 
@@ -816,6 +837,9 @@ class _AnthropicSse(_Sse):
             )
         return out
 
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        return b""  # reported in this dialect's own events
+
     def done(self) -> bytes:
         return _event({"type": "message_stop"}, "message_stop")
 
@@ -852,6 +876,9 @@ class _ResponsesSse(_Sse):
             )
             out += _event({"type": "response.completed", "response": completed}, "response.completed")
         return out
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        return b""  # reported in this dialect's own events
 
     def done(self) -> bytes:
         return b""

@@ -49,6 +49,8 @@ KUBE_VERSIONS = ("1.29.0", kubernetes_validate.latest_version() + ".0")
 # schema-checked (the tests below assert on the fields the chart sets). Anything else must validate.
 FOREIGN_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
     ("cert-manager.io/v1", "Certificate"),
     ("cert-manager.io/v1", "Issuer"),
 }
@@ -99,7 +101,12 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "certmanager-container": {
         "image": {"repository": "registry.example/keyroute", "tag": "9.9.9", "pullPolicy": "Always"},
         "webhook": {"certManager": {"enabled": True}, "failurePolicy": "Ignore", "timeoutSeconds": 3},
-        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+        "metrics": {
+            "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+            "sidecarPodMonitor": {"enabled": True, "labels": {"release": "prom"}},
+            "prometheusRule": {"enabled": True, "labels": {"release": "prom"}},
+            "dashboards": {"enabled": True, "annotations": {"grafana_folder": "LLM"}},
+        },
         "injection": {
             "mode": "container",
             "missingChain": "Inject",
@@ -718,6 +725,9 @@ def test_metrics_service(helm: HelmRunner, scenario: str) -> None:
     assert svc["spec"]["selector"].items() <= pod_labels.items()
     monitors = of_kind(objs, "ServiceMonitor")
     assert len(monitors) == (1 if scenario == "certmanager-container" else 0)
+    # Off by default, like the ServiceMonitor: they need the Prometheus Operator's (or Grafana's) CRDs.
+    for kind in ("PodMonitor", "PrometheusRule"):
+        assert len(of_kind(objs, kind)) == (1 if scenario == "certmanager-container" else 0), kind
 
 
 def test_service_monitor_scrapes_only_the_metrics_service(helm: HelmRunner) -> None:
@@ -733,6 +743,22 @@ def test_service_monitor_scrapes_only_the_metrics_service(helm: HelmRunner) -> N
     assert matching == [f"{FULLNAME}-metrics"]
     assert sm["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
     assert [(e["port"], e["path"]) for e in sm["spec"]["endpoints"]] == [("metrics", "/metrics")]
+    # The operator's per-object metrics keep their own namespace label (the alerts group by it).
+    assert sm["spec"]["endpoints"][0]["honorLabels"] is True
+
+
+def test_sidecar_pod_monitor_scrapes_labelled_pods_on_the_admin_port(helm: HelmRunner) -> None:
+    from keyroute.core.inject import ADMIN_PORT_NAME, CHAIN_LABEL
+
+    pm = one(rendered(helm, "certmanager-container"), "PodMonitor", f"{FULLNAME}-sidecars")
+    assert pm["metadata"]["labels"]["release"] == "prom"
+    assert pm["spec"]["selector"] == {"matchExpressions": [{"key": CHAIN_LABEL, "operator": "Exists"}]}
+    assert pm["spec"]["namespaceSelector"] == {"any": True}
+    assert [(e["port"], e["path"]) for e in pm["spec"]["podMetricsEndpoints"]] == [(ADMIN_PORT_NAME, "/metrics")]
+    namespaced = helm.template(
+        {"watchNamespaces": ["agents"], "metrics": {"sidecarPodMonitor": {"enabled": True}}}
+    )
+    assert one(namespaced, "PodMonitor")["spec"]["namespaceSelector"] == {"matchNames": ["agents"]}
 
 
 # --- values.schema.json -----------------------------------------------------------------------------

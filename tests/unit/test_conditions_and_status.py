@@ -168,6 +168,26 @@ def test_pool_reports_fold_in_until_they_expire_and_only_for_the_same_key():
     )
 
 
+def test_next_available_is_the_soonest_until_of_a_benched_key():
+    p = pool(("k1", "s", "a"), ("k2", "s", "b"), ("k3", "s", "c"))
+    resolved = resolve_pool(p, {"s": secret("s", a=KEY, b=KEY + "b", c=KEY + "c")})
+    fps = {c.name: c.fingerprint for c in resolved.credentials}
+
+    def report(name: str, state: CredentialState, reason: str, until: float | None) -> CredentialReport:
+        return CredentialReport(state, reason, T0 - 1, until, fps[name], 429, "pod-a", None)
+
+    rep = {
+        "k1": report("k1", CredentialState.EXHAUSTED, "Billing", T0 + 3600),
+        "k2": report("k2", CredentialState.COOLING_DOWN, "RateLimited", T0 + 30),
+        "k3": report("k3", CredentialState.REJECTED, "Revoked", None),  # back only when its key changes
+    }
+    st = pool_status(p, resolved, old=None, now=T0, reported=rep)
+    assert st["nextAvailableAt"] == "2027-01-15T08:00:30Z"
+    # When k2 comes back, the next is k1's; with no benched key the field goes (and the column is empty).
+    assert pool_status(p, resolved, old=st, now=T0 + 31, reported=rep)["nextAvailableAt"] == "2027-01-15T09:00:00Z"
+    assert "nextAvailableAt" not in pool_status(p, resolved, old=st, now=T0, reported={})
+
+
 def test_credential_transition_time_is_kept_while_its_state_holds():
     p = pool(("k1", "s", "a"))
     resolved = resolve_pool(p, {"s": secret("s", a=KEY)})

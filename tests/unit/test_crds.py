@@ -326,8 +326,14 @@ def resolve_json_path(schema: Doc, json_path: str) -> Doc:
 @pytest.mark.parametrize(
     ("kind", "columns"),
     [
-        ("CredentialPool", ["Provider", "Strategy", "Available", "Total", "Ready", "Age"]),
-        ("ProviderChain", ["Primary", "Active", "Ready", "Fallback", "Age"]),
+        (
+            "CredentialPool",
+            ["Provider", "Strategy", "Available", "Total", "Ready", "Next Available", "Age", "Degraded", "Exhausted"],
+        ),
+        (
+            "ProviderChain",
+            ["Primary", "Active", "Ready", "Fallback", "Sidecars", "Age", "On Fallback", "Last Fallback", "Reason", "Config"],
+        ),
     ],
 )
 def test_printer_columns_point_at_fields_of_the_right_type(kind: str, columns: list[str]) -> None:
@@ -339,6 +345,53 @@ def test_printer_columns_point_at_fields_of_the_right_type(kind: str, columns: l
         node = resolve_json_path(schema, column["jsonPath"])
         expected = {"date": "string", "integer": "integer", "string": "string"}[column["type"]]
         assert node["type"] == expected, column
+
+
+def _cell(doc: Doc, json_path: str) -> str:
+    """What kubectl prints for one column of ``doc`` (the JSONPath subset the columns use)."""
+    node: Any = doc
+    for m in _SEGMENT.finditer(json_path):
+        if node is None:
+            return "<none>"
+        if m["field"]:
+            node = node.get(m["field"])
+        elif m["index"]:
+            node = node[int(m["index"])]
+        else:
+            wanted = m.group(0).split('"')[1]
+            node = next((x for x in node if x.get(m["filter"]) == wanted), None)
+    return "<none>" if node is None else str(node)
+
+
+@pytest.mark.parametrize("kind", ["CredentialPool", "ProviderChain"])
+def test_kubectl_get_fits_120_columns_and_wide_adds_the_rest(kind: str) -> None:
+    """``kubectl get cpool,pchain`` stays one screen: the default table, as kubectl lays it out (columns
+    padded to their widest cell, three spaces apart), fits 120 columns with a 30-character name and a
+    16-character provider;
+    the priority-1 columns appear with ``-o wide`` only."""
+    columns = crds.crd_for(kind)["spec"]["versions"][0]["additionalPrinterColumns"]
+    doc = (pool_doc if kind == "CredentialPool" else chain_doc)()
+    doc["status"] = (pool_status if kind == "CredentialPool" else chain_status)()
+    doc["metadata"]["name"] = "agents-production-eu-west" + "x" * 5  # 30 characters
+    if kind == "CredentialPool":
+        doc["spec"]["provider"] = "anthropic-vertex"  # 16 characters
+        doc["spec"]["strategy"] = "RoundRobin"
+    else:
+        doc["spec"]["providers"][0]["provider"] = "anthropic-vertex"
+        doc["status"]["activeProvider"] = "anthropic-backup"
+
+    def width(wide: bool) -> int:
+        cells = [("NAME", doc["metadata"]["name"])]
+        for c in columns:
+            if c.get("priority", 0) and not wide:
+                continue
+            value = "12d" if c["type"] == "date" else _cell(doc, c["jsonPath"])
+            cells.append((c["name"].upper(), value))
+        return sum(max(len(h), len(v)) for h, v in cells) + 3 * (len(cells) - 1)
+
+    assert width(wide=False) <= 120
+    assert any(c.get("priority") == 1 for c in columns)
+    assert width(wide=True) > width(wide=False)
 
 
 def test_ready_and_fallback_columns_read_condition_status() -> None:
@@ -559,6 +612,7 @@ def pool_status() -> Doc:
         ],
         "available": 1,
         "total": 5,
+        "nextAvailableAt": "2026-01-02T03:05:05Z",
         "credentials": [
             {"name": "k1", "state": "Available", "fingerprint": "3f2a9c1d", "lastTransitionTime": T},
             {"name": "k2", "state": "CoolingDown", "reason": "RateLimited", "until": "2026-01-02T03:05:05Z", "lastErrorCode": 429, "fingerprint": "9b0e44aa", "lastTransitionTime": T, "reportedBy": "agent-7d9f-x2", "model": "gpt-4o", "scope": "Pool"},

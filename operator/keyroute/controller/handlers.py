@@ -29,7 +29,7 @@ from typing import Any
 import kopf
 
 from keyroute.controller import login as _login
-from keyroute.controller.metrics import OperatorMetrics
+from keyroute.controller.metrics import shared as shared_metrics
 from keyroute.controller.reconcile import Reconciler
 from keyroute.core.reports import REPORT_LABEL, REPORT_LABEL_VALUE
 from keyroute.kube import CORE, path, watch_forever
@@ -42,7 +42,7 @@ RESYNC = float(os.environ.get("KEYROUTE_RESYNC_SECONDS", "300"))
 NAMESPACES = [n for n in os.environ.get("KEYROUTE_NAMESPACES", "").split(",") if n]
 
 # Shared across handlers (kopf's memo is shallow-copied per object, so state lives here).
-STATE: dict[str, Any] = {"metrics": OperatorMetrics()}
+STATE: dict[str, Any] = {"metrics": shared_metrics()}
 # Objects seen on the watch streams, for the periodic resync: (namespace, name).
 KNOWN: dict[str, set[tuple[str, str]]] = {"pools": set(), "chains": set()}
 # Last seen resourceVersion of credential Secrets, to tell a re-listed changed Secret from an old one.
@@ -214,7 +214,9 @@ async def chain_event(type: str, name: str, namespace: str | None, **_: Any) -> 
     key = (namespace or "default", name)
     if type == "DELETED":
         KNOWN["chains"].discard(key)
-        reconciler().forget("chain", *key)
+        r = reconciler()
+        r.forget("chain", *key)
+        r.metrics.chain_gone(key)
     else:
         KNOWN["chains"].add(key)
 

@@ -1,10 +1,19 @@
-"""The operator's Prometheus metrics."""
+"""The operator's Prometheus metrics.
+
+Besides its own work (reconciles, writes, reports read), the operator exports what it wrote into
+status, per object: it is the single writer of status and folds every sidecar's reports, so its view
+of a pool or chain is the cluster's (a sidecar's own gauges only say what that one pod saw). The
+chart's alerts and dashboard read these. Label values are object and credential names, never keys.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+STATES = ("Available", "CoolingDown", "Exhausted", "Rejected", "Missing")
 
 
 class OperatorMetrics:
@@ -30,19 +39,76 @@ class OperatorMetrics:
             ["result"],
             registry=r,
         )
+        self.credential_state = Gauge(
+            "keyroute_operator_credential_state",
+            "1 for the state each credential of each pool has in the pool's status, else 0.",
+            ["namespace", "pool", "credential", "state"],
+            registry=r,
+        )
+        self.chain_fallback = Gauge(
+            "keyroute_operator_chain_fallback_active",
+            "1 while the chain's FallbackActive condition is True (some sidecar serves from a fallback).",
+            ["namespace", "chain"],
+            registry=r,
+        )
+        self.chain_sidecars = Gauge(
+            "keyroute_operator_chain_sidecars",
+            "Sidecars reporting on the chain (status.sidecars).",
+            ["namespace", "chain"],
+            registry=r,
+        )
+        self.admissions = Counter(
+            "keyroute_webhook_admissions",
+            "Pods seen by the injection webhook, by result (injected, skipped: already injected, "
+            "refused) and reason (the refusal's, or Injected / AlreadyInjected / ChainNotVerified).",
+            ["result", "reason"],
+            registry=r,
+        )
         self._pool_ready: dict[tuple[str, str], str] = {}
         self._pool_states: dict[tuple[str, str], Mapping[str, int]] = {}
+        self._pool_credentials: dict[tuple[str, str], Mapping[str, str]] = {}
 
-    def pool_seen(self, key: tuple[str, str], ready: str, states: Mapping[str, int]) -> None:
-        """Record one pool's readiness and credential states; gauges are recomputed from all pools."""
+    def pool_seen(
+        self,
+        key: tuple[str, str],
+        ready: str,
+        states: Mapping[str, int],
+        credentials: Mapping[str, str] | None = None,
+    ) -> None:
+        """Record one pool's readiness and credential states (``credentials``: name -> state, as
+        written in its status); the totals are recomputed from all pools."""
         self._pool_ready[key] = ready
         self._pool_states[key] = states
+        self._set_credentials(key, credentials or {})
         self._refresh()
 
     def pool_gone(self, key: tuple[str, str]) -> None:
         self._pool_ready.pop(key, None)
         self._pool_states.pop(key, None)
+        self._set_credentials(key, {})
         self._refresh()
+
+    def chain_seen(self, key: tuple[str, str], fallback_active: bool, sidecars: int) -> None:
+        """Record one chain's FallbackActive condition and its count of reporting sidecars."""
+        self.chain_fallback.labels(*key).set(1 if fallback_active else 0)
+        self.chain_sidecars.labels(*key).set(sidecars)
+
+    def chain_gone(self, key: tuple[str, str]) -> None:
+        for gauge in (self.chain_fallback, self.chain_sidecars):
+            with contextlib.suppress(KeyError):  # never seen
+                gauge.remove(*key)
+
+    def _set_credentials(self, key: tuple[str, str], credentials: Mapping[str, str]) -> None:
+        before = self._pool_credentials.pop(key, {})
+        for name in before.keys() - credentials.keys():
+            # A credential removed from the spec (or the pool deleted) must not keep alerting.
+            for state in STATES:
+                self.credential_state.remove(*key, name, state)
+        for name, current in credentials.items():
+            for state in STATES:
+                self.credential_state.labels(*key, name, state).set(1 if state == current else 0)
+        if credentials:
+            self._pool_credentials[key] = dict(credentials)
 
     def _refresh(self) -> None:
         for value in ("True", "False", "Unknown"):
@@ -51,5 +117,16 @@ class OperatorMetrics:
         for states in self._pool_states.values():
             for state, n in states.items():
                 totals[state] = totals.get(state, 0) + n
-        for state in ("Available", "CoolingDown", "Exhausted", "Rejected", "Missing"):
+        for state in STATES:
             self.credentials.labels(state).set(totals.get(state, 0))
+
+
+_SHARED: list[OperatorMetrics] = []
+
+
+def shared() -> OperatorMetrics:
+    """The process's operator metrics: the handlers and the webhook count into one registry, the one
+    ``keyroute operator`` serves on its metrics port."""
+    if not _SHARED:
+        _SHARED.append(OperatorMetrics())
+    return _SHARED[0]

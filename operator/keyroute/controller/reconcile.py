@@ -239,7 +239,12 @@ class Reconciler:
         new = pool_status(pool, resolve_pool(pool, secrets), old=old, now=now, reported=reported)
         await self._write_status(url, body, old, new, "CredentialPool")
         ready = next((c["status"] for c in new["conditions"] if c["type"] == "Ready"), "Unknown")
-        self.metrics.pool_seen((namespace, name), ready, Counter(c["state"] for c in new["credentials"]))
+        self.metrics.pool_seen(
+            (namespace, name),
+            ready,
+            Counter(c["state"] for c in new["credentials"]),
+            {c["name"]: c["state"] for c in new["credentials"]},
+        )
 
     # --- chains ----------------------------------------------------------------------------------
 
@@ -254,6 +259,7 @@ class Reconciler:
         url = path(*KEYROUTE, "providerchains", namespace, name)
         body = await self.kube.get(url)
         if body is None:
+            self.metrics.chain_gone((namespace, name))
             return  # deleted: its config Secret goes with it (owner reference)
         old = body.get("status") or {}
         now = self.clock()
@@ -282,6 +288,12 @@ class Reconciler:
         summary = self.book.chain_summary(namespace, name, now)
         new = chain_status(chain, result, old=old, now=now, summary=summary)
         await self._write_status(url, body, old, new, "ProviderChain")
+        fallback = next((c for c in new["conditions"] if c["type"] == "FallbackActive"), None)
+        self.metrics.chain_seen(
+            (namespace, name),
+            fallback is not None and fallback["status"] == "True",
+            int(new.get("sidecars") or 0),
+        )
 
     async def _write_config(self, chain: ProviderChain, config: Any) -> None:
         url = path(*CORE, "secrets", chain.namespace, config_secret_name(chain.name))

@@ -44,6 +44,7 @@ from typing import Any
 import kopf
 
 from keyroute.controller import login as _login
+from keyroute.controller.metrics import shared as shared_metrics
 from keyroute.core import inject as core
 from keyroute.kube import ApiError, Kube
 from keyroute.kube import path as api_path
@@ -282,11 +283,14 @@ async def inject_sidecar(
     # configuration): an UPDATE sent by a misconfigured webhook must not try to add containers.
     if kwargs.get("operation") != "CREATE":
         return
+    admissions = shared_metrics().admissions
     injection: core.InjectionSettings | None = STATE.get("injection")
     if injection is None:  # only reachable through a server this module did not configure
+        admissions.labels("refused", "NotConfigured").inc()
         raise kopf.AdmissionError("keyroute: the sidecar injection webhook is not configured", code=500)
     pod: dict[str, Any] = dict(body)
     if core.is_injected(pod):
+        admissions.labels("skipped", "AlreadyInjected").inc()
         return
     chain = labels.get(core.CHAIN_LABEL, "")
     meta = pod.get("metadata") or {}
@@ -300,12 +304,14 @@ async def inject_sidecar(
         core.check_chain_name(chain)
     except core.InjectionError as e:
         log.info("pod refused: invalid chain label", extra={"kr": where})
+        admissions.labels("refused", "InvalidChainLabel").inc()
         raise kopf.AdmissionError(f"keyroute: {e}", code=400) from None
 
     exists, why = await chain_exists(namespace, chain)
     decision = core.decide(chain, namespace or "?", exists, injection.missing_chain, lookup_error=why)
     if not decision.inject:
         log.info("pod refused: chain not found", extra={"kr": where})
+        admissions.labels("refused", "ChainNotFound").inc()
         raise kopf.AdmissionError(f"keyroute: {decision.message}", code=403)
     if decision.message:
         warnings.append(decision.message)
@@ -315,6 +321,7 @@ async def inject_sidecar(
         mutation = core.inject(pod, chain, injection)
     except core.InjectionError as e:
         log.info("pod refused: cannot inject", extra={"kr": {**where, "error": str(e)}})
+        admissions.labels("refused", "CannotInject").inc()
         raise kopf.AdmissionError(f"keyroute: {e}", code=400) from None
     # Whole lists: kopf turns this merge-style patch into a JSON patch against the object it received.
     for key, value in mutation.spec.items():
@@ -322,3 +329,4 @@ async def inject_sidecar(
     for key, annotation in mutation.annotations.items():
         patch.metadata.annotations[key] = annotation
     log.info("sidecar injected", extra={"kr": {**where, "mode": str(injection.mode)}})
+    admissions.labels("injected", "InjectedWithWarning" if decision.message else "Injected").inc()

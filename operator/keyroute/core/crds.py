@@ -109,13 +109,16 @@ _ATOMIC: JSON = {"x-kubernetes-list-type": "atomic"}
 _SET: JSON = {"x-kubernetes-list-type": "set"}
 
 
-def _ready_column(name: str, condition: str, description: str) -> JSON:
-    return {
+def _ready_column(name: str, condition: str, description: str, *, wide: bool = False) -> JSON:
+    column: JSON = {
         "name": name,
         "type": "string",
         "description": description,
         "jsonPath": f'.status.conditions[?(@.type=="{condition}")].status',
     }
+    if wide:
+        column["priority"] = 1  # kubectl shows it with -o wide only
+    return column
 
 
 _AGE: JSON = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
@@ -147,7 +150,22 @@ _KINDS: dict[str, _Kind] = {
             },
             {"name": "Total", "type": "integer", "jsonPath": ".status.total"},
             _ready_column("Ready", "Ready", "At least one credential is usable"),
+            {
+                "name": "Next Available",
+                "type": "string",
+                "description": "Soonest time a benched credential comes back (empty: none is benched)",
+                "jsonPath": ".status.nextAvailableAt",
+            },
             _AGE,
+            # -o wide: why keys are out, and whether all of them are.
+            {
+                "name": "Degraded",
+                "type": "string",
+                "priority": 1,
+                "description": "Why a credential is unavailable (AllCredentialsAvailable when none is)",
+                "jsonPath": '.status.conditions[?(@.type=="Degraded")].reason',
+            },
+            _ready_column("Exhausted", "Exhausted", "Every credential is benched: chains fall back", wide=True),
         ),
     ),
     "ProviderChain": _Kind(
@@ -206,7 +224,42 @@ _KINDS: dict[str, _Kind] = {
             },
             _ready_column("Ready", "Ready", "Every entry has a pool bound to its provider"),
             _ready_column("Fallback", "FallbackActive", "Some sidecar is serving from a fallback entry"),
+            {
+                "name": "Sidecars",
+                "type": "integer",
+                "description": "Sidecars reporting on this chain (each refreshes its report every 5 minutes)",
+                "jsonPath": ".status.sidecars",
+            },
             _AGE,
+            # -o wide: how many pods are on a fallback, and the latest move.
+            {
+                "name": "On Fallback",
+                "type": "integer",
+                "priority": 1,
+                "description": "Reporting sidecars serving some model from a fallback entry",
+                "jsonPath": ".status.sidecarsOnFallback",
+            },
+            {
+                "name": "Last Fallback",
+                "type": "date",
+                "priority": 1,
+                "description": "When the latest fallback still reported happened",
+                "jsonPath": ".status.lastFallback.time",
+            },
+            {
+                "name": "Reason",
+                "type": "string",
+                "priority": 1,
+                "description": "The error class that caused the latest fallback",
+                "jsonPath": ".status.lastFallback.reason",
+            },
+            {
+                "name": "Config",
+                "type": "string",
+                "priority": 1,
+                "description": "Hash of the rendered sidecar config",
+                "jsonPath": ".status.config.hash",
+            },
         ),
     ),
 }

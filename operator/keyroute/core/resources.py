@@ -155,6 +155,8 @@ class CredentialPoolStatus(_Status):
     conditions: Annotated[list[Condition], Field(max_length=16)] = []
     available: int | None = None
     total: int | None = None
+    # The soonest `until` of a benched credential: when the pool next gets a key back (kubectl column).
+    next_available_at: str | None = Field(default=None, alias="nextAvailableAt")
     credentials: Annotated[list[CredentialStatus], Field(max_length=256)] = []
 
 

@@ -69,6 +69,7 @@ def pool_status(
         pool_wide = None
     rows: list[dict[str, Any]] = []
     unavailable: list[tuple[str, str, str]] = []  # (credential, reason, message)
+    back_at: list[float] = []  # the ``until`` of each benched credential
     runtime_reasons: list[str] = []  # credentials benched by sidecar reports
     for spec in pool.spec.credentials:
         row: dict[str, Any] = {"name": spec.name}
@@ -93,6 +94,7 @@ def pool_status(
                 row.update(state=str(rep.state), reason=rep.reason)
                 if rep.until is not None:
                     row["until"] = rfc3339(rep.until)
+                    back_at.append(rep.until)
                 if rep.status is not None:
                     row["lastErrorCode"] = rep.status
                 if rep.pod:
@@ -143,7 +145,7 @@ def pool_status(
         if available == 0 and runtime_reasons and len(runtime_reasons) == len(present)
         else fact(EXHAUSTED, False, "CredentialsAvailable", ""),
     ]
-    return {
+    status: dict[str, Any] = {
         "observedGeneration": pool.metadata.generation,
         "conditions": merge_conditions(
             old.get("conditions"), facts, now=stamp, generation=pool.metadata.generation
@@ -152,6 +154,9 @@ def pool_status(
         "total": total,
         "credentials": rows,
     }
+    if back_at:
+        status["nextAvailableAt"] = rfc3339(min(back_at))
+    return status
 
 
 def chain_status(

@@ -12,6 +12,7 @@ import json
 import re
 
 from keyroute.core.classes import ErrorClass
+from keyroute.core.usage import USAGE_KEY, USAGE_MAX, decode_usage_at
 
 # A finish reason that is a string (``null`` means "not yet"), OpenAI and Anthropic spellings, the
 # Anthropic and Responses API terminal events, and the ``[DONE]`` sentinel.
@@ -26,24 +27,54 @@ _EVENT_END = re.compile(rb"\r?\n\r?\n")
 
 
 class StreamWatch:
-    """Feed it every chunk; it tells whether the stream has said it is complete."""
+    """Feed it every chunk; it tells whether the stream has said it is complete, and the token usage
+    reported so far (``usage``: kind -> tokens; later reports win, as providers send running totals)."""
 
-    __slots__ = ("_tail", "complete")
+    __slots__ = ("_pending", "_prev", "_tail", "_track", "complete", "usage")
 
-    def __init__(self) -> None:
+    def __init__(self, *, usage: bool = True) -> None:
+        self._track = usage
         self.complete = False
+        self.usage: dict[str, int] = {}
         self._tail = b""
+        self._prev = b""  # the previous chunk (a reference, not a copy): a "usage" key may straddle two
+        self._pending = b""  # a usage object cut by the end of the previous chunk, from its key on
 
     def feed(self, chunk: bytes) -> None:
-        if self.complete:
-            return
-        # Search the chunk itself, then only the seam with the previous one: no copy of the chunk.
-        if _COMPLETE.search(chunk) or (self._tail and _COMPLETE.search(self._tail + chunk[:_TAIL])):
-            self.complete = True
-        elif len(chunk) >= _TAIL:
-            self._tail = chunk[-_TAIL:]
-        else:
-            self._tail = (self._tail + chunk)[-_TAIL:]
+        if not self.complete:
+            # Search the chunk itself, then only the seam with the previous one: no copy of the chunk.
+            if _COMPLETE.search(chunk) or (self._tail and _COMPLETE.search(self._tail + chunk[:_TAIL])):
+                self.complete = True
+            elif len(chunk) >= _TAIL:
+                self._tail = chunk[-_TAIL:]
+            else:
+                self._tail = (self._tail + chunk)[-_TAIL:]
+        # Usage comes after the finish reason in OpenAI streams, so this goes on past completion.
+        # Per chunk: two searches in C; anything more only where "usage" is.
+        if self._track:
+            if self._pending:
+                # A usage object cut by a chunk boundary: grow it until it decodes or is too long to be one.
+                pending, self._pending = self._pending, b""
+                self._take(pending + chunk[:USAGE_MAX], 0)
+            elif self._prev and not self._prev.endswith(b"\n"):
+                # Chunks nearly always end with an event's blank line; only when one did not can a
+                # "usage" key straddle the seam.
+                prev = self._prev
+                q = prev.rfind(b'"', max(0, len(prev) - len(USAGE_KEY) + 1))
+                if q >= 0 and USAGE_KEY.startswith(prev[q:]):
+                    self._take(prev[q:] + chunk[:USAGE_MAX], 0)
+            at = chunk.find(USAGE_KEY)
+            while at >= 0:
+                self._take(chunk, at)
+                at = chunk.find(USAGE_KEY, at + len(USAGE_KEY))
+            self._prev = chunk if len(chunk) >= len(USAGE_KEY) else (self._prev + chunk)[-len(USAGE_KEY) :]
+
+    def _take(self, data: bytes, at: int) -> None:
+        counts, truncated = decode_usage_at(data, at)
+        if counts:
+            self.usage.update(counts)
+        elif truncated:
+            self._pending = data[at:]
 
 
 _DATA_LINE = re.compile(rb"(?:^|\n)data:")

@@ -64,12 +64,14 @@ class Sidecar:
         reload_interval: float = 1.0,
         tick_interval: float = 1.0,
         rng: random.Random | None = None,
+        count_tokens: bool = True,
     ):
         self.source = source
         self.listen = listen
         self.admin_listen = admin_listen
         self.reload_interval = reload_interval
         self.tick_interval = tick_interval
+        self.count_tokens = count_tokens
         self.metrics = Metrics()
         self.listeners: list[ActionListener] = []
         self._rng = rng or random.Random()
@@ -171,7 +173,9 @@ class Sidecar:
             auto_decompress=False,
             skip_auto_headers=("User-Agent",),
         )
-        proxy = Proxy(lambda: self.chain, self._get_session, self.metrics, self.emit)
+        proxy = Proxy(
+            lambda: self.chain, self._get_session, self.metrics, self.emit, count_tokens=self.count_tokens
+        )
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", proxy.handle)
         self.port = await self._serve(app, self.listen)

@@ -94,6 +94,14 @@ class Metrics:
             ["pool"],
             registry=r,
         )
+        self.tokens = Counter(
+            "keyroute_tokens",
+            "Tokens the provider reported in its answers, by entry, credential name, upstream model and "
+            "kind: input, output, cached (cache reads), cache_write, reasoning. Requests served per "
+            "credential are keyroute_upstream_attempts_total{class=\"OK\"}.",
+            ["chain", "provider", "credential", "model", "kind"],
+            registry=r,
+        )
         self._children: dict[tuple[str, ...], object] = {}
 
     def request(self, chain: str, provider: str, cls: str) -> None:
@@ -115,6 +123,17 @@ class Metrics:
             if h is None:
                 h = self._children[hkey] = self.upstream_latency.labels(provider)
             h.observe(latency)  # type: ignore[attr-defined]
+
+    def tokens_used(
+        self, chain: str, provider: str, credential: str, model: str, counts: dict[str, int]
+    ) -> None:
+        """Count the tokens one answer reported (kinds as in :mod:`keyroute.core.usage`)."""
+        for kind, n in counts.items():
+            key = ("t", chain, provider, credential, model, kind)
+            child = self._children.get(key)
+            if child is None:
+                child = self._children[key] = self.tokens.labels(chain, provider, credential, model or "-", kind)
+            child.inc(n)  # type: ignore[attr-defined]
 
     def action(self, action: Action) -> None:
         if action.scope is not None:

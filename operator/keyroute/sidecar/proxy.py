@@ -28,6 +28,7 @@ from keyroute.core.classes import ErrorClass
 from keyroute.core.classify import Classification, classify, classify_stream_event
 from keyroute.core.routing import Attempt, Exhausted, Route, Verdict, Wait
 from keyroute.core.streams import StreamWatch, error_event, first_data_event, first_event_end
+from keyroute.core.usage import body_usage
 from keyroute.sidecar.metrics import OK, Metrics
 from keyroute.sidecar.upstream import (
     MAX_ERROR_BODY,
@@ -60,8 +61,11 @@ class Proxy:
         session: Callable[[], aiohttp.ClientSession],
         metrics: Metrics,
         emit: Callable[[list[Action]], None],
+        *,
+        count_tokens: bool = True,
     ):
         self._chain = chain
+        self._count_tokens = count_tokens
         self._session = session
         self._metrics = metrics
         self._emit = emit
@@ -166,6 +170,10 @@ class Proxy:
             route.report(attempt, None, _clock())
             self._metrics.attempt(chain_name, entry, cred, OK, latency)
             self._metrics.request(chain_name, entry, OK)
+            if self._count_tokens and "json" in upstream.content_type:
+                counts = body_usage(payload)
+                if counts:
+                    self._metrics.tokens_used(chain_name, entry, cred, attempt.model, counts)
             return web.Response(
                 status=status, body=payload, headers=response_headers(upstream.headers, attempt)
             )
@@ -262,7 +270,27 @@ class Proxy:
             self._flush(route)
         out = web.StreamResponse(status=upstream.status, headers=response_headers(upstream.headers, attempt))
         await out.prepare(request)
-        watch = StreamWatch()
+        watch = StreamWatch(usage=self._count_tokens)
+        try:
+            return await self._pipe(request, route, attempt, content, out, watch, buf)
+        finally:
+            # What the provider reported is what it bills, even if the stream broke or the agent left.
+            if watch.usage:
+                self._metrics.tokens_used(
+                    route.chain.name, attempt.entry.name, attempt.credential_name, attempt.model, watch.usage
+                )
+
+    async def _pipe(
+        self,
+        request: web.Request,
+        route: Route,
+        attempt: Attempt,
+        content: aiohttp.StreamReader,
+        out: web.StreamResponse,
+        watch: StreamWatch,
+        buf: bytes,
+    ) -> web.StreamResponse:
+        """Relay the rest of a committed stream; end it with an error event if the upstream did not."""
         watch.feed(buf)
         await out.write(buf)
         ending: bytes | None = None
