@@ -61,7 +61,7 @@ OPERATOR_NAMESPACED_RULES = {
         (g, r, v)
         for g in ["keyroute.dev"]
         for r in ["credentialpools", "providerchains"]
-        for v in ["get", "list", "watch", "patch"]
+        for v in ["get", "list", "watch"]
     ),
     *(
         ("keyroute.dev", r, v)

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.e2e
 
 API = "keyroute.dev/v1alpha1"
 KEY = "sk-test-WEBHOOK-SECRET-KEY-000000001"
-MODULES = ("keyroute.controller.handlers", "keyroute.controller.webhook")
+MODULES = ("keyroute.controller.standalone", "keyroute.controller.webhook")
 IMAGE = "registry.example/keyroute:e2e"
 
 
@@ -305,6 +305,9 @@ def test_configure_webhook_checks_its_files_up_front(cert_dir: Path, tmp_path: P
     server = settings.admission.server
     assert isinstance(server, kopf.WebhookServer)
     assert (server.addr, server.port, server.insecure) == ("0.0.0.0", 9443, False)
+    webhook.configure_webhook(settings, 9443, str(cert_dir), str(good), address="::1")
+    assert isinstance(settings.admission.server, kopf.WebhookServer)
+    assert settings.admission.server.addr == "::1"
     assert (server.certfile, server.pkeyfile) == (str(cert_dir / "tls.crt"), str(cert_dir / "tls.key"))
     assert settings.admission.managed is None  # the chart owns the MutatingWebhookConfiguration
 
@@ -333,6 +336,8 @@ def test_options_come_from_the_environment_and_the_flags_win() -> None:
     env = {webhook.ENV_PORT: "9443", webhook.ENV_CERT_DIR: "/tls"}
     webhook.export_options(port=8443, cert_dir=None, injection_config="/i.yaml", environ=env)
     assert webhook.WebhookOptions.from_env(env) == webhook.WebhookOptions(8443, "/tls", "/i.yaml")
+    webhook.export_options(address="127.0.0.1", environ=env)
+    assert webhook.WebhookOptions.from_env(env).address == "127.0.0.1"
     for raw in ("https", "-1", "65536"):
         with pytest.raises(ValueError, match=webhook.ENV_PORT):
             webhook.WebhookOptions.from_env({webhook.ENV_PORT: raw})
