@@ -234,8 +234,9 @@ async def test_an_unlabelled_pod_is_let_through_untouched(kube, operator_runner,
 
 async def test_a_missing_chain_is_refused_by_default(kube, operator_runner, webhook_env):
     hook, _ = webhook_env
-    async with operator_runner(*MODULES, namespaces=["default"]):
+    async with operator_runner(*MODULES, namespaces=["default"]) as op:
         await eventually(hook.up, timeout=10)
+        logged_before = len(op.log.splitlines())  # hook.up() itself sends a pod of a missing chain
         # The namespace comes from the admission request: the pod's own metadata has none.
         response = await hook.review(labelled_pod(chain="nowhere"), namespace="team-a")
         assert response["allowed"] is False and "patch" not in response
@@ -249,6 +250,12 @@ async def test_a_missing_chain_is_refused_by_default(kube, operator_runner, webh
         bad = await hook.review(labelled_pod(chain="Not_A_Chain"))
         assert bad["allowed"] is False and bad["status"]["code"] == 400
         assert "keyroute.dev/chain='Not_A_Chain' is not a ProviderChain name" in bad["status"]["message"]
+    # A user's mistake, not the operator's: one warning each, no ERROR line to page anybody.
+    lines = op.log.splitlines()
+    assert [line for line in lines if " ERROR " in line] == []
+    lines = lines[logged_before:]
+    assert sum("WARNING [keyroute.webhook] pod refused: chain not found" in line for line in lines) == 1
+    assert sum("WARNING [keyroute.webhook] pod refused: invalid chain label" in line for line in lines) == 1
     looked_up = [r.url.path for r in kube.requests() if "providerchains/" in str(r.url.path)]
     assert any(p.endswith("/namespaces/team-a/providerchains/nowhere") for p in looked_up)
     assert not any("Not_A_Chain" in p for p in looked_up)
