@@ -217,7 +217,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
     import keyroute.controller.webhook as webhook  # registers the sidecar-injection webhook
-    from keyroute.controller.handlers import Operator, register
+    from keyroute.controller.handlers import Operator, operate, register
 
     setup_logging(args.log_level, args.log_format)
     try:
@@ -234,7 +234,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     )
     operator = Operator(config)
     registry = kopf.get_default_registry()  # where the webhook module registered itself
-    register(operator, registry)
+    register(operator, registry, start_on_startup=False)
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.metrics_address, registry=operator.metrics.registry)
     if config.election is not None:
@@ -243,16 +243,19 @@ def _cmd_operator(args: argparse.Namespace) -> int:
             "leader election on",
             extra={"kr": {"lease": f"{lease.namespace}/{lease.name}", "identity": lease.identity}},
         )
-    kopf.run(
+    running = operate(
+        operator,
+        registry,
         # kopf's own peering stays off: keyroute elects its leader through a Lease (README).
         standalone=True,
-        registry=registry,
         clusterwide=not args.namespace,
         namespaces=args.namespace or (),
         liveness_endpoint=(
             f"http://{_url_host(args.health_address)}:{args.health_port}/healthz" if args.health_port else None
         ),
     )
+    with contextlib.suppress(asyncio.CancelledError):  # as kopf.run does
+        asyncio.run(running)
     return 0
 
 

@@ -324,8 +324,31 @@ def _chains_of(namespace: str, pool: str, chains_by_pool: kopf.Index[Any, Any]) 
     return sorted(set(chains_by_pool.get((namespace, pool), [])))
 
 
-def register(op: Operator, registry: kopf.OperatorRegistry) -> None:
-    """Register the operator's handlers, bound to ``op``, on ``registry``.
+async def operate(op: Operator, registry: kopf.OperatorRegistry, **kopf_options: Any) -> None:
+    """Run kopf with ``op``'s handlers (registered with ``start_on_startup=False``); the election
+    and the background tasks start once every start-up handler succeeded. Started from a start-up
+    handler instead, they would outlive a failed start-up, and kopf waits 5 s for such "hung" tasks
+    before it exits."""
+    ready = asyncio.Event()
+
+    async def start_when_ready() -> None:
+        await ready.wait()
+        op.start()
+
+    # Created before kopf starts: kopf leaves the tasks that existed before it alone.
+    starter = asyncio.create_task(start_when_ready(), name="keyroute-starter")
+    try:
+        await kopf.operator(registry=registry, ready_flag=ready, **kopf_options)
+    finally:
+        starter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starter
+
+
+def register(op: Operator, registry: kopf.OperatorRegistry, *, start_on_startup: bool = True) -> None:
+    """Register the operator's handlers, bound to ``op``, on ``registry``. ``start_on_startup``:
+    start the election and background tasks from kopf's start-up (``kopf run -m``); :func:`operate`
+    starts them itself.
 
     Each has an explicit id: kopf names handlers by qualified name otherwise (``register.<locals>...``)
     and passes an index to handlers under its id."""
@@ -333,7 +356,8 @@ def register(op: Operator, registry: kopf.OperatorRegistry) -> None:
     @kopf.on.startup(registry=registry, id="configure")
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.level = logging.WARNING  # kopf's own log lines are not Events; ours are explicit
-        op.start()
+        if start_on_startup:
+            op.start()
 
     @kopf.on.login(registry=registry, id="login")
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
