@@ -121,3 +121,24 @@ async def test_a_fenced_client_refuses_writes_before_sending_anything() -> None:
     with pytest.raises(NotLeader):
         await kube.merge_patch("/api/v1/x", {})
     await kube.close()
+
+
+async def test_shutdown_reports_a_dead_background_task_and_never_raises(caplog: pytest.LogCaptureFixture) -> None:
+    """kopf retries a failed cleanup 60 s later while SIGTERM waits: shutdown must not raise."""
+    import asyncio
+
+    op = Operator(OperatorConfig())
+
+    async def dead() -> None:
+        raise RuntimeError("the report watch died")
+
+    blocked = asyncio.Event()
+    op._leader_tasks = [asyncio.create_task(dead()), asyncio.create_task(blocked.wait())]  # type: ignore[list-item]
+    await asyncio.sleep(0)  # the first task dies
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await op.shutdown()
+    assert loop.time() - began < 1.0
+    assert all(t.done() for t in op._leader_tasks) and op._leader_tasks == []
+    [record] = [r for r in caplog.records if r.getMessage() == "a background task had failed"]
+    assert record.kr == {"error": "the report watch died"}  # type: ignore[attr-defined]

@@ -170,7 +170,16 @@ class Operator:
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
         self._tasks.append(task)
-        task.add_done_callback(self._tasks.remove)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.remove(task)
+        if not task.cancelled() and task.exception() is not None:
+            # A dead election loop stops renewing: the fence closes by itself, but say why.
+            log.error(
+                "operator task failed",
+                extra={"kr": {"task": task.get_name(), "error": repr(task.exception())}},
+            )
 
     def start(self) -> None:
         """Start the election (or, without one, lead at once). Called by kopf's startup."""
