@@ -45,11 +45,22 @@ FAST = ("--leader-elect-lease-duration", "2s", "--leader-elect-renew-deadline", 
 class Replica:
     """One operator process with its metrics port (and webhook port, if any)."""
 
-    def __init__(self, name: str, process: KeyrouteProcess, metrics_port: int, webhook_port: int | None) -> None:
+    def __init__(
+        self, name: str, process: KeyrouteProcess, metrics_port: int, health_port: int, webhook_port: int | None
+    ) -> None:
         self.name = name
         self.process = process
         self.metrics_port = metrics_port
+        self.health_port = health_port
         self.webhook_port = webhook_port
+
+    def healthy(self) -> bool:
+        """kopf's liveness endpoint, on the address given by ``--health-address``."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=5) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
 
     def writes(self) -> float:
         """``keyroute_operator_writes_total``, all kinds: every status and config write it made."""
@@ -66,9 +77,10 @@ def start(
     *extra: str,
     webhook: tuple[Path, Path] | None = None,
 ) -> Replica:
-    metrics_port = free_port()
+    metrics_port, health_port = free_port(), free_port()
     args = ["operator", "-n", namespace, "--metrics-port", str(metrics_port), "--metrics-address", "127.0.0.1"]
-    args += ["--health-port", "0", "--leader-election-namespace", namespace, *extra]
+    args += ["--health-port", str(health_port), "--health-address", "127.0.0.1"]
+    args += ["--leader-election-namespace", namespace, *extra]
     webhook_port = None
     if webhook is not None:
         webhook_port = free_port()
@@ -76,7 +88,7 @@ def start(
         args += ["--webhook-port", str(webhook_port), "--webhook-address", "127.0.0.1"]
         args += ["--webhook-cert-dir", str(tls), "--injection-config", str(injection)]
     process = procs.start(*args, kubeconfig=cp.admin_token_kubeconfig, name=name, env={"POD_NAME": name})
-    return Replica(name, process, metrics_port, webhook_port)
+    return Replica(name, process, metrics_port, health_port, webhook_port)
 
 
 async def settled(replica: Replica, quiet: float = 1.0) -> float:
@@ -156,7 +168,7 @@ async def test_sigkill_the_leader_the_standby_admits_pods_takes_over_within_20s_
     await b.process.wait_for("became the leader", timeout=5)
     await rotate(api, namespace, "REPLACE-ME-rotated-after-the-takeover")
     await rendered_anew(api, namespace, first)
-    assert b.writes() > 0
+    await eventually(lambda: b.writes() > 0, timeout=5)  # counted just after the write returns
 
 
 async def test_sigterm_the_leader_stops_within_5s_and_the_standby_takes_over_within_5s(
@@ -168,6 +180,7 @@ async def test_sigterm_the_leader_stops_within_5s_and_the_standby_takes_over_wit
     b = start(keyroute_process, control_plane, namespace, "op-b")
     await b.process.wait_for("standing by", timeout=30)
     first = await setup_examples(control_plane, api, namespace)
+    await eventually(lambda: a.healthy() and b.healthy(), timeout=10)  # leader and standby alike
 
     began = time.monotonic()
     stop = asyncio.create_task(a.process.terminate(signal.SIGTERM))
@@ -216,7 +229,7 @@ async def test_never_two_writers_a_frozen_leader_wakes_up_fenced(
     h2 = await rendered_anew(api, namespace, h1)
     await asyncio.sleep(1.0)  # whatever a had queued has run by now
     assert a.writes() == a_writes, "the old leader wrote after it lost the Lease"
-    assert b.writes() > 0
+    await eventually(lambda: b.writes() > 0, timeout=5)
     assert await holder(api, namespace) == "op-b"
 
     # Leadership moves back: a leads again (a new term) and renders a rotation itself.
