@@ -420,6 +420,9 @@ def test_leader_election_and_listen_addresses_from_values(helm: HelmRunner) -> N
     assert (t.lease_duration, t.renew_deadline, t.retry_period) == (30.0, 20.0, 4.0)
 
     off = helm.template({"replicaCount": 1, "leaderElection": {"enabled": False}})
+    assert one(off, "Deployment", FULLNAME)["spec"]["strategy"] == {"type": "Recreate"}  # never two writers
+    refused = helm.run("template", RELEASE, values={"leaderElection": {"enabled": False}})
+    assert refused.returncode != 0 and "would run 2 writers: enable leaderElection" in refused.stderr
     c = operator_container(off)
     assert "--leader-elect=false" in c["args"]
     assert not any(a.startswith("--leader-election-id") for a in c["args"])
