@@ -142,13 +142,16 @@ class LeaderElector:
 
     async def _attempt(self, began: float) -> bool:
         body = await self.kube.get(self.url)
+        # Seen at the answer, not the request: a standby errs on the late side (client-go does the same);
+        # the leader's renewal counts from ``began``, the early side.
+        seen = self.monotonic()
         record = core.parse_lease(body)
         if record is not None and body is not None:
-            self._observed = core.observe(self._observed, record, began)
+            self._observed = core.observe(self._observed, record, seen)
             self._version = (body.get("metadata") or {}).get("resourceVersion")
         else:
             self._observed = None
-        decision = core.decide(self._observed, self.config.identity, began)
+        decision = core.decide(self._observed, self.config.identity, seen)
         if decision.action is core.Action.WAIT:
             if self._leading:
                 self._lose(f"the lease was taken: {decision.reason}")
