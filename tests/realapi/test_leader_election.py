@@ -384,3 +384,60 @@ def webhook_configuration(name: str, namespace: str, port: int, cert_dir: Path) 
         ],
     }
 
+
+
+async def test_two_whole_operators_in_one_process_share_nothing_but_the_lease(
+    control_plane: ControlPlane, api: Api, namespace: str, monkeypatch: Any
+) -> None:
+    """Two Operator objects, two kopf registries, one process (a thread and loop each: kopf cancels
+    every task of its loop when it stops): the point of having no module state."""
+    import threading
+
+    import kopf
+
+    from keyroute.controller import login
+    from keyroute.controller.handlers import Operator, OperatorConfig, operate, register
+
+    info = kopf.ConnectionInfo(
+        server=control_plane.server,
+        scheme="Bearer",
+        token=control_plane.admin_token,
+        ca_path=str(control_plane.pki / "ca.crt"),
+    )
+    monkeypatch.setattr(login, "OVERRIDE", info)
+    timings = Timings(lease_duration=2, renew_deadline=1.5, retry_period=0.25)
+    ops: dict[str, Operator] = {}
+    stops: dict[str, threading.Event] = {}
+    threads: dict[str, threading.Thread] = {}
+    for name in ("one", "two"):
+        op = ops[name] = Operator(
+            OperatorConfig(
+                namespaces=(namespace,),
+                election=ElectionConfig(name="in-process", namespace=namespace, identity=name, timings=timings),
+            )
+        )
+        registry = kopf.OperatorRegistry()
+        register(op, registry, start_on_startup=False)
+        stops[name] = threading.Event()
+        running = operate(op, registry, standalone=True, namespaces=[namespace], stop_flag=stops[name])
+        threads[name] = threading.Thread(target=asyncio.run, args=(running,), name=f"operator-{name}", daemon=True)
+        threads[name].start()
+    try:
+        await eventually(lambda: sum(op.is_leader() for op in ops.values()) == 1, timeout=20)
+        leader = next(n for n, op in ops.items() if op.is_leader())
+        standby = "two" if leader == "one" else "one"
+        first = await setup_examples(control_plane, api, namespace)
+        assert ops[standby].known["chains"] == {(namespace, "agents")}  # the standby's cache is warm
+        assert ops[standby].metrics.writes.labels("status")._value.get() == 0
+
+        stops[leader].set()  # a graceful stop: the Lease is released
+        await asyncio.to_thread(threads[leader].join, 10)
+        assert not threads[leader].is_alive()
+        await eventually(ops[standby].is_leader, timeout=5)
+        await rotate(api, namespace, "REPLACE-ME-rotated-in-process")
+        await rendered_anew(api, namespace, first)
+        assert not ops[leader].is_leader()
+    finally:
+        for name, stop in stops.items():
+            stop.set()
+            await asyncio.to_thread(threads[name].join, 10)
