@@ -175,6 +175,60 @@ def _cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flag_bool(text: str) -> bool:
+    """Go-style boolean flag values (``--leader-elect=false``), as controller-runtime's."""
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+
+def _seconds(text: str) -> float:
+    """A duration flag: ``15s``, ``500ms``, ``1m`` or plain seconds."""
+    from keyroute.core.durations import DurationError, parse_duration
+
+    try:
+        return parse_duration(text)
+    except (DurationError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _url_host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+def operator_config(args: argparse.Namespace) -> Any:
+    """The :class:`OperatorConfig` the flags describe; ``ValueError`` with the flag's name if invalid."""
+    from keyroute.controller.election import ElectionConfig, default_identity, default_namespace
+    from keyroute.controller.handlers import OperatorConfig
+    from keyroute.core.election import Timings
+
+    election = None
+    if args.leader_elect:
+        namespace = args.leader_election_namespace or default_namespace()
+        if not namespace:
+            raise ValueError(
+                "leader election needs a namespace for its Lease: set --leader-election-namespace or "
+                "$POD_NAMESPACE (outside a cluster), or turn it off with --leader-elect=false"
+            )
+        timings = Timings(
+            lease_duration=args.leader_elect_lease_duration,
+            renew_deadline=args.leader_elect_renew_deadline,
+            retry_period=args.leader_elect_retry_period,
+        )
+        election = ElectionConfig(
+            name=args.leader_election_id, namespace=namespace, identity=default_identity(), timings=timings
+        )
+    resync = args.resync_interval
+    if resync is None:
+        resync = float(os.environ.get("KEYROUTE_RESYNC_SECONDS", "300"))
+    if resync <= 0:
+        raise ValueError("--resync-interval must be > 0")
+    return OperatorConfig(namespaces=tuple(args.namespace or ()), resync=resync, election=election)
+
+
 def _cmd_operator(args: argparse.Namespace) -> int:
     from keyroute.kube import Credentials, KubeconfigError
 
@@ -197,24 +251,48 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     import keyroute.controller.login as login
 
     login.CREDENTIALS[:] = [creds]
-    if args.namespace:  # read by the handlers module at import: the report watch's namespaces
-        os.environ["KEYROUTE_NAMESPACES"] = ",".join(args.namespace)
-    import keyroute.controller.handlers as handlers  # registers the handlers
     import keyroute.controller.webhook as webhook  # registers the sidecar-injection webhook
+    from keyroute.controller.handlers import Operator, operate, register
+    from keyroute.controller.metrics import shared as shared_metrics
 
+    try:
+        config = operator_config(args)
+    except ValueError as e:
+        log.error("cannot start: invalid flags", extra={"kr": {"error": str(e)}})
+        return 2
     # The webhook's startup handler reads its options from the environment (a flag wins over it).
     webhook.export_options(
-        port=args.webhook_port, cert_dir=args.webhook_cert_dir, injection_config=args.injection_config
+        port=args.webhook_port,
+        cert_dir=args.webhook_cert_dir,
+        injection_config=args.injection_config,
+        address=args.webhook_address,
     )
     log.info("API server credentials", extra={"kr": {"source": creds.describe, "server": creds.connection().server}})
+    # One registry for the reconciler's and the webhook's metrics: the one served on the metrics port.
+    operator = Operator(config, shared_metrics())
+    registry = kopf.get_default_registry()  # where the webhook module registered itself
+    register(operator, registry, start_on_startup=False)
     if args.metrics_port:
-        start_http_server(args.metrics_port, registry=handlers.STATE["metrics"].registry)
-    kopf.run(
-        standalone=True,  # one replica; no peering CRD to install
+        start_http_server(args.metrics_port, addr=args.metrics_address, registry=operator.metrics.registry)
+    if config.election is not None:
+        lease = config.election
+        log.info(
+            "leader election on",
+            extra={"kr": {"lease": f"{lease.namespace}/{lease.name}", "identity": lease.identity}},
+        )
+    running = operate(
+        operator,
+        registry,
+        # kopf's own peering stays off: keyroute elects its leader through a Lease (README).
+        standalone=True,
         clusterwide=not args.namespace,
         namespaces=args.namespace or (),
-        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
+        liveness_endpoint=(
+            f"http://{_url_host(args.health_address)}:{args.health_port}/healthz" if args.health_port else None
+        ),
     )
+    with contextlib.suppress(asyncio.CancelledError):  # as kopf.run does
+        asyncio.run(running)
     return 0
 
 
@@ -290,7 +368,65 @@ def build_parser() -> argparse.ArgumentParser:
     )
     o.add_argument("--context", help="the kubeconfig context to use (default: its current-context)")
     o.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port (0: off)")
+    o.add_argument(
+        "--metrics-address", default="0.0.0.0", help="address the metrics server listens on (default 0.0.0.0)"
+    )
     o.add_argument("--health-port", type=int, default=8081, help="liveness endpoint port (0: off)")
+    o.add_argument(
+        "--health-address", default="0.0.0.0", help="address the liveness endpoint listens on (default 0.0.0.0)"
+    )
+    o.add_argument(
+        "--webhook-address",
+        metavar="ADDRESS",
+        help="address the webhook listens on (default $KEYROUTE_WEBHOOK_ADDRESS, else 0.0.0.0; '::' for IPv6)",
+    )
+    o.add_argument(
+        "--resync-interval",
+        type=_seconds,
+        metavar="DURATION",
+        help="reconcile every pool and chain this often, a net for missed events "
+        "(default $KEYROUTE_RESYNC_SECONDS, else 300s)",
+    )
+    # Leader election: controller-runtime's flag names and defaults; the timings as kube-controller-manager's.
+    o.add_argument(
+        "--leader-elect",
+        type=_flag_bool,
+        nargs="?",
+        const=True,
+        default=True,
+        metavar="BOOL",
+        help="elect a leader through a Lease, so several replicas can run (default true; "
+        "--leader-elect=false: this replica always leads)",
+    )
+    o.add_argument(
+        "--leader-election-id", default="keyroute-operator", help="the Lease's name (default keyroute-operator)"
+    )
+    o.add_argument(
+        "--leader-election-namespace",
+        metavar="NAMESPACE",
+        help="the Lease's namespace (default $POD_NAMESPACE, else the in-cluster ServiceAccount's)",
+    )
+    o.add_argument(
+        "--leader-elect-lease-duration",
+        type=_seconds,
+        default=15.0,
+        metavar="DURATION",
+        help="how long a standby waits after the last renewal it saw before taking over (default 15s)",
+    )
+    o.add_argument(
+        "--leader-elect-renew-deadline",
+        type=_seconds,
+        default=10.0,
+        metavar="DURATION",
+        help="how long the leader keeps acting without a successful renewal (default 10s)",
+    )
+    o.add_argument(
+        "--leader-elect-retry-period",
+        type=_seconds,
+        default=2.0,
+        metavar="DURATION",
+        help="time between tries to acquire or renew the Lease (default 2s)",
+    )
     # Defaults live in keyroute.controller.webhook: an unset flag leaves its environment variable be.
     o.add_argument(
         "--webhook-port",

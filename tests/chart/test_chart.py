@@ -63,7 +63,7 @@ OPERATOR_NAMESPACED_RULES = {
         (g, r, v)
         for g in ["keyroute.dev"]
         for r in ["credentialpools", "providerchains"]
-        for v in ["get", "list", "watch", "patch"]
+        for v in ["get", "list", "watch"]
     ),
     *(
         ("keyroute.dev", r, v)
@@ -89,11 +89,20 @@ SIDECAR_RULES = {
 OPERATOR_ARGS = [
     "operator",
     "--metrics-port", "8080",
+    "--metrics-address", "0.0.0.0",
     "--health-port", "8081",
+    "--health-address", "0.0.0.0",
     "--webhook-port", "9443",
+    "--webhook-address", "0.0.0.0",
+    "--leader-election-id", FULLNAME,
+    "--leader-elect-lease-duration", "15s",
+    "--leader-elect-renew-deadline", "10s",
+    "--leader-elect-retry-period", "2s",
     "--webhook-cert-dir", "/etc/keyroute/webhook-tls",
     "--injection-config", "/etc/keyroute/injection/injection.yaml",
 ]  # fmt: skip
+# The Lease, in the release namespace only.
+LEADER_ELECTION_RULES = {("coordination.k8s.io", "leases", v) for v in ["get", "create", "update"]}
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -316,11 +325,15 @@ def test_every_object_has_the_standard_labels_and_the_release_namespace(
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
-def test_operator_runs_one_replica_locked_down(helm: HelmRunner, scenario: str) -> None:
+def test_operator_runs_replicas_locked_down(helm: HelmRunner, scenario: str) -> None:
     objs = rendered(helm, scenario)
     deploy = one(objs, "Deployment", FULLNAME)
-    assert deploy["spec"]["replicas"] == 1  # kopf --standalone: never two
-    assert deploy["spec"]["strategy"] == {"type": "Recreate"}
+    assert deploy["spec"]["replicas"] == 2  # every replica serves the webhook; a Lease elects the writer
+    # Never fewer ready webhooks than replicas during an upgrade: a new pod first, then an old one goes.
+    assert deploy["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
     pod = deploy["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == FULLNAME
     assert pod["securityContext"] == {
@@ -354,15 +367,74 @@ def test_operator_runs_one_replica_locked_down(helm: HelmRunner, scenario: str) 
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
-def test_probes_hit_kopf_liveness_endpoint(helm: HelmRunner, scenario: str) -> None:
+def test_liveness_is_kopfs_and_readiness_is_the_webhook(helm: HelmRunner, scenario: str) -> None:
     c = operator_container(rendered(helm, scenario))
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"metrics": 8080, "health": 8081, "webhook": 9443}
+    get = c["livenessProbe"]["httpGet"]
+    assert get["path"] == "/healthz"  # kopf's liveness endpoint serves this path only
+    assert ports[get["port"]] == 8081
+    # Ready = the webhook server accepts connections (kopf's serves POST only: a TCP probe).
+    assert ports[c["readinessProbe"]["tcpSocket"]["port"]] == 9443
     for probe in ("livenessProbe", "readinessProbe"):
-        get = c[probe]["httpGet"]
-        assert get["path"] == "/healthz"  # kopf's liveness endpoint serves this path only
-        assert ports[get["port"]] == 8081
         assert c[probe]["timeoutSeconds"] >= 1
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"] if "valueFrom" in e}
+    # The Lease's namespace and the replica's identity in it.
+    assert env == {"POD_NAMESPACE": "metadata.namespace", "POD_NAME": "metadata.name"}
+
+
+def test_pod_disruption_budget_and_spread_across_nodes(helm: HelmRunner) -> None:
+    objs = rendered(helm, "default")
+    pdb = one(objs, "PodDisruptionBudget", FULLNAME)
+    deploy = one(objs, "Deployment", FULLNAME)
+    selector = deploy["spec"]["selector"]["matchLabels"]
+    assert pdb["spec"] == {"minAvailable": 1, "selector": {"matchLabels": selector}}
+    assert deploy["spec"]["template"]["spec"]["topologySpreadConstraints"] == [
+        {
+            "maxSkew": 1,
+            "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": selector},
+        }
+    ]
+    # One replica: no PDB (minAvailable 1 of 1 would block every node drain).
+    single = helm.template({"replicaCount": 1, "leaderElection": {"enabled": False}})
+    assert of_kind(single, "PodDisruptionBudget") == []
+    assert one(single, "Deployment", FULLNAME)["spec"]["replicas"] == 1
+    # Given constraints replace the default verbatim.
+    zones = [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "DoNotSchedule"}]
+    spread = helm.template({"topologySpreadConstraints": zones, "podDisruptionBudget": {"minAvailable": "50%"}})
+    assert one(spread, "Deployment", FULLNAME)["spec"]["template"]["spec"]["topologySpreadConstraints"] == zones
+    assert one(spread, "PodDisruptionBudget", FULLNAME)["spec"]["minAvailable"] == "50%"
+
+
+def test_leader_election_and_listen_addresses_from_values(helm: HelmRunner) -> None:
+    from keyroute.cli import build_parser, operator_config
+
+    values = {
+        "leaderElection": {"leaseName": "kr-lock", "leaseDuration": "30s", "renewDeadline": "20s", "retryPeriod": "4s"},
+        "listen": {"webhook": "::", "metrics": "127.0.0.1", "health": "0.0.0.0"},
+    }
+    args = build_parser().parse_args(operator_container(helm.template(values))["args"])
+    assert (args.webhook_address, args.metrics_address, args.health_address) == ("::", "127.0.0.1", "0.0.0.0")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("POD_NAMESPACE", NAMESPACE)
+        mp.setenv("POD_NAME", "keyroute-abc")
+        election = operator_config(args).election
+    assert election is not None
+    assert (election.name, election.namespace, election.identity) == ("kr-lock", NAMESPACE, "keyroute-abc")
+    t = election.timings
+    assert (t.lease_duration, t.renew_deadline, t.retry_period) == (30.0, 20.0, 4.0)
+
+    off = helm.template({"replicaCount": 1, "leaderElection": {"enabled": False}})
+    assert one(off, "Deployment", FULLNAME)["spec"]["strategy"] == {"type": "Recreate"}  # never two writers
+    refused = helm.run("template", RELEASE, values={"leaderElection": {"enabled": False}})
+    assert refused.returncode != 0 and "would run 2 writers: enable leaderElection" in refused.stderr
+    c = operator_container(off)
+    assert "--leader-elect=false" in c["args"]
+    assert not any(a.startswith("--leader-election-id") for a in c["args"])
+    assert operator_config(build_parser().parse_args(c["args"])).election is None
+    assert of_kind(off, "Role") == [] and of_kind(off, "RoleBinding") == []
 
 
 def test_operator_args_cluster_wide(helm: HelmRunner) -> None:
@@ -392,6 +464,7 @@ def test_the_cli_accepts_the_charts_operator_args(helm: HelmRunner, scenario: st
     args = build_parser().parse_args(operator_container(rendered(helm, scenario))["args"])
     assert args.command == "operator"
     assert (args.metrics_port, args.health_port, args.webhook_port) == (8080, 8081, 9443)
+    assert args.leader_elect is True and args.leader_election_id == FULLNAME
     assert args.webhook_cert_dir == "/etc/keyroute/webhook-tls"
     assert args.injection_config == "/etc/keyroute/injection/injection.yaml"
     assert (args.namespace or []) == SCENARIOS[scenario].get("watchNamespaces", [])
@@ -400,8 +473,29 @@ def test_the_cli_accepts_the_charts_operator_args(helm: HelmRunner, scenario: st
 # --- RBAC -----------------------------------------------------------------------------------------
 
 
+def leader_election_role(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The Lease Role (in the release namespace), checked with its binding; removed from ``objs``."""
+    role = one(objs, "Role", f"{FULLNAME}-leader-election")
+    binding = one(objs, "RoleBinding", f"{FULLNAME}-leader-election")
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == NAMESPACE
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
+    objs.remove(role)
+    objs.remove(binding)
+    return role
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_rbac_for_the_lease_is_a_role_in_the_release_namespace(helm: HelmRunner, scenario: str) -> None:
+    from keyroute.controller.election import LEASES, VERBS
+
+    role = leader_election_role(rendered(helm, scenario))
+    assert triples(role["rules"]) == LEADER_ELECTION_RULES == {(LEASES[0], LEASES[2], v) for v in VERBS}
+
+
 def test_rbac_cluster_wide(helm: HelmRunner) -> None:
     objs = rendered(helm, "default")
+    leader_election_role(objs)
     assert of_kind(objs, "Role") == [] and of_kind(objs, "RoleBinding") == []
     role = one(objs, "ClusterRole", FULLNAME)
     assert triples(role["rules"]) == OPERATOR_NAMESPACED_RULES | OPERATOR_CLUSTER_RULES
@@ -417,6 +511,7 @@ def test_rbac_cluster_wide(helm: HelmRunner) -> None:
 
 def test_rbac_namespaced_grants_a_role_per_namespace(helm: HelmRunner) -> None:
     objs = rendered(helm, "namespaced")
+    leader_election_role(objs)
     roles = of_kind(objs, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["agents", "agents-staging"]
     for role in roles:
@@ -441,6 +536,7 @@ def test_sidecar_cluster_role(helm: HelmRunner, scenario: str) -> None:
 
 def test_sidecar_role_bindings_from_values(helm: HelmRunner) -> None:
     objs = rendered(helm, "certmanager-container")
+    leader_election_role(objs)
     bindings = {(b["metadata"]["namespace"], b["metadata"]["name"]): b for b in of_kind(objs, "RoleBinding")}
     assert set(bindings) == {("agents", f"{FULLNAME}-sidecar-agent"), ("batch", f"{FULLNAME}-sidecar-runner")}
     for (ns, _), b in bindings.items():
@@ -450,7 +546,9 @@ def test_sidecar_role_bindings_from_values(helm: HelmRunner) -> None:
             "name": f"{FULLNAME}-sidecar",
         }
         assert [(s["kind"], s["namespace"]) for s in b["subjects"]] == [("ServiceAccount", ns)]
-    assert of_kind(rendered(helm, "default"), "RoleBinding") == []
+    objs = rendered(helm, "default")
+    leader_election_role(objs)
+    assert of_kind(objs, "RoleBinding") == []
 
 
 def test_rbac_rules_are_written_in_one_place() -> None:
@@ -458,7 +556,7 @@ def test_rbac_rules_are_written_in_one_place() -> None:
     for path in (CHART / "templates").iterdir():
         text = path.read_text()
         if path.name == "rbac.yaml":
-            for name in ("operatorNamespacedRules", "operatorClusterRules", "sidecarRules"):
+            for name in ("operatorNamespacedRules", "operatorClusterRules", "leaderElectionRules", "sidecarRules"):
                 assert text.count(f'define "keyroute.{name}"') == 1
         else:
             assert "verbs:" not in text, path.name
@@ -770,7 +868,12 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("negative port", {"injection": {"proxyPort": -1}}, "injection.proxyPort"),
     ("port too high", {"injection": {"adminPort": 70000}}, "injection.adminPort"),
     ("port as text", {"injection": {"proxyPort": "8411"}}, "injection.proxyPort"),
-    ("unknown top-level key", {"replicaCount": 2}, "replicaCount"),
+    ("unknown top-level key", {"replicas": 2}, "replicas"),
+    ("no replicas", {"replicaCount": 0}, "replicaCount"),
+    ("bad lease duration", {"leaderElection": {"leaseDuration": "15"}}, "leaderElection.leaseDuration"),
+    ("typo in leaderElection", {"leaderElection": {"enable": False}}, "enable"),
+    ("bad listen address", {"listen": {"webhook": "0.0.0.0:9443x"}}, "listen.webhook"),
+    ("bad minAvailable", {"podDisruptionBudget": {"minAvailable": "half"}}, "podDisruptionBudget.minAvailable"),
     ("typo in a section", {"webhook": {"failurePolicyy": "Fail"}}, "failurePolicyy"),
     ("namespaces as a string", {"watchNamespaces": "agents"}, "watchNamespaces"),
     ("bad namespace name", {"watchNamespaces": ["Agents_1"]}, "watchNamespaces.0"),

@@ -25,7 +25,7 @@ Fixtures and helpers:
   ``kopf.testing.KopfRunner`` (own thread and loop; ``kopf run --standalone --verbose -m MODULE``)
   after setting ``keyroute.controller.login.OVERRIDE`` to ``kube.connection_info()``::
 
-      async with operator_runner("keyroute.controller.handlers", namespaces=["default"]) as op:
+      async with operator_runner("keyroute.controller.standalone", namespaces=["default"]) as op:
           await op.wait_watching("credentialpools", "providerchains", "secrets")
           ...
       assert op.exit_code == 0 and "sk-" not in op.log + op.output

@@ -18,7 +18,7 @@ API = "keyroute.dev/v1alpha1"
 KEY1 = "sk-test-E2E-SECRET-KEY-000000001"
 KEY2 = "sk-test-E2E-SECRET-KEY-000000002"
 ROTATED = "sk-test-E2E-SECRET-KEY-ROTATED-01"
-HANDLERS = "keyroute.controller.handlers"
+HANDLERS = "keyroute.controller.standalone"
 
 
 def secret(name: str, **values: str) -> dict[str, Any]:

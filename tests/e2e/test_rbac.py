@@ -9,6 +9,12 @@ and kopf). Each request becomes an RBAC triple (API group, resource[/subresource
 triples are compared with the rules of the rendered chart, both ways: every verb used is granted, and
 every verb granted is either used or listed in :data:`NOT_EXERCISED` with the reason the scenario
 cannot show it.
+
+The leader election's Lease Role (``<fullname>-leader-election``, get/create/update on ``leases`` in
+the release namespace) is not compared here: the election renews with PUT, which kmock does not
+serve. ``tests/realapi/test_leader_election.py::test_the_charts_rbac_is_all_a_leader_needs`` runs the
+operator as the chart's ServiceAccount with exactly the chart's RBAC on a real API server, and
+``tests/chart/test_chart.py`` checks the Role against ``keyroute.controller.election.VERBS``.
 """
 
 from __future__ import annotations

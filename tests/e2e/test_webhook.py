@@ -28,7 +28,7 @@ pytestmark = pytest.mark.e2e
 
 API = "keyroute.dev/v1alpha1"
 KEY = "sk-test-WEBHOOK-SECRET-KEY-000000001"
-MODULES = ("keyroute.controller.handlers", "keyroute.controller.webhook")
+MODULES = ("keyroute.controller.standalone", "keyroute.controller.webhook")
 IMAGE = "registry.example/keyroute:e2e"
 
 
@@ -234,8 +234,9 @@ async def test_an_unlabelled_pod_is_let_through_untouched(kube, operator_runner,
 
 async def test_a_missing_chain_is_refused_by_default(kube, operator_runner, webhook_env):
     hook, _ = webhook_env
-    async with operator_runner(*MODULES, namespaces=["default"]):
+    async with operator_runner(*MODULES, namespaces=["default"]) as op:
         await eventually(hook.up, timeout=10)
+        logged_before = len(op.log.splitlines())  # hook.up() itself sends a pod of a missing chain
         # The namespace comes from the admission request: the pod's own metadata has none.
         response = await hook.review(labelled_pod(chain="nowhere"), namespace="team-a")
         assert response["allowed"] is False and "patch" not in response
@@ -249,6 +250,12 @@ async def test_a_missing_chain_is_refused_by_default(kube, operator_runner, webh
         bad = await hook.review(labelled_pod(chain="Not_A_Chain"))
         assert bad["allowed"] is False and bad["status"]["code"] == 400
         assert "keyroute.dev/chain='Not_A_Chain' is not a ProviderChain name" in bad["status"]["message"]
+    # A user's mistake, not the operator's: one warning each, no ERROR line to page anybody.
+    lines = op.log.splitlines()
+    assert [line for line in lines if " ERROR " in line] == []
+    lines = lines[logged_before:]
+    assert sum("WARNING [keyroute.webhook] pod refused: chain not found" in line for line in lines) == 1
+    assert sum("WARNING [keyroute.webhook] pod refused: invalid chain label" in line for line in lines) == 1
     looked_up = [r.url.path for r in kube.requests() if "providerchains/" in str(r.url.path)]
     assert any(p.endswith("/namespaces/team-a/providerchains/nowhere") for p in looked_up)
     assert not any("Not_A_Chain" in p for p in looked_up)
@@ -305,6 +312,9 @@ def test_configure_webhook_checks_its_files_up_front(cert_dir: Path, tmp_path: P
     server = settings.admission.server
     assert isinstance(server, kopf.WebhookServer)
     assert (server.addr, server.port, server.insecure) == ("0.0.0.0", 9443, False)
+    webhook.configure_webhook(settings, 9443, str(cert_dir), str(good), address="::1")
+    assert isinstance(settings.admission.server, kopf.WebhookServer)
+    assert settings.admission.server.addr == "::1"
     assert (server.certfile, server.pkeyfile) == (str(cert_dir / "tls.crt"), str(cert_dir / "tls.key"))
     assert settings.admission.managed is None  # the chart owns the MutatingWebhookConfiguration
 
@@ -333,6 +343,8 @@ def test_options_come_from_the_environment_and_the_flags_win() -> None:
     env = {webhook.ENV_PORT: "9443", webhook.ENV_CERT_DIR: "/tls"}
     webhook.export_options(port=8443, cert_dir=None, injection_config="/i.yaml", environ=env)
     assert webhook.WebhookOptions.from_env(env) == webhook.WebhookOptions(8443, "/tls", "/i.yaml")
+    webhook.export_options(address="127.0.0.1", environ=env)
+    assert webhook.WebhookOptions.from_env(env).address == "127.0.0.1"
     for raw in ("https", "-1", "65536"):
         with pytest.raises(ValueError, match=webhook.ENV_PORT):
             webhook.WebhookOptions.from_env({webhook.ENV_PORT: raw})

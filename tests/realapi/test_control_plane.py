@@ -61,6 +61,7 @@ async def test_the_operator_runs_as_a_process_and_reconciles(
     control_plane.kubectl("apply", "-n", namespace, "-f", "examples/")
     op = keyroute_process.start(
         "operator", "-n", namespace, "--metrics-port", "0", "--health-port", "0",
+        "--leader-election-namespace", namespace,
         kubeconfig=control_plane.admin_token_kubeconfig, name="operator",
     )  # fmt: skip
 

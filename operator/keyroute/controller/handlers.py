@@ -1,9 +1,14 @@
 """kopf handlers: what the operator reacts to. Each one is a line or two that calls the reconciler.
 
-- a CredentialPool created or changed → its status, then (coalesced, ~0.1 s later) every chain that
-  uses it; resumed at start-up → its status only (each chain resumes itself, so it is rendered once);
+All state lives in one :class:`Operator` (built from the CLI's arguments; :func:`register` binds
+the handlers to it on a kopf registry), so a leadership change can drop it and a test can run two
+operators in one process.
+
+- a CredentialPool created or changed (a new ``metadata.generation``) → its status, then (coalesced,
+  ~0.1 s later) every chain that uses it; listed at start-up → its status only (each chain is listed
+  too, so it is rendered once);
 - a CredentialPool deleted → every chain that used it (its entries become ``PoolNotFound``);
-- a ProviderChain created, changed or resumed → its config Secret and status;
+- a ProviderChain created, changed or listed → its config Secret and status;
 - a Secret added, changed or deleted → the pools that reference it, then their chains (a rotated key
   reaches the sidecars within seconds); the initial listing of Secrets is skipped for the same reason;
 - sidecar reports (Events labelled ``keyroute.dev/report=sidecar``, watched by an operator-level
@@ -12,6 +17,18 @@
 - one operator-level task resyncs every known pool and chain periodically, as a safety net for
   missed events. Not kopf timers: kopf puts a finalizer on every object that has a timer, and a
   finalizer is a way for a broken operator to block deletions.
+
+Only ``kopf.on.event`` handlers and indexes: kopf writes nothing itself then (no progress or
+"last handled" annotations, no finalizers), so a standby replica, which runs the same handlers to
+keep its caches warm, writes nothing at all. Changes are told from status writes by the
+``metadata.generation`` the API server bumps on spec changes only.
+
+**Leader election** (:mod:`keyroute.controller.election`): only the leader reconciles, folds
+reports and writes. Every write of the reconciler goes through a :class:`FencedKube` that refuses
+it unless this replica holds the Lease *now* (and in the same term the reconciler was built for).
+Gaining the Lease builds a fresh reconciler (state rebuilt from the objects' status and the
+report Events, not carried over) and resyncs every known object; losing it cancels everything the
+reconciler scheduled, at once.
 
 Which pools reference a Secret and which chains use a pool come from kopf indexes, kept in memory
 from the watch streams; no handler lists the cluster. No finalizers: deleting a chain lets garbage
@@ -23,224 +40,437 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import kopf
 
 from keyroute.controller import login as _login
-from keyroute.controller.metrics import shared as shared_metrics
+from keyroute.controller.election import ElectionConfig, LeaderElector
+from keyroute.controller.metrics import OperatorMetrics
 from keyroute.controller.reconcile import Reconciler
 from keyroute.core.reports import REPORT_LABEL, REPORT_LABEL_VALUE
-from keyroute.kube import CORE, path, watch_forever
+from keyroute.kube import CORE, Kube, path, watch_forever
 
 GROUP, VERSION = "keyroute.dev", "v1alpha1"
 POOLS = (GROUP, VERSION, "credentialpools")
 CHAINS = (GROUP, VERSION, "providerchains")
-RESYNC = float(os.environ.get("KEYROUTE_RESYNC_SECONDS", "300"))
-# The namespaces the operator serves (comma-separated; empty: all), for the report watch.
-NAMESPACES = [n for n in os.environ.get("KEYROUTE_NAMESPACES", "").split(",") if n]
+# A failed reconcile started by an event is tried again this much later (the periodic resync is
+# the net under that; kopf's own retries would need its progress annotations: writes).
+RETRY_DELAY = 5.0
+# Shutdown must end well within Kubernetes' 30 s grace period, and the whole operator within 5 s.
+SHUTDOWN_TIMEOUT = 2.0
 
-# Shared across handlers (kopf's memo is shallow-copied per object, so state lives here).
-STATE: dict[str, Any] = {"metrics": shared_metrics()}
-# Objects seen on the watch streams, for the periodic resync: (namespace, name).
-KNOWN: dict[str, set[tuple[str, str]]] = {"pools": set(), "chains": set()}
-# Last seen resourceVersion of credential Secrets, to tell a re-listed changed Secret from an old one.
-SECRET_VERSIONS: dict[tuple[str, str], Any] = {}
 log = logging.getLogger("keyroute.operator")
+_MISSING = object()
 
 
-def reconciler() -> Reconciler:
-    r = STATE.get("reconciler")
-    if r is None:
-        if not _login.CURRENT:
-            raise kopf.TemporaryError("not logged in yet", delay=1)
-        r = STATE["reconciler"] = Reconciler(_login.kube(), STATE["metrics"])
-    assert isinstance(r, Reconciler)
-    return r
+class NotLeader(Exception):
+    """A write was attempted by a replica that does not hold the Lease (now)."""
 
 
-@kopf.on.startup()
-async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="keyroute.dev")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="keyroute.dev", key="last-handled-configuration"
-    )
-    settings.posting.level = logging.WARNING  # kopf's own log lines are not Events; ours are explicit
+class FencedKube(Kube):
+    """keyroute's client whose writes (anything but GET and watches) need ``fence()`` to be true."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fence: Callable[[], bool] = lambda: True
+
+    async def request(
+        self, method: str, url_path: str, body: Any = None, *, content_type: str = "application/json"
+    ) -> dict[str, Any]:
+        if method != "GET" and not self.fence():
+            raise NotLeader(f"{method} {url_path}: not the leader")
+        return await super().request(method, url_path, body, content_type=content_type)
 
 
-async def _resync_forever() -> None:
-    while True:
-        await asyncio.sleep(RESYNC)
-        r = reconciler()
-        r.book.prune(r.clock())
-        for kind, fn in (("pools", r.pool), ("chains", r.chain)):
-            for namespace, name in sorted(KNOWN[kind]):
-                try:
-                    await fn(namespace, name)
-                except Exception as e:  # one broken object must not stop the resync of the others
-                    log.error(
-                        "resync failed",
-                        extra={"kr": {"kind": kind, "namespace": namespace, "name": name, "error": str(e)}},
-                    )
+@dataclass(frozen=True)
+class OperatorConfig:
+    """What ``keyroute operator``'s flags decide."""
+
+    # The namespaces the operator serves (empty: all), for the report watch.
+    namespaces: tuple[str, ...] = ()
+    resync: float = 300.0
+    # None: no election, this replica always leads (a single replica, tests).
+    election: ElectionConfig | None = None
 
 
-async def _watch_reports() -> None:
-    """Sidecar reports are Events labelled ``keyroute.dev/report=sidecar``; the label selector keeps
-    every other Event of the cluster off this watch. Not a kopf handler: kopf would watch every Event
-    of the cluster and filter them in the operator."""
+class Operator:
+    """One operator's state: caches any replica keeps, and the leader's reconciler and tasks."""
+
+    def __init__(self, config: OperatorConfig, metrics: OperatorMetrics | None = None):
+        self.config = config
+        self.metrics = metrics or OperatorMetrics()
+        # Caches, kept warm by a standby too (they only say what exists).
+        # Objects seen on the watch streams, for the resync: (namespace, name).
+        self.known: dict[str, set[tuple[str, str]]] = {"pools": set(), "chains": set()}
+        # Last seen generation per (kind, namespace, name): a new one is a spec change.
+        self.generations: dict[tuple[str, str, str], Any] = {}
+        # Last seen resourceVersion of credential Secrets, to tell a re-listed changed Secret from an old one.
+        self.secret_versions: dict[tuple[str, str], Any] = {}
+        # Leader state: built on gaining leadership, dropped on losing it.
+        self.elector: LeaderElector | None = None
+        self._reconciler: Reconciler | None = None
+        self._term = 0
+        self._leader_tasks: list[asyncio.Task[None]] = []
+        self._retries: dict[tuple[str, str, str], asyncio.TimerHandle] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- leadership ----------------------------------------------------------------------------
+
+    def is_leader(self) -> bool:
+        """Whether this replica may reconcile and write now."""
+        if self.config.election is None:
+            return True
+        return self.elector is not None and self.elector.is_leader()
+
+    def reconciler(self) -> Reconciler:
+        """The leader's reconciler (raises :class:`NotLeader` on a standby)."""
+        if not self.is_leader():
+            raise NotLeader("not the leader")
+        r = self._reconciler
+        if r is None:
+            if self.config.election is not None:
+                raise NotLeader("leadership is being set up")
+            if not _login.CURRENT:
+                raise kopf.TemporaryError("not logged in yet", delay=1)
+            r = self._reconciler = self._new_reconciler()
+        return r
+
+    def _new_reconciler(self) -> Reconciler:
+        self._term += 1
+        term = self._term
+        kube = _login.client(FencedKube)
+        kube.fence = lambda: self._term == term and self.is_leader()
+        return Reconciler(kube, self.metrics)
+
+    def _started_leading(self) -> None:
+        """The Lease is ours: fresh state, then reconcile everything known (the standby's cache)."""
+        self._reconciler = self._new_reconciler()
+        self._leader_tasks = [
+            asyncio.create_task(self._resync_forever(at_once=True), name="keyroute-resync"),
+            asyncio.create_task(self._watch_reports(), name="keyroute-reports"),
+        ]
+
+    def _stopped_leading(self) -> None:
+        """The Lease is lost or given up: stop everything the leader does, now (synchronously)."""
+        self._term += 1  # closes the old reconciler's fence even if this replica leads again
+        for task in self._leader_tasks:
+            task.cancel()
+        self._leader_tasks = []
+        for handle in self._retries.values():
+            handle.cancel()
+        self._retries.clear()
+        r, self._reconciler = self._reconciler, None
+        if r is not None:
+            r.cancel()
+            self._spawn(_close(r.kube), "keyroute-close")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.append(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.remove(task)
+        if not task.cancelled() and task.exception() is not None:
+            # A dead election loop stops renewing: the fence closes by itself, but say why.
+            log.error(
+                "operator task failed",
+                extra={"kr": {"task": task.get_name(), "error": repr(task.exception())}},
+            )
+
+    def start(self) -> None:
+        """Start the election (or, without one, lead at once). Called by kopf's startup."""
+        if self.config.election is None:
+            self._leader_tasks = [
+                asyncio.create_task(self._resync_forever(at_once=False), name="keyroute-resync"),
+                asyncio.create_task(self._watch_reports(), name="keyroute-reports"),
+            ]
+            return
+        self._spawn(self._elect(self.config.election), "keyroute-election")
+
+    async def _elect(self, config: ElectionConfig) -> None:
+        await _logged_in()
+        self.elector = LeaderElector(
+            _login.kube(), config, self._started_leading, self._stopped_leading
+        )
+        await self.elector.run()
+
+    async def shutdown(self) -> None:
+        """Release the Lease and stop every task, within :data:`SHUTDOWN_TIMEOUT`; never raises
+        (a failure here would make kopf retry the cleanup for a minute while SIGTERM waits)."""
+        try:
+            async with asyncio.timeout(SHUTDOWN_TIMEOUT):
+                await self._shutdown()
+        except Exception as e:  # shutting down anyway: say what did not stop cleanly
+            log.warning("unclean shutdown", extra={"kr": {"error": str(e) or type(e).__name__}})
+        for task in [*self._tasks, *self._leader_tasks]:
+            task.cancel()
+
+    async def _shutdown(self) -> None:
+        elector = self.elector
+        if elector is not None:
+            await elector.release(within=SHUTDOWN_TIMEOUT / 2)
+        r = self._reconciler
+        if r is not None and self.config.election is None:
+            # Without an election, let the reconciles in flight finish (bounded by the timeout).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SHUTDOWN_TIMEOUT / 2):
+                    await r.drain()
+        leader_tasks = [*self._leader_tasks]
+        self._stopped_leading()
+        for task in [*self._tasks]:
+            if task.get_name() != "keyroute-close":
+                task.cancel()
+        results = await asyncio.gather(*leader_tasks, *self._tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception):  # a background task had died: report it, do not re-raise
+                log.warning("a background task had failed", extra={"kr": {"error": str(result)}})
+        if elector is not None:
+            await _close(elector.kube)
+
+    def forget(self, kind: str, namespace: str, name: str) -> None:
+        """An object was deleted: drop what the leader's reconciler holds about it."""
+        if self._reconciler is not None:
+            self._reconciler.forget(kind, namespace, name)
+
+    def retry_later(self, kind: str, namespace: str, name: str) -> None:
+        """Reconcile again in :data:`RETRY_DELAY` seconds (an event-started reconcile failed)."""
+        key = (kind, namespace, name)
+        if key in self._retries:
+            return
+
+        def fire() -> None:
+            self._retries.pop(key, None)
+            if self.is_leader() and self._reconciler is not None:
+                self._reconciler.schedule(kind, namespace, name)
+
+        self._retries[key] = asyncio.get_running_loop().call_later(RETRY_DELAY, fire)
+
+    # --- leader tasks --------------------------------------------------------------------------
+
+    async def _resync_forever(self, *, at_once: bool) -> None:
+        if not at_once:
+            await asyncio.sleep(self.config.resync)
+        while True:
+            r = self.reconciler()
+            r.book.prune(r.clock())
+            for kind, fn in (("pools", r.pool), ("chains", r.chain)):
+                for namespace, name in sorted(self.known[kind]):
+                    try:
+                        await fn(namespace, name)
+                    except NotLeader:
+                        return
+                    except Exception as e:  # one broken object must not stop the resync of the others
+                        log.error(
+                            "resync failed",
+                            extra={"kr": {"kind": kind, "namespace": namespace, "name": name, "error": str(e)}},
+                        )
+            await asyncio.sleep(self.config.resync)
+
+    async def _watch_reports(self) -> None:
+        """Sidecar reports are Events labelled ``keyroute.dev/report=sidecar``; the label selector keeps
+        every other Event of the cluster off this watch. Not a kopf handler: kopf would watch every Event
+        of the cluster and filter them in the operator."""
+        await _logged_in()
+        r = self.reconciler()
+        params = {"labelSelector": f"{REPORT_LABEL}={REPORT_LABEL_VALUE}"}
+
+        def handle(kind: str, event: dict[str, Any]) -> None:
+            if kind != "DELETED":  # an Event expiring says nothing about the credential
+                r.report(event)
+
+        scopes: list[str | None] = [*self.config.namespaces] or [None]  # None: every namespace
+        await asyncio.gather(
+            *(
+                watch_forever(r.kube, path(*CORE, "events", ns), handle, params=params, what="sidecar reports")
+                for ns in scopes
+            )
+        )
+
+    # --- what the handlers do ------------------------------------------------------------------
+
+    def seen(self, kind: str, namespace: str, name: str, meta: Any) -> bool:
+        """Record an object's generation; whether it is new or its spec changed since last seen."""
+        key = (kind, namespace, name)
+        generation = (meta or {}).get("generation")
+        previous = self.generations.get(key, _MISSING)
+        self.generations[key] = generation
+        return previous is _MISSING or previous != generation or generation is None
+
+
+async def _logged_in() -> None:
     # kopf logs in as a separate activity; this only waits for it once, at start-up.
     while not _login.CURRENT:  # noqa: ASYNC110
         await asyncio.sleep(0.1)
-    r = reconciler()
-    params = {"labelSelector": f"{REPORT_LABEL}={REPORT_LABEL_VALUE}"}
 
-    def handle(kind: str, event: dict[str, Any]) -> None:
-        if kind != "DELETED":  # an Event expiring says nothing about the credential
-            r.report(event)
 
-    scopes: list[str | None] = [*NAMESPACES] or [None]  # None: every namespace
-    await asyncio.gather(
-        *(
-            watch_forever(r.kube, path(*CORE, "events", ns), handle, params=params, what="sidecar reports")
-            for ns in scopes
+async def _close(kube: Kube) -> None:
+    with contextlib.suppress(Exception):
+        await kube.close()
+
+
+async def _guarded(op: Operator, kind: str, namespace: str, name: str, work: Coroutine[Any, Any, None]) -> None:
+    """Run an event's reconcile: a standby's or a deposed leader's attempt ends quietly; a failure
+    is logged and tried again soon."""
+    try:
+        await work
+    except NotLeader:
+        log.debug("not the leader: reconcile skipped", extra={"kr": {"kind": kind, "namespace": namespace, "name": name}})
+    except (kopf.TemporaryError, asyncio.CancelledError):
+        raise
+    except Exception as e:
+        log.error(
+            f"{kind} reconcile failed; retrying in {RETRY_DELAY:g}s",
+            extra={"kr": {"namespace": namespace, kind: name, "error": str(e) or type(e).__name__}},
         )
-    )
-
-
-@kopf.on.startup()
-async def start_resync(**_: Any) -> None:
-    STATE["resync"] = asyncio.create_task(_resync_forever(), name="keyroute-resync")
-    STATE["reports"] = asyncio.create_task(_watch_reports(), name="keyroute-reports")
-
-
-@kopf.on.login()
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    return _login.login(**kwargs)
-
-
-@kopf.on.cleanup()
-async def cleanup(**_: Any) -> None:
-    for name in ("resync", "reports"):
-        task = STATE.pop(name, None)
-        if isinstance(task, asyncio.Task):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    r = STATE.pop("reconciler", None)
-    if isinstance(r, Reconciler):
-        await r.drain()
-        await r.kube.close()
-
-
-# --- indexes ------------------------------------------------------------------------------------
-
-
-@kopf.index(*POOLS)
-def pools_by_secret(
-    name: str, namespace: str | None, spec: Any, **_: Any
-) -> dict[tuple[str | None, str], str]:
-    """(namespace, Secret name) → names of the pools that reference it."""
-    out: dict[tuple[str | None, str], str] = {}
-    for cred in spec.get("credentials") or []:
-        ref = cred.get("secretRef") if isinstance(cred, dict) else None
-        if isinstance(ref, dict) and isinstance(ref.get("name"), str):
-            out[(namespace, ref["name"])] = name
-    return out
-
-
-@kopf.index(*CHAINS)
-def chains_by_pool(
-    name: str, namespace: str | None, spec: Any, **_: Any
-) -> dict[tuple[str | None, str], str]:
-    """(namespace, pool name) → names of the chains that use it."""
-    out: dict[tuple[str | None, str], str] = {}
-    for entry in spec.get("providers") or []:
-        ref = entry.get("credentialPoolRef") if isinstance(entry, dict) else None
-        if isinstance(ref, dict) and isinstance(ref.get("name"), str):
-            out[(namespace, ref["name"])] = name
-    return out
+        op.retry_later(kind, namespace, name)
 
 
 def _chains_of(namespace: str, pool: str, chains_by_pool: kopf.Index[Any, Any]) -> list[str]:
     return sorted(set(chains_by_pool.get((namespace, pool), [])))
 
 
-# --- pools --------------------------------------------------------------------------------------
+async def operate(op: Operator, registry: kopf.OperatorRegistry, **kopf_options: Any) -> None:
+    """Run kopf with ``op``'s handlers (registered with ``start_on_startup=False``); the election
+    and the background tasks start once every start-up handler succeeded. Started from a start-up
+    handler instead, they would outlive a failed start-up, and kopf waits 5 s for such "hung" tasks
+    before it exits."""
+    ready = asyncio.Event()
+
+    async def start_when_ready() -> None:
+        await ready.wait()
+        op.start()
+
+    # Created before kopf starts: kopf leaves the tasks that existed before it alone.
+    starter = asyncio.create_task(start_when_ready(), name="keyroute-starter")
+    try:
+        await kopf.operator(registry=registry, ready_flag=ready, **kopf_options)
+    finally:
+        starter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starter
 
 
-@kopf.on.resume(*POOLS)
-async def pool_resumed(name: str, namespace: str | None, **_: Any) -> None:
-    # Chains resume on their own: fanning out here would render each chain once per pool at start-up.
-    await reconciler().pool(namespace or "default", name)
+def register(op: Operator, registry: kopf.OperatorRegistry, *, start_on_startup: bool = True) -> None:
+    """Register the operator's handlers, bound to ``op``, on ``registry``. ``start_on_startup``:
+    start the election and background tasks from kopf's start-up (``kopf run -m``); :func:`operate`
+    starts them itself.
+
+    Each has an explicit id: kopf names handlers by qualified name otherwise (``register.<locals>...``)
+    and passes an index to handlers under its id."""
+
+    @kopf.on.startup(registry=registry, id="configure")
+    async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.posting.level = logging.WARNING  # kopf's own log lines are not Events; ours are explicit
+        if start_on_startup:
+            op.start()
+
+    @kopf.on.login(registry=registry, id="login")
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return _login.login(**kwargs)
+
+    @kopf.on.cleanup(registry=registry, id="cleanup")
+    async def cleanup(**_: Any) -> None:
+        await op.shutdown()
+
+    # --- indexes (a standby keeps them too) -----------------------------------------------------
+
+    @kopf.index(*POOLS, registry=registry, id="pools_by_secret")
+    def pools_by_secret(
+        name: str, namespace: str | None, spec: Any, **_: Any
+    ) -> dict[tuple[str | None, str], str]:
+        """(namespace, Secret name) → names of the pools that reference it."""
+        out: dict[tuple[str | None, str], str] = {}
+        for cred in spec.get("credentials") or []:
+            ref = cred.get("secretRef") if isinstance(cred, dict) else None
+            if isinstance(ref, dict) and isinstance(ref.get("name"), str):
+                out[(namespace, ref["name"])] = name
+        return out
+
+    @kopf.index(*CHAINS, registry=registry, id="chains_by_pool")
+    def chains_by_pool(
+        name: str, namespace: str | None, spec: Any, **_: Any
+    ) -> dict[tuple[str | None, str], str]:
+        """(namespace, pool name) → names of the chains that use it."""
+        out: dict[tuple[str | None, str], str] = {}
+        for entry in spec.get("providers") or []:
+            ref = entry.get("credentialPoolRef") if isinstance(entry, dict) else None
+            if isinstance(ref, dict) and isinstance(ref.get("name"), str):
+                out[(namespace, ref["name"])] = name
+        return out
+
+    # --- pools ----------------------------------------------------------------------------------
+
+    @kopf.on.event(*POOLS, registry=registry, id="pool_event")
+    async def pool_event(type: str | None, name: str, namespace: str | None, meta: Any, **kwargs: Any) -> None:
+        ns = namespace or "default"
+        if type == "DELETED":
+            op.known["pools"].discard((ns, name))
+            op.generations.pop(("pool", ns, name), None)
+            if op.is_leader():
+                await _guarded(op, "pool", ns, name, _pool_deleted(op, ns, name, kwargs["chains_by_pool"]))
+            return
+        op.known["pools"].add((ns, name))
+        changed = op.seen("pool", ns, name, meta)
+        if not changed or not op.is_leader():
+            return
+        # A listing (start-up, re-list): the pool only; its chains are listed and rendered on their own.
+        fan_out = type is not None
+        await _guarded(op, "pool", ns, name, _pool_changed(op, ns, name, kwargs["chains_by_pool"], fan_out))
+
+    # --- chains ---------------------------------------------------------------------------------
+
+    @kopf.on.event(*CHAINS, registry=registry, id="chain_event")
+    async def chain_event(type: str | None, name: str, namespace: str | None, meta: Any, **_: Any) -> None:
+        ns = namespace or "default"
+        if type == "DELETED":
+            op.known["chains"].discard((ns, name))
+            op.generations.pop(("chain", ns, name), None)
+            op.forget("chain", ns, name)
+            return
+        op.known["chains"].add((ns, name))
+        if op.seen("chain", ns, name, meta) and op.is_leader():
+            await _guarded(op, "chain", ns, name, _chain_changed(op, ns, name))
+
+    # --- secrets --------------------------------------------------------------------------------
+
+    @kopf.on.event("", "v1", "secrets", registry=registry, id="secret_event")
+    async def secret_event(type: str | None, name: str, namespace: str | None, **kwargs: Any) -> None:
+        ns = namespace or "default"
+        pools = sorted(set(kwargs["pools_by_secret"].get((ns, name), [])))
+        if not pools:
+            return  # not a credential Secret (most Secrets of a cluster)
+        version = (kwargs.get("meta") or {}).get("resourceVersion")
+        previous = op.secret_versions.get((ns, name))
+        op.secret_versions[(ns, name)] = version
+        if type is None and (previous is None or previous == version):
+            # A listing: at start-up pools and chains reconcile on their own listing; after a broken
+            # watch, kopf re-lists too, and only a Secret that changed meanwhile needs a reconcile.
+            return
+        if not op.is_leader():
+            return
+        for pool in pools:
+            await _guarded(op, "pool", ns, pool, _pool_changed(op, ns, pool, kwargs["chains_by_pool"], True))
 
 
-@kopf.on.create(*POOLS)
-@kopf.on.update(*POOLS)
-async def pool_changed(name: str, namespace: str | None, **kwargs: Any) -> None:
-    ns = namespace or "default"
-    r = reconciler()
+async def _pool_changed(op: Operator, ns: str, name: str, chains_by_pool: Any, fan_out: bool) -> None:
+    r = op.reconciler()
     await r.pool(ns, name)
-    for chain in _chains_of(ns, name, kwargs["chains_by_pool"]):
-        r.schedule_chain(ns, chain)
+    if fan_out:
+        for chain in _chains_of(ns, name, chains_by_pool):
+            r.schedule_chain(ns, chain)
 
 
-@kopf.on.event(*POOLS)
-async def pool_event(type: str, name: str, namespace: str | None, **kwargs: Any) -> None:
-    ns = namespace or "default"
-    if type != "DELETED":
-        KNOWN["pools"].add((ns, name))
-        return
-    KNOWN["pools"].discard((ns, name))
-    r = reconciler()
+async def _pool_deleted(op: Operator, ns: str, name: str, chains_by_pool: Any) -> None:
+    r = op.reconciler()
     r.forget("pool", ns, name)
-    r.metrics.pool_gone((ns, name))
-    for chain in _chains_of(ns, name, kwargs["chains_by_pool"]):
+    op.metrics.pool_gone((ns, name))
+    for chain in _chains_of(ns, name, chains_by_pool):
         r.schedule_chain(ns, chain)
 
 
-# --- chains -------------------------------------------------------------------------------------
-
-
-@kopf.on.resume(*CHAINS)
-@kopf.on.create(*CHAINS)
-@kopf.on.update(*CHAINS)
-async def chain_changed(name: str, namespace: str | None, **_: Any) -> None:
-    await reconciler().chain(namespace or "default", name)
-
-
-@kopf.on.event(*CHAINS)
-async def chain_event(type: str, name: str, namespace: str | None, **_: Any) -> None:
-    key = (namespace or "default", name)
-    if type == "DELETED":
-        KNOWN["chains"].discard(key)
-        r = reconciler()
-        r.forget("chain", *key)
-        r.metrics.chain_gone(key)
-    else:
-        KNOWN["chains"].add(key)
-
-
-# --- secrets ------------------------------------------------------------------------------------
-
-
-@kopf.on.event("", "v1", "secrets")
-async def secret_event(type: str | None, name: str, namespace: str | None, **kwargs: Any) -> None:
-    ns = namespace or "default"
-    pools = sorted(set(kwargs["pools_by_secret"].get((ns, name), [])))
-    if not pools:
-        return  # not a credential Secret (most Secrets of a cluster)
-    version = (kwargs.get("meta") or {}).get("resourceVersion")
-    previous = SECRET_VERSIONS.get((ns, name))
-    SECRET_VERSIONS[(ns, name)] = version
-    if type is None and (previous is None or previous == version):
-        # A listing: at start-up pools and chains reconcile on their own resume; after a broken
-        # watch, kopf re-lists too, and only a Secret that changed meanwhile needs a reconcile.
-        return
-    r = reconciler()
-    chains: set[str] = set()
-    for pool in pools:
-        await r.pool(ns, pool)
-        chains.update(_chains_of(ns, pool, kwargs["chains_by_pool"]))
-    for chain in sorted(chains):
-        r.schedule_chain(ns, chain)
+async def _chain_changed(op: Operator, ns: str, name: str) -> None:
+    await op.reconciler().chain(ns, name)

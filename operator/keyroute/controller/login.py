@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import kopf
 
 from keyroute.kube import MIN_RENEW_INTERVAL, OPERATOR_AGENT, Connection, Credentials, Kube, _pem
+
+K = TypeVar("K", bound=Kube)
 
 OVERRIDE: kopf.ConnectionInfo | None = None
 CURRENT: list[kopf.ConnectionInfo] = []
@@ -80,6 +82,13 @@ def login(**_: Any) -> kopf.ConnectionInfo | None:
 
 def kube() -> Kube:
     """keyroute's API client on the operator's credentials (renewing them by itself)."""
+    return client(Kube)
+
+
+def client(cls: type[K]) -> K:
+    """An API client of class ``cls`` (Kube or a subclass) on the operator's credentials."""
     if OVERRIDE is not None:
-        return Kube.from_connection(OVERRIDE, user_agent=OPERATOR_AGENT)
-    return Kube(credentials(), user_agent=OPERATOR_AGENT)
+        client = cls.from_connection(OVERRIDE, user_agent=OPERATOR_AGENT)
+        assert isinstance(client, cls)  # from_connection builds the class it is called on
+        return client
+    return cls(credentials(), user_agent=OPERATOR_AGENT)

@@ -167,6 +167,14 @@ class Reconciler:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
+    def cancel(self) -> None:
+        """Stop at once: scheduled reconciles, Events being posted and expiry timers (leadership lost)."""
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        for task in list(self._tasks):
+            task.cancel()
+
     def forget(self, kind: str, namespace: str, name: str) -> None:
         """The object was deleted: drop its reports and timers."""
         self.book.forget(kind, namespace, name)

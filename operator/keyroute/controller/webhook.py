@@ -13,6 +13,8 @@ flags into these variables (:func:`export_options`), so a flag wins over the env
 
 - ``KEYROUTE_WEBHOOK_PORT`` (``--webhook-port``): ``0`` or unset means no webhook server at all (the
   handler stays registered, harmlessly: nothing can reach it);
+- ``KEYROUTE_WEBHOOK_ADDRESS`` (``--webhook-address``): the address to listen on (default ``0.0.0.0``;
+  ``::`` for IPv6);
 - ``KEYROUTE_WEBHOOK_CERT_DIR`` (``--webhook-cert-dir``): ``tls.crt`` and ``tls.key``, re-read by
   kopf when they change (cert-manager rotation);
 - ``KEYROUTE_INJECTION_CONFIG`` (``--injection-config``): the :class:`InjectionSettings` YAML.
@@ -55,6 +57,8 @@ WEBHOOK_PATH = f"/{HANDLER_ID}"
 
 ENV_PORT = "KEYROUTE_WEBHOOK_PORT"
 ENV_CERT_DIR = "KEYROUTE_WEBHOOK_CERT_DIR"
+ENV_ADDRESS = "KEYROUTE_WEBHOOK_ADDRESS"
+DEFAULT_ADDRESS = "0.0.0.0"  # a pod's webhook is reached through its Service
 ENV_INJECTION_CONFIG = "KEYROUTE_INJECTION_CONFIG"
 DEFAULT_CERT_DIR = "/etc/keyroute/webhook-tls"
 DEFAULT_INJECTION_CONFIG = "/etc/keyroute/injection/injection.yaml"
@@ -79,6 +83,7 @@ class WebhookOptions:
     port: int = 0
     cert_dir: str = DEFAULT_CERT_DIR
     injection_config: str = DEFAULT_INJECTION_CONFIG
+    address: str = DEFAULT_ADDRESS
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> WebhookOptions:
@@ -93,6 +98,7 @@ class WebhookOptions:
             raise ValueError(f"{ENV_PORT}={port} is not a port number (0 turns the webhook off)")
         return cls(
             port=port,
+            address=env.get(ENV_ADDRESS) or DEFAULT_ADDRESS,
             cert_dir=env.get(ENV_CERT_DIR) or DEFAULT_CERT_DIR,
             injection_config=env.get(ENV_INJECTION_CONFIG) or DEFAULT_INJECTION_CONFIG,
         )
@@ -103,10 +109,16 @@ def export_options(
     cert_dir: str | None = None,
     injection_config: str | None = None,
     environ: MutableMapping[str, str] | None = None,
+    address: str | None = None,
 ) -> None:
     """Put the CLI's flags into the environment for :func:`configure`; ``None`` leaves a variable as is."""
     env = os.environ if environ is None else environ
-    for name, value in ((ENV_PORT, port), (ENV_CERT_DIR, cert_dir), (ENV_INJECTION_CONFIG, injection_config)):
+    for name, value in (
+        (ENV_PORT, port),
+        (ENV_ADDRESS, address),
+        (ENV_CERT_DIR, cert_dir),
+        (ENV_INJECTION_CONFIG, injection_config),
+    ):
         if value is not None:
             env[name] = str(value)
 
@@ -152,7 +164,11 @@ async def _no_webhook_server(fn: Any) -> AsyncIterator[Any]:
 
 
 def configure_webhook(
-    settings: kopf.OperatorSettings, port: int, cert_dir: str, injection_file: str
+    settings: kopf.OperatorSettings,
+    port: int,
+    cert_dir: str,
+    injection_file: str,
+    address: str = DEFAULT_ADDRESS,
 ) -> core.InjectionSettings | None:
     """Set up kopf's webhook server and load the injection settings; ``port`` 0: no server.
 
@@ -181,13 +197,14 @@ def configure_webhook(
                 f"or turn the webhook off with --webhook-port 0"
             )
     settings.admission.server = NamespacedWebhookServer(
-        addr="0.0.0.0", port=port, certfile=str(certfile), pkeyfile=str(pkeyfile)
+        addr=address, port=port, certfile=str(certfile), pkeyfile=str(pkeyfile)
     )
     STATE["injection"] = injection
     log.info(
         "sidecar injection webhook configured",
         extra={
             "kr": {
+                "address": address,
                 "port": port,
                 "path": WEBHOOK_PATH,
                 "image": injection.image,
@@ -199,6 +216,23 @@ def configure_webhook(
     return injection
 
 
+class _RefusalFilter(logging.Filter):
+    """Drops kopf's ERROR line for a pod this webhook refused on purpose (``AdmissionError``): a
+    user's mistake (a missing chain) must not fire log-based alerts. The handler has already logged
+    the refusal once, at warning, with the reason; kopf's line for an unexpected exception stays."""
+
+    PREFIX = f"Webhook {HANDLER_ID!r} failed permanently: keyroute: "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.PREFIX)
+
+
+def _quiet_refusals() -> None:
+    kopf_objects = logging.getLogger("kopf.objects")
+    if not any(isinstance(f, _RefusalFilter) for f in kopf_objects.filters):
+        kopf_objects.addFilter(_RefusalFilter())
+
+
 @kopf.on.startup(id="keyroute-webhook-settings")
 async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     """Configure the webhook from the environment (see the module docstring)."""
@@ -206,7 +240,8 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         options = WebhookOptions.from_env()
     except ValueError as e:
         raise kopf.PermanentError(str(e)) from None
-    configure_webhook(settings, options.port, options.cert_dir, options.injection_config)
+    configure_webhook(settings, options.port, options.cert_dir, options.injection_config, options.address)
+    _quiet_refusals()
 
 
 @kopf.on.cleanup(id="keyroute-webhook-cleanup")
@@ -303,14 +338,14 @@ async def inject_sidecar(
     try:
         core.check_chain_name(chain)
     except core.InjectionError as e:
-        log.info("pod refused: invalid chain label", extra={"kr": where})
+        log.warning("pod refused: invalid chain label", extra={"kr": {**where, "reason": str(e)}})
         admissions.labels("refused", "InvalidChainLabel").inc()
         raise kopf.AdmissionError(f"keyroute: {e}", code=400) from None
 
     exists, why = await chain_exists(namespace, chain)
     decision = core.decide(chain, namespace or "?", exists, injection.missing_chain, lookup_error=why)
     if not decision.inject:
-        log.info("pod refused: chain not found", extra={"kr": where})
+        log.warning("pod refused: chain not found", extra={"kr": {**where, "reason": decision.message}})
         admissions.labels("refused", "ChainNotFound").inc()
         raise kopf.AdmissionError(f"keyroute: {decision.message}", code=403)
     if decision.message:
@@ -320,7 +355,7 @@ async def inject_sidecar(
     try:
         mutation = core.inject(pod, chain, injection)
     except core.InjectionError as e:
-        log.info("pod refused: cannot inject", extra={"kr": {**where, "error": str(e)}})
+        log.warning("pod refused: cannot inject", extra={"kr": {**where, "reason": str(e)}})
         admissions.labels("refused", "CannotInject").inc()
         raise kopf.AdmissionError(f"keyroute: {e}", code=400) from None
     # Whole lists: kopf turns this merge-style patch into a JSON patch against the object it received.
