@@ -202,7 +202,7 @@ def _url_host(address: str) -> str:
 def operator_config(args: argparse.Namespace) -> Any:
     """The :class:`OperatorConfig` the flags describe; ``ValueError`` with the flag's name if invalid."""
     from keyroute.controller.election import ElectionConfig, default_identity, default_namespace
-    from keyroute.controller.handlers import OperatorConfig
+    from keyroute.controller.settings import OperatorConfig
     from keyroute.core.election import Timings
 
     election = None
@@ -233,7 +233,12 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     from keyroute.kube import Credentials, KubeconfigError
 
     setup_logging(args.log_level, args.log_format)
-    # Credentials first, before kopf starts: a bad kubeconfig is a clear error now, not a login retry loop.
+    try:
+        config = operator_config(args)
+    except ValueError as e:
+        print(f"keyroute operator: invalid flags: {e}", file=sys.stderr)
+        return 2
+    # Credentials before kopf starts: a bad kubeconfig is a clear error now, not a login retry loop.
     try:
         creds = Credentials.resolve(args.kubeconfig, args.context)
     except KubeconfigError as e:
@@ -255,11 +260,6 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     from keyroute.controller.handlers import Operator, operate, register
     from keyroute.controller.metrics import shared as shared_metrics
 
-    try:
-        config = operator_config(args)
-    except ValueError as e:
-        log.error("cannot start: invalid flags", extra={"kr": {"error": str(e)}})
-        return 2
     # The webhook's startup handler reads its options from the environment (a flag wins over it).
     webhook.export_options(
         port=args.webhook_port,

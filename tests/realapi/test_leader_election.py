@@ -396,7 +396,8 @@ async def test_two_whole_operators_in_one_process_share_nothing_but_the_lease(
     import kopf
 
     from keyroute.controller import login
-    from keyroute.controller.handlers import Operator, OperatorConfig, operate, register
+    from keyroute.controller.handlers import Operator, operate, register
+    from keyroute.controller.settings import OperatorConfig
 
     info = kopf.ConnectionInfo(
         server=control_plane.server,

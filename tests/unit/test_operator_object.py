@@ -10,7 +10,9 @@ import pytest
 
 from keyroute.cli import build_parser, main, operator_config
 from keyroute.controller.election import default_identity, default_namespace
-from keyroute.controller.handlers import FencedKube, NotLeader, Operator, OperatorConfig, register
+from keyroute.controller.handlers import FencedKube, NotLeader, Operator, register
+from keyroute.controller.settings import OperatorConfig
+from keyroute.kube import Connection
 
 
 def config(*flags: str) -> OperatorConfig:
@@ -114,7 +116,8 @@ def test_two_operators_in_one_process_share_nothing() -> None:
 
 async def test_a_fenced_client_refuses_writes_before_sending_anything() -> None:
     leading = False
-    kube = FencedKube(server="https://192.0.2.1:1", headers={}, fence=lambda: leading)
+    kube = FencedKube.from_connection(Connection(server="https://192.0.2.1:1", token="t"))
+    kube.fence = lambda: leading
     for method in ("POST", "PATCH", "PUT", "DELETE"):
         with pytest.raises(NotLeader, match=f"{method} /api/v1/x: not the leader"):
             await kube.request(method, "/api/v1/x", {})

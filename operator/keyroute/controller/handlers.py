@@ -41,7 +41,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any
 
 import kopf
@@ -50,6 +49,7 @@ from keyroute.controller import login as _login
 from keyroute.controller.election import ElectionConfig, LeaderElector
 from keyroute.controller.metrics import OperatorMetrics
 from keyroute.controller.reconcile import Reconciler
+from keyroute.controller.settings import OperatorConfig
 from keyroute.core.reports import REPORT_LABEL, REPORT_LABEL_VALUE
 from keyroute.kube import CORE, Kube, path, watch_forever
 
@@ -83,17 +83,6 @@ class FencedKube(Kube):
         if method != "GET" and not self.fence():
             raise NotLeader(f"{method} {url_path}: not the leader")
         return await super().request(method, url_path, body, content_type=content_type)
-
-
-@dataclass(frozen=True)
-class OperatorConfig:
-    """What ``keyroute operator``'s flags decide."""
-
-    # The namespaces the operator serves (empty: all), for the report watch.
-    namespaces: tuple[str, ...] = ()
-    resync: float = 300.0
-    # None: no election, this replica always leads (a single replica, tests).
-    election: ElectionConfig | None = None
 
 
 class Operator:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import kopf
 
-from keyroute.controller.handlers import Operator, OperatorConfig, register
+from keyroute.controller.handlers import Operator, register
+from keyroute.controller.settings import OperatorConfig
 
 OPERATOR = Operator(OperatorConfig())
 register(OPERATOR, kopf.get_default_registry())
