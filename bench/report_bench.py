@@ -1,24 +1,33 @@
-"""keyroute reporting benchmark (issue #4): upstream 429 → pool status latency, and a report flood.
+"""keyroute reporting benchmark (issues #4, #11): upstream 429 → pool status latency, and a report flood.
 
     python bench/report_bench.py                  # ~2 minutes: 40 iterations 0.8 s apart, then the flood
     python bench/report_bench.py --back-to-back   # the same with the 40 iterations back to back
     python bench/report_bench.py --iterations 10 --flood-requests 300 --flood-seconds 3   # ~1 minute
+    python bench/report_bench.py --api kmock      # against the e2e emulator instead of a real API server
     python bench/report_bench.py --serve-kmock    # just the instrumented kmock (prints URL, token)
 
-Targets (issue #4):
+Targets (issues #4 and #11):
 
-- "Upstream 429 → pool status shows it: p99 ≤ 2 s."
+- "Upstream 429 → pool status shows it: p99 ≤ 2 s", also for "40 new cooldowns back to back from one
+  pod", "without exceeding the API-server budget the README promises" (per pod: 50 report writes at
+  once, then 1 per second).
 - "Report flood: status writes per pool ≤ 2 per second; Events deduplicated per transition."
 
-Processes (2 cores, as ``operator_bench.py``): the e2e harness's kmock emulator runs as
+Processes (2 cores, as ``operator_bench.py``). ``--api real`` (the default): the real etcd,
+kube-apiserver and kube-controller-manager v1.28 (``tests/realapi/controlplane.py``'s ``ControlPlane``,
+binaries from ``KUBEBUILDER_ASSETS``; ``./dev test`` unpacks them into ``.tools/envtest/bin``) on core 1,
+keyroute's CRDs applied, the API server writing an audit log (report Event writes and pool/chain status
+writes with their bodies, the operator's GETs of pools; never a Secret) that serves as the request log:
+``requestReceivedTimestamp`` (µs, wall clock) converted to this process's monotonic clock.
+``keyroute operator -n default`` runs alone on core 0 with the admin's static-token kubeconfig
+(``admin_token_kubeconfig``; operator_bench's ``Operator``, ``--log-level warning``, JSON log to a file).
+The sidecars report as the namespace's ``default`` ServiceAccount (a TokenRequest token in a kubeconfig)
+bound to the README's sidecar Role. ``--api kmock``: the e2e harness's kmock emulator as
 ``report_bench.py --serve-kmock`` (operator_bench's kmock patches + a request log with arrival times,
-served at ``GET /_bench/log?since=N``) on core 1; ``keyroute operator -n default`` (operator_bench's
-``Operator``: kubeconfig for kmock, ``--log-level warning``, JSON log to a file) alone on core 0. This
-process, on core 1 next to kmock, runs a ``FakeProvider``, two real in-process sidecars (pods
-``bench-a`` and ``bench-b``, default reporter settings: token bucket 1 Event/s, burst 25) reporting
-to kmock, the HTTP client and a watch of the CredentialPools. Every time is ``time.monotonic()``
-(CLOCK_MONOTONIC: one clock for every process of the host), so kmock's arrival times line up with
-this process's.
+served at ``GET /_bench/log?since=N``) on core 1 instead. This process, on core 1 next to the API,
+runs a ``FakeProvider``, two real in-process sidecars (pods ``bench-a`` and ``bench-b``, default
+reporter settings: ``core.reports.REPORT_BURST`` / ``REPORT_RATE`` / ``REPEAT_RESERVE``), the HTTP
+client and a watch of the CredentialPools. Every time is ``time.monotonic()``.
 
 Objects: Secret ``openai-keys`` (60 fake keys ``sk-bench-REPORT-KEY-000001``...), CredentialPool
 ``openai`` (provider openai, FillFirst, credentials ``k01``..``k60``), ProviderChain ``agents`` (one
@@ -34,22 +43,22 @@ Phases:
    Iterations start ≥ ``--spacing`` s apart and only once the previous one was seen, so each is
    measured alone (the operator reconciles an object at most every 0.5 s). ``--back-to-back``: no
    spacing, each request is sent as soon as the previous answer arrived, then every status is awaited
-   (a separate run: same keys, fresh reporter). From kmock's log each iteration is split into:
+   (a separate run: same keys, fresh reporter). From the request log each iteration is split into:
    request → sidecar action; action → Event at the API (reporter, its token bucket); Event → the
-   operator's GET of the pool (its watch, 0.1 s coalescing, 0.5 s min interval); GET → status PATCH
-   (the reconcile); PATCH → this watch (kmock's watch delivery).
+   operator's GET of the pool (its watch, 0.1 s coalescing, 0.55 s min interval); GET → status PATCH
+   (the reconcile); PATCH → this watch (the API's watch delivery).
 2. **Flood** (same model, so keys k01..k40 are already cooling for 600 s): every request now gets
    429 ``Retry-After: 1`` (``--flood-retry-after``); ``--flood-requests`` requests paced evenly over
    ``--flood-seconds`` (at most ``--flood-concurrency`` in flight), alternately through A and B; then
    until the flood's cooldowns have ended and both reporters have delivered everything (bounded by
-   ``--drain-seconds``). Measured from kmock's log: the operator's status PATCHes of pool ``openai``
+   ``--drain-seconds``). Measured from the request log: the operator's status PATCHes of pool ``openai``
    per 1-s window; the sidecars' Event creates (POST) and repeats (PATCH) against their recovery
    actions; Event ``count`` sums; how late each report reached the API; ``keyroute_reports_total``.
 3. **No key in sight**: no key value (nor the ``sk-bench-REPORT-KEY`` prefix) in the operator's log,
    the sidecars' log (JSON, unredacted formatter), the Events, the pools and chains.
 
-Writes ``bench/results/<stamp>-report.{json,md}`` and ``latest-report.{json,md}`` (gitignored), with the
-processes' logs and kmock's request log in ``<stamp>-report-logs/``. The sidecars' config files (they
+Writes ``bench/results/<stamp>-report[-kmock][-back-to-back].{json,md}`` and ``latest-report*.{json,md}``
+(gitignored), with the processes' logs and the request log (``requests.json``) in ``<stamp>-report*-logs/``. The sidecars' config files (they
 hold the keys) live in a temporary directory removed at the end.
 """
 
