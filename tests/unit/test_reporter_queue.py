@@ -595,3 +595,15 @@ def test_report_writes_never_exceed_the_promised_budget():
     for seconds in (0.0, 1.0, 10.0, 60.0, 120.0):
         most = max(bisect.bisect_right(times, t + seconds) - i for i, t in enumerate(times))
         assert most <= REPORT_BURST + REPORT_RATE * seconds, (seconds, most)
+
+
+def test_a_heartbeat_still_queued_when_the_next_is_due_goes_as_a_new_transition():
+    q = ReportQueue(capacity=100)
+    q.offer_presence(T0)
+    for i in range(3):
+        q.offer(cooldown(f"k{i}", T0 + 1, until=T0 + 600))
+    assert order(q)[-1] == ("presence", Priority.PRESENCE, 1)
+    q.offer_presence(T0 + 300)  # still there five minutes later: new transitions kept it waiting
+    assert order(q)[-1] == ("presence", Priority.NEW, 2)
+    q.offer(cooldown("k9", T0 + 301, until=T0 + 900))
+    assert [w for w, _, _ in order(q)][-2:] == ["presence", "k9"]

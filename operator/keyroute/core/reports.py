@@ -375,6 +375,8 @@ class ReportQueue:
     transition still queued is merged into it (``count``, newest action) and keeps its place. When
     ``capacity`` reports are queued, one is dropped to make room: the oldest repeat, else the
     heartbeat, else the oldest new transition; :attr:`dropped` counts them until :meth:`delivered`.
+    Repeats wait as long as new transitions are queued (they merge meanwhile, so they cannot pile up);
+    the heartbeat waits one interval at most (:meth:`offer_presence`).
 
     Delivery order across priorities is safe because the operator orders reports by the time the
     sidecar saw them (``keyroute.dev/at``), not by arrival. Every method is O(1) but :meth:`prune`.
@@ -412,8 +414,12 @@ class ReportQueue:
         return self._put(key, action, action.at, priority)
 
     def offer_presence(self, at: float) -> tuple[bool, int]:
-        """Queue the heartbeat (one at most: a second merges into the first)."""
-        return self._put(PRESENCE_KEY, None, at, Priority.PRESENCE)
+        """Queue the heartbeat (one at most: a second merges into the first). A heartbeat still queued
+        when the next one is due has waited a whole interval behind new transitions (a storm of keys
+        flapping every second keeps that queue busy for as long as it lasts): it then goes as a new
+        transition, so the operator does not stop counting a pod for being busy."""
+        waiting = PRESENCE_KEY in self._where
+        return self._put(PRESENCE_KEY, None, at, Priority.NEW if waiting else Priority.PRESENCE)
 
     def _put(
         self, key: tuple[str, ...], action: Action | None, at: float, priority: Priority
