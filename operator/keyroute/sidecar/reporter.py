@@ -5,8 +5,8 @@ concern, without the data path ever waiting for the API server.
 sends the queue (:class:`~keyroute.core.reports.ReportQueue`) through a token bucket: at most
 ``burst`` report writes at once, then ``rate`` per second (the README's per-pod budget). New
 transitions go first; repeats (count patches of an Event the operator already folded) and the
-presence heartbeat go after them and may not use the last ``reserve`` tokens, so a storm of repeats
-never delays a new cooldown by more than the API server's round trip. While the API server is
+presence heartbeat go after them and may not use the last ``reserve`` tokens, so a new cooldown never
+waits for repeats, and ``reserve`` of them leave at once even during a storm of repeats. While the API server is
 unreachable, the queue holds what happened: a repeat of a queued transition is merged into it
 (``count``), and when the queue is full a report is dropped (a repeat first) and counted; the count
 rides on the next Event that gets through, and on ``keyroute_reports_total{result="dropped"}``. A
