@@ -1,24 +1,33 @@
-"""keyroute reporting benchmark (issue #4): upstream 429 → pool status latency, and a report flood.
+"""keyroute reporting benchmark (issues #4, #11): upstream 429 → pool status latency, and a report flood.
 
     python bench/report_bench.py                  # ~2 minutes: 40 iterations 0.8 s apart, then the flood
     python bench/report_bench.py --back-to-back   # the same with the 40 iterations back to back
     python bench/report_bench.py --iterations 10 --flood-requests 300 --flood-seconds 3   # ~1 minute
+    python bench/report_bench.py --api kmock      # against the e2e emulator instead of a real API server
     python bench/report_bench.py --serve-kmock    # just the instrumented kmock (prints URL, token)
 
-Targets (issue #4):
+Targets (issues #4 and #11):
 
-- "Upstream 429 → pool status shows it: p99 ≤ 2 s."
+- "Upstream 429 → pool status shows it: p99 ≤ 2 s", also for "40 new cooldowns back to back from one
+  pod", "without exceeding the API-server budget the README promises" (per pod: 50 report writes at
+  once, then 1 per second).
 - "Report flood: status writes per pool ≤ 2 per second; Events deduplicated per transition."
 
-Processes (2 cores, as ``operator_bench.py``): the e2e harness's kmock emulator runs as
+Processes (2 cores, as ``operator_bench.py``). ``--api real`` (the default): the real etcd,
+kube-apiserver and kube-controller-manager v1.28 (``tests/realapi/controlplane.py``'s ``ControlPlane``,
+binaries from ``KUBEBUILDER_ASSETS``; ``./dev test`` unpacks them into ``.tools/envtest/bin``) on core 1,
+keyroute's CRDs applied, the API server writing an audit log (report Event writes and pool/chain status
+writes with their bodies, the operator's GETs of pools; never a Secret) that serves as the request log:
+``requestReceivedTimestamp`` (µs, wall clock) converted to this process's monotonic clock.
+``keyroute operator -n default`` runs alone on core 0 with the admin's static-token kubeconfig
+(``admin_token_kubeconfig``; operator_bench's ``Operator``, ``--log-level warning``, JSON log to a file).
+The sidecars report as the namespace's ``default`` ServiceAccount (a TokenRequest token in a kubeconfig)
+bound to the README's sidecar Role. ``--api kmock``: the e2e harness's kmock emulator as
 ``report_bench.py --serve-kmock`` (operator_bench's kmock patches + a request log with arrival times,
-served at ``GET /_bench/log?since=N``) on core 1; ``keyroute operator -n default`` (operator_bench's
-``Operator``: kubeconfig for kmock, ``--log-level warning``, JSON log to a file) alone on core 0. This
-process, on core 1 next to kmock, runs a ``FakeProvider``, two real in-process sidecars (pods
-``bench-a`` and ``bench-b``, default reporter settings: token bucket 1 Event/s, burst 25) reporting
-to kmock, the HTTP client and a watch of the CredentialPools. Every time is ``time.monotonic()``
-(CLOCK_MONOTONIC: one clock for every process of the host), so kmock's arrival times line up with
-this process's.
+served at ``GET /_bench/log?since=N``) on core 1 instead. This process, on core 1 next to the API,
+runs a ``FakeProvider``, two real in-process sidecars (pods ``bench-a`` and ``bench-b``, default
+reporter settings: ``core.reports.REPORT_BURST`` / ``REPORT_RATE`` / ``REPEAT_RESERVE``), the HTTP
+client and a watch of the CredentialPools. Every time is ``time.monotonic()``.
 
 Objects: Secret ``openai-keys`` (60 fake keys ``sk-bench-REPORT-KEY-000001``...), CredentialPool
 ``openai`` (provider openai, FillFirst, credentials ``k01``..``k60``), ProviderChain ``agents`` (one
@@ -34,22 +43,22 @@ Phases:
    Iterations start ≥ ``--spacing`` s apart and only once the previous one was seen, so each is
    measured alone (the operator reconciles an object at most every 0.5 s). ``--back-to-back``: no
    spacing, each request is sent as soon as the previous answer arrived, then every status is awaited
-   (a separate run: same keys, fresh reporter). From kmock's log each iteration is split into:
+   (a separate run: same keys, fresh reporter). From the request log each iteration is split into:
    request → sidecar action; action → Event at the API (reporter, its token bucket); Event → the
-   operator's GET of the pool (its watch, 0.1 s coalescing, 0.5 s min interval); GET → status PATCH
-   (the reconcile); PATCH → this watch (kmock's watch delivery).
+   operator's GET of the pool (its watch, 0.1 s coalescing, 0.55 s min interval); GET → status PATCH
+   (the reconcile); PATCH → this watch (the API's watch delivery).
 2. **Flood** (same model, so keys k01..k40 are already cooling for 600 s): every request now gets
    429 ``Retry-After: 1`` (``--flood-retry-after``); ``--flood-requests`` requests paced evenly over
    ``--flood-seconds`` (at most ``--flood-concurrency`` in flight), alternately through A and B; then
    until the flood's cooldowns have ended and both reporters have delivered everything (bounded by
-   ``--drain-seconds``). Measured from kmock's log: the operator's status PATCHes of pool ``openai``
+   ``--drain-seconds``). Measured from the request log: the operator's status PATCHes of pool ``openai``
    per 1-s window; the sidecars' Event creates (POST) and repeats (PATCH) against their recovery
    actions; Event ``count`` sums; how late each report reached the API; ``keyroute_reports_total``.
 3. **No key in sight**: no key value (nor the ``sk-bench-REPORT-KEY`` prefix) in the operator's log,
    the sidecars' log (JSON, unredacted formatter), the Events, the pools and chains.
 
-Writes ``bench/results/<stamp>-report.{json,md}`` and ``latest-report.{json,md}`` (gitignored), with the
-processes' logs and kmock's request log in ``<stamp>-report-logs/``. The sidecars' config files (they
+Writes ``bench/results/<stamp>-report[-kmock][-back-to-back].{json,md}`` and ``latest-report*.{json,md}``
+(gitignored), with the processes' logs and the request log (``requests.json``) in ``<stamp>-report*-logs/``. The sidecars' config files (they
 hold the keys) live in a temporary directory removed at the end.
 """
 
@@ -66,6 +75,7 @@ import logging
 import os
 import platform
 import signal
+import ssl
 import sys
 import tempfile
 import time
@@ -86,8 +96,10 @@ from benchlib import cpu_seconds, percentiles  # noqa: E402
 
 if TYPE_CHECKING:
     import kmock
+    from tests.realapi.controlplane import ControlPlane
 
     from keyroute.fakeprovider import FakeProvider
+    from keyroute.kube import Kube as KubeClient
     from keyroute.sidecar.app import Sidecar
 
 Json = dict[str, Any]
@@ -123,8 +135,7 @@ def log(msg: str) -> None:
 # --serve-kmock: operator_bench's kmock (same patches) plus a request log with arrival times.
 
 
-def _who(request: kmock.Request) -> str:
-    agent = next((v for k, v in request.headers.items() if k.lower() == "user-agent"), "")
+def _who_agent(agent: str) -> str:
     for prefix, who in (("keyroute-operator", "operator"), ("keyroute-sidecar", "sidecar"), ("kopf", "kopf")):
         if agent.lower().startswith(prefix):
             return who
@@ -133,22 +144,29 @@ def _who(request: kmock.Request) -> str:
 
 def _log_row(request: kmock.Request, at: float) -> Json:
     """One request, as little as the analysis needs (never a Secret's data)."""
-    from keyroute.core.reports import ANN_ACTION, ANN_CREDENTIAL, ANN_MODEL, ANN_POD, REPORT_LABEL
-
-    method = str(request.method.value).upper()
     resource = request.resource
-    data = request.data if isinstance(request.data, dict) else {}
-    row: Json = {
-        "t": at,
-        "m": method,
-        "r": resource.plural if resource is not None else request.url.path,
-        "s": request.subresource,
-        "n": request.name,
-        "w": _who(request),
-    }
+    row = _row(
+        at,
+        str(request.method.value).upper(),
+        str(resource.plural if resource is not None else request.url.path),
+        request.subresource,
+        request.name,
+        next((v for k, v in request.headers.items() if k.lower() == "user-agent"), ""),
+        request.data if isinstance(request.data, dict) else {},
+    )
     if request.action is not None and request.action.value == "watch":
         row["m"] = "WATCH"
-    if row["r"] == "events" and method in ("POST", "PATCH"):
+    return row
+
+
+def _row(
+    at: float, method: str, resource: str, subresource: str | None, name: str | None, agent: str, data: Json
+) -> Json:
+    """A request-log row, the same from kmock's log and from the API server's audit log."""
+    from keyroute.core.reports import ANN_ACTION, ANN_CREDENTIAL, ANN_MODEL, ANN_POD, REPORT_LABEL
+
+    row: Json = {"t": at, "m": method, "r": resource, "s": subresource, "n": name, "w": _who_agent(agent)}
+    if resource == "events" and method in ("POST", "PATCH"):
         meta = data.get("metadata") or {}
         ann = meta.get("annotations") or {}
         row["n"] = row["n"] or meta.get("name")
@@ -160,7 +178,7 @@ def _log_row(request: kmock.Request, at: float) -> Json:
             "pod": ann.get(ANN_POD),
             "count": data.get("count"),
         }
-    elif row["r"] == "credentialpools" and row["s"] == "status" and method == "PATCH":
+    elif resource == "credentialpools" and subresource == "status" and method == "PATCH":
         rows = (data.get("status") or {}).get("credentials") or []
         row["cool"] = [
             f"{c.get('name')}|{c.get('model') or ''}"
@@ -206,7 +224,76 @@ async def serve_kmock(max_seconds: float) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
-# This process's view of kmock.
+# --api real: etcd + kube-apiserver + kube-controller-manager (tests/realapi/controlplane.py), the API
+# server's audit log serving as the request log.
+
+#: Audit only what the analysis reads: report Event writes and pool/chain status writes with their
+#: bodies, the operator's GETs of pools without. Never a Secret (its data would be in the log).
+AUDIT_POLICY: Json = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived", "ResponseStarted"],
+    "rules": [
+        {"level": "Request", "verbs": ["create", "patch", "update"], "resources": [{"group": "", "resources": ["events"]}]},
+        {
+            "level": "Request",
+            "verbs": ["patch", "update"],
+            "resources": [{"group": "keyroute.dev", "resources": ["credentialpools/status", "providerchains/status"]}],
+        },
+        {
+            "level": "Metadata",
+            "verbs": ["get", "patch", "update"],
+            "resources": [{"group": "keyroute.dev", "resources": ["credentialpools", "providerchains"]}],
+        },
+        {"level": "None"},
+    ],
+}
+_VERBS = {"create": "POST", "patch": "PATCH", "update": "PUT", "get": "GET", "delete": "DELETE"}
+
+
+def control_plane_class() -> type[ControlPlane]:
+    """The test tier's ``ControlPlane`` with the API server writing the audit log above."""
+    import yaml
+    from tests.realapi.controlplane import ControlPlane
+
+    class AuditedControlPlane(ControlPlane):
+        @property
+        def audit_log(self) -> Path:
+            return self.workdir / "audit.log"
+
+        def _apiserver_argv(self, etcd_url: str, port: int) -> list[str]:
+            policy = self.workdir / "audit-policy.yaml"
+            policy.write_text(yaml.safe_dump(AUDIT_POLICY))
+            return [
+                *super()._apiserver_argv(etcd_url, port),
+                "--audit-policy-file", str(policy),
+                "--audit-log-path", str(self.audit_log),
+                "--audit-log-mode", "blocking",  # written as each request completes: nothing left buffered
+                "--audit-log-maxsize", "0",
+            ]  # fmt: skip
+
+    return AuditedControlPlane
+
+
+def sidecar_rbac() -> list[Json]:
+    """What the README's "RBAC for the sidecar" grants, to the ``default`` ServiceAccount."""
+    meta = {"name": "keyroute-sidecar", "namespace": NAMESPACE}
+    rules = [
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
+        {"apiGroups": ["keyroute.dev"], "resources": ["credentialpools"], "verbs": ["list", "watch"]},
+    ]
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": meta,
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "keyroute-sidecar"},
+        "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": NAMESPACE}],
+    }
+    return [{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta, "rules": rules}, binding]
+
+
+# ----------------------------------------------------------------------------------------------------
+# This process's view of the API (kmock or real).
 
 
 class Api:
@@ -249,19 +336,61 @@ class Api:
         return [e for e in await self.items(f"{CORE_PATH}/events") if is_report(e)]
 
 
+class RealApi(Api):
+    """The bench's admin requests to the real API server; the request log is its audit log, read
+    incrementally, rows timestamped on arrival (``requestReceivedTimestamp``, µs) in this process's
+    monotonic clock."""
+
+    def __init__(self, cp: Any) -> None:
+        ctx = ssl.create_default_context(cafile=str(cp.pki / "ca.crt"))
+        headers = {"Authorization": f"Bearer {cp.admin_token}", "User-Agent": "keyroute-report-bench"}
+        self.session = aiohttp.ClientSession(
+            base_url=cp.server, headers=headers, connector=aiohttp.TCPConnector(ssl=ctx)
+        )
+        self.audit_log: Path = cp.audit_log
+        self.rows: list[Json] = []
+        self._offset = 0
+        # Wall clock → monotonic (the audit log's times are wall-clock).
+        self._wall_minus_mono = time.time() - time.monotonic()
+
+    async def log(self, since: int = 0) -> tuple[int, list[Json]]:
+        with contextlib.suppress(FileNotFoundError), self.audit_log.open("rb") as f:
+            f.seek(self._offset)
+            data = f.read()
+            end = data.rfind(b"\n") + 1  # complete lines only
+            self._offset += end
+            for line in data[:end].splitlines():
+                row = self._audit_row(json.loads(line))
+                if row is not None:
+                    self.rows.append(row)
+        return len(self.rows), self.rows[since:]
+
+    def _audit_row(self, e: Json) -> Json | None:
+        ref = e.get("objectRef") or {}
+        if e.get("stage") != "ResponseComplete" or not ref.get("resource"):
+            return None
+        wall = datetime.datetime.fromisoformat(str(e["requestReceivedTimestamp"]).replace("Z", "+00:00"))
+        verb = str(e.get("verb"))
+        row = _row(
+            wall.timestamp() - self._wall_minus_mono,
+            _VERBS.get(verb, verb.upper()),
+            str(ref["resource"]),
+            ref.get("subresource"),
+            ref.get("name"),
+            str(e.get("userAgent") or ""),
+            e.get("requestObject") or {},
+        )
+        row["code"] = (e.get("responseStatus") or {}).get("code")
+        return row
+
+
 class PoolWatch:
     """A list-and-watch of the CredentialPools (keyroute's own client, marked as the harness's): when
     each (credential, model) was first seen ``CoolingDown`` in pool ``openai``'s status, timestamped
     on arrival."""
 
-    def __init__(self, url: str, token: str) -> None:
-        from keyroute.kube import Connection, Kube
-
-        self.kube = Kube.from_connection(
-            Connection(server=url, token=token),
-            user_agent="keyroute-report-bench",
-            headers={ob.HARNESS_HEADER: "1"},
-        )
+    def __init__(self, kube: KubeClient) -> None:
+        self.kube = kube
         self.first_cooling: dict[tuple[str, str], float] = {}
         self.status: Json = {}
         self.changes: list[float] = []  # arrival of every event that changed the status
@@ -362,7 +491,7 @@ def _pending_count(sidecar: Sidecar) -> int:
     reporter = sidecar.reporter
     if reporter is None:
         return 0
-    return sum(p.count for p in reporter._pending.values() if p.action is not None)
+    return sum(p.count for _, p in reporter.queue.items() if p.action is not None)
 
 
 def windows(times: list[float], start: float, end: float) -> Json:
@@ -440,6 +569,9 @@ class Bench:
         self.actions: list[list[tuple[float, Any]]] = [[], []]  # per sidecar: (monotonic, Action)
         self.operator: ob.Operator | None = None
         self.kmock: asyncio.subprocess.Process | None = None
+        self.cp: ControlPlane | None = None
+        self.admin: dict[str, Any] = {}  # how the bench's watch connects
+        self.sidecar_user: dict[str, Any] = {}  # how the sidecars connect
         self.client: aiohttp.ClientSession | None = None
         self.max_latency_key = 0  # keys k01..this one cool for 600 s in the latency phases
 
@@ -449,29 +581,14 @@ class Bench:
         from keyroute.fakeprovider import FakeProvider
 
         r = self.result
-        with (self.logs / "kmock.log").open("wb") as kmock_log:
-            self.kmock = await asyncio.create_subprocess_exec(
-                ob.PY,
-                str(SELF),
-                "--serve-kmock",
-                "--max-seconds",
-                str(LIFETIME),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=kmock_log,
-                preexec_fn=ob.child_setup(ob.CORE_REST),
-            )
+        if self.args.api == "real":
+            kubeconfig = await self._start_real(tmp)
+        else:
+            kubeconfig = await self._start_kmock()
         with contextlib.suppress(OSError):
             os.sched_setaffinity(0, (ob.CORE_REST & ob.CORES) or ob.CORES)
-        assert self.kmock.stdout is not None
-        line = await asyncio.wait_for(self.kmock.stdout.readline(), timeout=60)
-        if not line:
-            raise RuntimeError(f"kmock did not start; see {self.logs / 'kmock.log'}")
-        info = json.loads(line)
-        url, token = str(info["url"]), str(info["token"])
-        log(f"kmock at {url} (pid {self.kmock.pid})")
-        self.api = Api(url, token)
         self.client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
+        assert self.api is not None
 
         self.provider = FakeProvider("openai", keys=[key_value(i) for i in range(1, N_KEYS + 1)])
         await self.provider.start()
@@ -479,17 +596,15 @@ class Bench:
         await self.api.create(f"{KR_PATH}/credentialpools", pool_body())
         await self.api.create(f"{KR_PATH}/providerchains", chain_body(self.provider.base_url))
 
-        self.watch = PoolWatch(url, token)
+        self.watch = PoolWatch(self._kube("keyroute-report-bench", self.admin))
         self.watch.start()
-        kubeconfig = self.logs / "kubeconfig"
-        ob.write_kubeconfig(kubeconfig, url, token)
         self.operator = ob.Operator(
             kubeconfig, self.logs / "operator.log", {"KEYROUTE_RESYNC_SECONDS": "3600"}
         )
         await self.operator.start()
         r["affinity"] = {
             "operator": sorted(os.sched_getaffinity(self.operator.pid)),
-            "kmock_and_bench": sorted(os.sched_getaffinity(self.kmock.pid)),
+            "api_and_bench": sorted(os.sched_getaffinity(self.api_pids()[0])),
         }
         log(f"operator started (pid {self.operator.pid}); waiting for {CHAIN}-keyroute")
         started = time.monotonic()
@@ -503,7 +618,7 @@ class Bench:
                 await asyncio.sleep(0.1)
         r["config_seconds"] = round(time.monotonic() - started, 2)
         config = base64.b64decode(rendered["data"]["config.json"])
-        await self._start_sidecars(tmp, url, token, config)
+        await self._start_sidecars(tmp, config)
 
         # Settled: the pool's first status (60 rows), both sidecars counted on the chain.
         def ready() -> bool:
@@ -522,9 +637,85 @@ class Bench:
         r["setup_seconds"] = round(time.monotonic() - started, 2)
         log(f"set up in {r['setup_seconds']} s (config Secret after {r['config_seconds']} s)")
 
-    async def _start_sidecars(self, tmp: Path, url: str, token: str, config: bytes) -> None:
+    async def _start_kmock(self) -> Path:
+        """kmock in its own process on core 1; the operator's kubeconfig (a token)."""
+        with (self.logs / "kmock.log").open("wb") as kmock_log:
+            self.kmock = await asyncio.create_subprocess_exec(
+                ob.PY,
+                str(SELF),
+                "--serve-kmock",
+                "--max-seconds",
+                str(LIFETIME),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=kmock_log,
+                preexec_fn=ob.child_setup(ob.CORE_REST),
+            )
+        assert self.kmock.stdout is not None
+        line = await asyncio.wait_for(self.kmock.stdout.readline(), timeout=60)
+        if not line:
+            raise RuntimeError(f"kmock did not start; see {self.logs / 'kmock.log'}")
+        info = json.loads(line)
+        url, token = str(info["url"]), str(info["token"])
+        log(f"kmock at {url} (pid {self.kmock.pid})")
+        self.api = Api(url, token)
+        self.admin = {"server": url, "token": token}
+        self.sidecar_user = self.admin
+        kubeconfig = self.logs / "kubeconfig"
+        ob.write_kubeconfig(kubeconfig, url, token)
+        return kubeconfig
+
+    async def _start_real(self, tmp: Path) -> Path:
+        """etcd, kube-apiserver (auditing) and kube-controller-manager on core 1, keyroute's CRDs, the
+        sidecars' Role; the operator's kubeconfig: the admin's static token."""
+        from tests.realapi.controlplane import HOW_TO_GET_ASSETS, find_assets
+
+        assets = find_assets()
+        if assets is None:
+            raise RuntimeError(f"--api real needs the control-plane binaries: {HOW_TO_GET_ASSETS}")
+        began = time.monotonic()
+        cp = self.cp = await asyncio.to_thread(control_plane_class().start, assets)
+        for pid in self.api_pids():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(pid, (ob.CORE_REST & ob.CORES) or ob.CORES)
+        crds = str(ROOT / "crds")
+        await asyncio.to_thread(cp.kubectl, "apply", "--server-side", "-f", crds)
+        await asyncio.to_thread(cp.kubectl, "wait", "--for=condition=Established", "--timeout=30s", "-f", crds)
+        await asyncio.to_thread(cp.apply, sidecar_rbac())
+        await asyncio.to_thread(cp.wait_service_account, NAMESPACE)
+        # The sidecars run as the namespace's default ServiceAccount with the README's Role (a real
+        # TokenRequest token in a kubeconfig), as an injected pod's sidecar would.
+        token = await asyncio.to_thread(cp.create_token, NAMESPACE, "default")
+        sidecar_kubeconfig = cp.write_kubeconfig(tmp / "sidecar.kubeconfig", user={"token": token})
+        self.sidecar_user = {"kubeconfig": sidecar_kubeconfig}
+        self.admin = {"kubeconfig": cp.admin_token_kubeconfig}
+        self.api = RealApi(cp)
+        log(f"control plane at {cp.server} in {time.monotonic() - began:.1f} s")
+        return Path(cp.admin_token_kubeconfig)
+
+    def api_pids(self) -> list[int]:
+        """The processes serving the API: kmock, or the API server and etcd."""
+        if self.cp is not None:
+            procs = [self.cp.processes.get(n) for n in ("kube-apiserver", "etcd", "kube-controller-manager")]
+            return [p.popen.pid for p in procs if p is not None and p.popen is not None]
+        assert self.kmock is not None
+        return [self.kmock.pid]
+
+    @staticmethod
+    def _kube(agent: str, user: dict[str, Any]) -> KubeClient:
+        """keyroute's client for ``user`` (kmock: URL and token, marked as the harness's; real: a kubeconfig)."""
+        from keyroute.kube import Connection, Kube, from_kubeconfig
+
+        if "kubeconfig" in user:
+            return Kube.from_connection(from_kubeconfig(user["kubeconfig"]), user_agent=agent)
+        kube = Kube.from_connection(Connection(server=user["server"], token=user["token"]), user_agent=agent)
+        if agent == "keyroute-report-bench":
+            kube.headers[ob.HARNESS_HEADER] = "1"  # left out of kmock's request log
+        return kube
+
+    async def _start_sidecars(self, tmp: Path, config: bytes) -> None:
         from keyroute.core.reports import Origin
-        from keyroute.kube import SIDECAR_AGENT, Connection, Kube
+        from keyroute.kube import SIDECAR_AGENT
         from keyroute.logs import JsonFormatter
         from keyroute.sidecar.app import Address, Sidecar
         from keyroute.sidecar.sources import RenderedConfigFile
@@ -543,8 +734,7 @@ class Bench:
             path.write_bytes(config)
             path.chmod(0o600)
             sidecar = Sidecar(RenderedConfigFile(path), listen=Address("127.0.0.1", 0), admin_listen=None)
-            kube = Kube.from_connection(Connection(server=url, token=token), user_agent=SIDECAR_AGENT)
-            sidecar.enable_reporting(kube, Origin(pod, NAMESPACE))
+            sidecar.enable_reporting(self._kube(SIDECAR_AGENT, self.sidecar_user), Origin(pod, NAMESPACE))
             seen = self.actions[n]
             sidecar.listeners.append(lambda action, seen=seen: seen.append((time.monotonic(), action)))
             await sidecar.start()
@@ -573,6 +763,8 @@ class Bench:
             self.result["operator_stop"] = await self.operator.stop(timeout=10)
         if self.api is not None:
             await self.api.close()
+        if self.cp is not None:
+            await asyncio.to_thread(self.cp.close)
         if self.kmock is not None and self.kmock.returncode is None:
             self.kmock.send_signal(signal.SIGTERM)
             try:
@@ -591,10 +783,10 @@ class Bench:
             return response.status, response.headers.get("X-Keyroute-Credential")
 
     def cpu(self) -> Json:
-        assert self.operator is not None and self.kmock is not None
+        assert self.operator is not None
         return {
             "operator": cpu_seconds(self.operator.pid),
-            "kmock": cpu_seconds(self.kmock.pid),
+            "api": sum(cpu_seconds(pid) for pid in self.api_pids()),
             "bench": cpu_seconds(os.getpid()),
         }
 
@@ -950,7 +1142,7 @@ async def run(args: argparse.Namespace, result: Json, logs: Path) -> None:
             result["leaks"] = await bench.check_leaks()
             assert bench.api is not None
             _, rows = await bench.api.log()
-            (logs / "kmock-requests.json").write_text(json.dumps(rows) + "\n")
+            (logs / "requests.json").write_text(json.dumps(rows) + "\n")
         finally:
             await bench.stop()
             result["operator_log"] = ob.log_problems(logs / "operator.log")
@@ -958,6 +1150,16 @@ async def run(args: argparse.Namespace, result: Json, logs: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------------
 # Report.
+
+
+API_NAMES = {"real": "a real kube-apiserver (v1.28, etcd)", "kmock": "kmock"}
+
+
+def reporter_settings() -> str:
+    """The sidecars' reporter budget (the defaults: the README's per-pod promise)."""
+    from keyroute.core.reports import REPEAT_RESERVE, REPORT_BURST, REPORT_RATE
+
+    return f"burst {REPORT_BURST}, {REPORT_RATE:g}/s, {REPEAT_RESERVE} kept for new transitions"
 
 
 def _met(ok: bool) -> str:
@@ -978,11 +1180,13 @@ def _pcts(s: Json) -> str:
 
 def report(r: Json) -> str:
     lines = [
-        f"### Reporting benchmark, {r['mode']}: upstream 429 → pool status, report flood ({r['stamp']})",
+        f"### Reporting benchmark on {API_NAMES[r['api']]}, {r['mode']}: upstream 429 → pool status, "
+        f"report flood ({r['stamp']})",
         "",
         f"Pool `{POOL}`: {N_KEYS} credentials (FillFirst); chain `{CHAIN}`, one entry; two in-process sidecars "
-        f"({', '.join(PODS)}) reporting to kmock; the operator on core {r.get('affinity', {}).get('operator')}, "
-        f"kmock + sidecars + provider + client on core {r.get('affinity', {}).get('kmock_and_bench')}.",
+        f"({', '.join(PODS)}; reporter {r.get('reporter')}); the operator on core "
+        f"{r.get('affinity', {}).get('operator')}, the API + sidecars + provider + client on core "
+        f"{r.get('affinity', {}).get('api_and_bench')}.",
         "",
         "| measure | value | target | |",
         "|---|---|---|---|",
@@ -1057,10 +1261,10 @@ def report(r: Json) -> str:
         names = {
             "request_to_action": "request sent → sidecar's CoolingDown action",
             "action_to_answer": "action → answer here (t0)",
-            "action_to_event_at_api": "action → report Event at kmock (reporter, token bucket)",
+            "action_to_event_at_api": "action → report Event at the API (reporter, token bucket)",
             "event_to_operator_get": "Event → operator GETs the pool (its watch, coalescing)",
-            "operator_get_to_status_patch": "operator GET → status PATCH at kmock (reconcile)",
-            "status_patch_to_bench_watch": "status PATCH → this watch (kmock delivery)",
+            "operator_get_to_status_patch": "operator GET → status PATCH at the API (reconcile)",
+            "status_patch_to_bench_watch": "status PATCH → this watch (the API's watch delivery)",
         }
         lines += [f"| {names[k]} | {_pcts(v)} |" for k, v in p["segments"].items()]
     if f:
@@ -1113,6 +1317,12 @@ def main(argv: list[str] | None = None) -> int:
         "--serve-kmock", action="store_true", help="only run the instrumented kmock; prints its URL"
     )
     p.add_argument("--max-seconds", type=float, default=LIFETIME, help="--serve-kmock: exit after this long")
+    p.add_argument(
+        "--api",
+        choices=sorted(API_NAMES),
+        default="real",
+        help="real: etcd + kube-apiserver (KUBEBUILDER_ASSETS); kmock: the e2e emulator",
+    )
     p.add_argument("--iterations", type=int, default=40, help="latency iterations (0: skip)")
     p.add_argument("--spacing", type=float, default=0.8, help="seconds between the iterations' requests")
     p.add_argument("--back-to-back", action="store_true", help="no spacing between the iterations")
@@ -1133,13 +1343,15 @@ def main(argv: list[str] | None = None) -> int:
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "-back-to-back" if args.back_to_back else ""
+    suffix = ("-kmock" if args.api == "kmock" else "") + ("-back-to-back" if args.back_to_back else "")
     logs = RESULTS / f"{stamp}-report{suffix}-logs"
     logs.mkdir(parents=True, exist_ok=True)
     mode = "back-to-back" if args.back_to_back else "spaced"
     result: Json = {
         "stamp": stamp,
         "mode": mode,
+        "api": args.api,
+        "reporter": reporter_settings(),
         "args": vars(args),
         "logs": str(logs.relative_to(ROOT)),
         "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()},

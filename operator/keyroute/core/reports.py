@@ -33,14 +33,16 @@ Decisions where the spec is silent:
 from __future__ import annotations
 
 import calendar
+import enum
 import hashlib
 import math
 import time
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from keyroute.core.actions import Action, ActionKind, rfc3339
+from keyroute.core.actions import POOL_ACTIONS, Action, ActionKind, rfc3339
 from keyroute.core.classes import ErrorClass
 from keyroute.core.pools import Block
 from keyroute.core.resources import API_VERSION, CredentialState, RateLimitScope
@@ -288,6 +290,263 @@ def _event(
 
 def _precise(ts: float) -> str:
     return f"{ts:.6f}"
+
+
+# --- the sidecar's side: what to send first, and how fast ------------------------------------------
+
+#: Report writes (Event creates, count patches, the heartbeat) one sidecar may make at once...
+REPORT_BURST = 50
+#: ...and per second after that, on average: the API-server budget the README promises per pod.
+REPORT_RATE = 1.0
+#: Tokens repeats and the heartbeat leave in the bucket for new transitions: a storm of repeats can
+#: never use more than ``REPORT_BURST - REPEAT_RESERVE`` of a burst, so that many new transitions still
+#: leave at once during it.
+REPEAT_RESERVE = 25
+
+
+class Priority(enum.IntEnum):
+    """Which queued report goes first; lower first."""
+
+    #: A change of state the operator has not heard from this pod: a new cooldown, a restoration, a
+    #: fallback. What other pods (shared cooldowns) and status wait for.
+    NEW = 0
+    #: The same transition again while the operator already shows it: only the Event's ``count``,
+    #: ``lastTimestamp`` (and ``until``) change.
+    REPEAT = 1
+    #: The ``SidecarReporting`` heartbeat (5 min apart; the operator forgets a pod after 12.5).
+    PRESENCE = 2
+
+
+PRESENCE_KEY: tuple[str, ...] = ("presence",)
+#: Which report a full buffer drops first: a repeat only adds to a count, a missed heartbeat is sent
+#: again 5 minutes later, a new transition is news.
+_DROP_ORDER = (Priority.REPEAT, Priority.PRESENCE, Priority.NEW)
+
+
+class TokenBucket:
+    """``burst`` tokens, refilled at ``rate`` per second. Time is a parameter, for tests."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
+        if rate <= 0 or burst < 1:
+            raise ValueError(f"a token bucket needs rate > 0 and burst >= 1 (got rate={rate}, burst={burst})")
+        self.rate = rate
+        self.burst = burst
+        self.clock = clock
+        self.tokens = float(burst)
+        self.stamp = clock()
+
+    def wait_time(self, reserve: float = 0.0) -> float:
+        """Seconds until a token can be taken with ``reserve`` tokens left in the bucket (0: now)."""
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        need = 1.0 + reserve
+        # A hair of slack: a refill computed as 0.9999999999 tokens is a whole one (no spin on dust).
+        return 0.0 if self.tokens >= need - 1e-9 else (need - self.tokens) / self.rate
+
+    def take(self) -> None:
+        self.tokens -= 1
+
+
+def send_wait(queue: ReportQueue, bucket: TokenBucket, reserve: float) -> float | None:
+    """The sender's decision: ``None`` when nothing is queued, else seconds until the next report may
+    go (0: now). New transitions may take the bucket's last token; repeats and the heartbeat leave
+    ``reserve`` tokens for them."""
+    head = queue.head()
+    if head is None:
+        return None
+    return bucket.wait_time(0.0 if head is Priority.NEW else reserve)
+
+
+@dataclass(slots=True)
+class Pending:
+    """One queued report: the newest action of its transition, and how many it stands for."""
+
+    action: Action | None  # None: the presence report
+    count: int
+    first_at: float
+    priority: Priority
+
+
+@dataclass(frozen=True, slots=True)
+class _Told:
+    """The last transition this pod queued for a slot (see :func:`report_slot`)."""
+
+    key: tuple[str, ...]
+    at: float
+    until: float | None
+
+
+def report_slot(action: Action) -> tuple[str, ...]:
+    """The piece of state an action sets, as the operator folds it: a credential (per model) of a
+    pool, the fallback state of a chain (per model), or the chain's exhaustion (per model)."""
+    if action.kind in POOL_ACTIONS:
+        what = action.credential or ""
+    elif action.kind in (ActionKind.FALLBACK_ACTIVATED, ActionKind.PRIMARY_RESTORED):
+        what = "fallback"
+    else:
+        what = str(action.kind)
+    return (action.namespace, action.object_kind, action.object_name, what, action.model or "")
+
+
+class ReportQueue:
+    """The reporter's bounded buffer, pure (time is the actions' ``at``).
+
+    Three FIFO queues by :class:`Priority`; :meth:`pop` takes from the highest non-empty one. An action
+    is :attr:`Priority.NEW` unless it repeats the last transition this pod queued for the same slot,
+    that transition's ``until`` has not passed (else the operator has already flipped the row back by
+    itself and the repeat is news again) and it is younger than :data:`DEDUP_WINDOW`. A repeat of a
+    transition still queued is merged into it (``count``, newest action) and keeps its place. When
+    ``capacity`` reports are queued, one is dropped to make room: the oldest repeat, else the
+    heartbeat, else the oldest new transition; :attr:`dropped` counts them until :meth:`delivered`.
+    Repeats wait as long as new transitions are queued (they merge meanwhile, so they cannot pile up);
+    the heartbeat waits one interval at most (:meth:`offer_presence`).
+
+    Delivery order across priorities is safe because the operator orders reports by the time the
+    sidecar saw them (``keyroute.dev/at``), not by arrival. Every method is O(1) but :meth:`prune`.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"the report buffer needs room for at least one report (got {capacity})")
+        self.capacity = capacity
+        self.dropped = 0  # dropped since the last report that got through
+        self._queues = tuple(OrderedDict[tuple[str, ...], Pending]() for _ in Priority)
+        self._where: dict[tuple[str, ...], Priority] = {}
+        self._told: dict[tuple[str, ...], _Told] = {}
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def classify(self, action: Action) -> Priority:
+        """How urgent ``action`` is, given what this pod already queued (see the class docstring)."""
+        told = self._told.get(report_slot(action))
+        if (
+            told is None
+            or told.key != dedup_key(action)
+            or action.at - told.at >= DEDUP_WINDOW
+            or (told.until is not None and action.at >= told.until)
+        ):
+            return Priority.NEW
+        return Priority.REPEAT
+
+    def offer(self, action: Action) -> tuple[bool, int]:
+        """Queue ``action``: ``(merged into a queued report, reports dropped to make room)``."""
+        key = dedup_key(action)
+        priority = self.classify(action)
+        self._told[report_slot(action)] = _Told(key, action.at, action.until)
+        return self._put(key, action, action.at, priority)
+
+    def offer_presence(self, at: float) -> tuple[bool, int]:
+        """Queue the heartbeat (one at most: a second merges into the first). A heartbeat still queued
+        when the next one is due has waited a whole interval behind new transitions (a storm of keys
+        flapping every second keeps that queue busy for as long as it lasts): it then goes as a new
+        transition, so the operator does not stop counting a pod for being busy."""
+        waiting = PRESENCE_KEY in self._where
+        return self._put(PRESENCE_KEY, None, at, Priority.NEW if waiting else Priority.PRESENCE)
+
+    def _put(
+        self, key: tuple[str, ...], action: Action | None, at: float, priority: Priority
+    ) -> tuple[bool, int]:
+        where = self._where.get(key)
+        if where is not None:
+            # The same transition again before the first got out: one Event, counted. It keeps its
+            # place (its priority may rise: a NEW never waits behind the repeat it merged into).
+            queue = self._queues[where]
+            pending = queue[key]
+            pending.count += 1
+            pending.action = action
+            if priority < where:
+                del queue[key]
+                pending.priority = priority
+                self._queues[priority][key] = pending
+                self._where[key] = priority
+            return True, 0
+        dropped = 0
+        if len(self._where) >= self.capacity:
+            dropped = self._drop_one()
+        self._queues[priority][key] = Pending(action, 1, at, priority)
+        self._where[key] = priority
+        return False, dropped
+
+    def _victim(self) -> Priority | None:
+        """The queue :meth:`_drop_one` takes from: what the operator misses least goes first."""
+        return next((p for p in _DROP_ORDER if self._queues[p]), None)
+
+    def _drop_one(self) -> int:
+        victim = self._victim()
+        if victim is None:
+            return 0
+        key, item = self._queues[victim].popitem(last=False)
+        del self._where[key]
+        self._forget(key, item)
+        return 1
+
+    def _forget(self, key: tuple[str, ...], item: Pending) -> None:
+        self.dropped += 1
+        if item.action is not None:
+            slot = report_slot(item.action)
+            told = self._told.get(slot)
+            if told is not None and told.key == key:
+                # The operator never hears of it: the next such action is news again.
+                del self._told[slot]
+
+    def head(self) -> Priority | None:
+        """The priority of the report :meth:`pop` would return; ``None`` when empty."""
+        return next((p for p in Priority if self._queues[p]), None)
+
+    def pop(self) -> tuple[tuple[str, ...], Pending]:
+        """Take the next report to send (highest priority, oldest first). ``IndexError`` when empty."""
+        head = self.head()
+        if head is None:
+            raise IndexError("pop from an empty report queue")
+        key, item = self._queues[head].popitem(last=False)
+        del self._where[key]
+        return key, item
+
+    def requeue(self, key: tuple[str, ...], item: Pending) -> bool:
+        """Put back a report whose send failed, first of its priority; ``False`` if it had to be dropped.
+
+        A newer report of the same transition queued meanwhile absorbs it (counts add up; it rises to
+        the failed one's priority, at the front: the operator has heard of neither)."""
+        where = self._where.get(key)
+        if where is not None:
+            queue = self._queues[where]
+            newer = queue[key]
+            newer.count += item.count
+            newer.first_at = min(newer.first_at, item.first_at)
+            if item.priority < where:
+                del queue[key]
+                newer.priority = item.priority
+                self._queues[item.priority][key] = newer
+                self._queues[item.priority].move_to_end(key, last=False)
+                self._where[key] = item.priority
+            return True
+        if len(self._where) >= self.capacity:
+            # Full while this one was out. It is the oldest of its priority: dropped, unless something
+            # the operator misses less (a repeat, the heartbeat) can go instead.
+            victim = self._victim()
+            if victim is None or _DROP_ORDER.index(victim) >= _DROP_ORDER.index(item.priority):
+                self._forget(key, item)
+                return False
+            self._drop_one()
+        self._queues[item.priority][key] = item
+        self._queues[item.priority].move_to_end(key, last=False)
+        self._where[key] = item.priority
+        return True
+
+    def delivered(self, carried: int) -> None:
+        """A report got through saying ``carried`` reports were dropped: count only later drops."""
+        self.dropped = max(0, self.dropped - carried)
+
+    def items(self) -> list[tuple[tuple[str, ...], Pending]]:
+        """Everything queued, in the order :meth:`pop` would return it."""
+        return [entry for queue in self._queues for entry in queue.items()]
+
+    def prune(self, now: float) -> None:
+        """Forget slots last told more than :data:`DEDUP_WINDOW` ago (the sender calls this; O(n))."""
+        if len(self._told) > 4 * self.capacity:
+            self._told = {s: t for s, t in self._told.items() if now - t.at < DEDUP_WINDOW}
 
 
 # --- the operator's side: Events → reports ---------------------------------------------------------

@@ -2,11 +2,15 @@
 concern, without the data path ever waiting for the API server.
 
 :meth:`Reporter.offer` is synchronous and O(1): it queues the action and returns. A background task
-sends the queue in order through a token bucket (``burst`` Events at once, then ``rate`` per second).
-While the API server is unreachable, the queue holds what happened: a repeat of a queued transition
-is merged into it (``count``), and when the queue is full the oldest report is dropped and counted;
-the count rides on the next Event that gets through, and on ``keyroute_reports_total{result="dropped"}``.
-A report the API refuses for good (403: RBAC; 422: invalid) is logged and counted, never retried forever.
+sends the queue (:class:`~keyroute.core.reports.ReportQueue`) through a token bucket: at most
+``burst`` report writes at once, then ``rate`` per second (the README's per-pod budget). New
+transitions go first; repeats (count patches of an Event the operator already folded) and the
+presence heartbeat go after them and may not use the last ``reserve`` tokens, so a new cooldown never
+waits for repeats, and ``reserve`` of them leave at once even during a storm of repeats. While the API server is
+unreachable, the queue holds what happened: a repeat of a queued transition is merged into it
+(``count``), and when the queue is full a report is dropped (a repeat first) and counted; the count
+rides on the next Event that gets through, and on ``keyroute_reports_total{result="dropped"}``. A
+report the API refuses for good (403: RBAC; 422: invalid) is logged and counted, never retried forever.
 
 The sidecar's own presence on its chain is a ``SidecarReporting`` Event refreshed periodically, from
 which the operator counts reporting sidecars.
@@ -18,7 +22,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,28 +32,28 @@ from keyroute.core.config import SidecarConfig
 from keyroute.core.reports import (
     DEDUP_WINDOW,
     PRESENCE_INTERVAL,
+    REPEAT_RESERVE,
+    REPORT_BURST,
+    REPORT_RATE,
     Origin,
-    dedup_key,
+    Pending,
+    ReportQueue,
+    TokenBucket,
     event_body,
     event_name,
     presence_body,
     presence_name,
+    send_wait,
 )
 from keyroute.kube import CORE, ApiError, Kube, path
 from keyroute.sidecar.metrics import Metrics
 
+__all__ = ["Reporter", "TokenBucket"]
+
 log = logging.getLogger("keyroute.sidecar.reporter")
 
-_PRESENCE = ("presence",)
 # Statuses worth retrying: the API server is down, overloaded or throttling us.
 _RETRY = frozenset({408, 429, 500, 502, 503, 504})
-
-
-@dataclass(slots=True)
-class _Pending:
-    action: Action | None  # None: the presence report
-    count: int
-    first_at: float
 
 
 @dataclass(slots=True)
@@ -59,27 +62,6 @@ class _Sent:
     count: int
     first_at: float
     at: float
-
-
-class TokenBucket:
-    """``burst`` tokens, refilled at ``rate`` per second. Time is a parameter, for tests."""
-
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
-        self.rate = rate
-        self.burst = burst
-        self.clock = clock
-        self.tokens = float(burst)
-        self.stamp = clock()
-
-    def wait_time(self) -> float:
-        """Seconds until a token is available (0: now)."""
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
-
-    def take(self) -> None:
-        self.tokens -= 1
 
 
 class Reporter:
@@ -92,24 +74,26 @@ class Reporter:
         config: Callable[[], SidecarConfig | None],
         metrics: Metrics,
         *,
-        rate: float = 1.0,
-        burst: int = 25,
+        rate: float = REPORT_RATE,
+        burst: int = REPORT_BURST,
+        reserve: int = REPEAT_RESERVE,
         capacity: int = 1000,
         presence_interval: float = PRESENCE_INTERVAL,
         retry: tuple[float, float] = (0.5, 30.0),
         clock: Callable[[], float] = time.time,
     ):
+        if not 0 <= reserve < burst:
+            raise ValueError(f"reserve must be at least 0 and below burst ({burst}), got {reserve}")
         self.kube = kube
         self.origin = origin
         self.config = config
         self.metrics = metrics
-        self.capacity = capacity
         self.presence_interval = presence_interval
         self.retry = retry
         self.clock = clock
         self.bucket = TokenBucket(rate, burst)
-        self.dropped = 0  # dropped since the last Event that got through
-        self._pending: OrderedDict[tuple[str, ...], _Pending] = OrderedDict()
+        self.reserve = reserve
+        self.queue = ReportQueue(capacity)
         self._sent: dict[tuple[str, ...], _Sent] = {}
         self._wake = asyncio.Event()
         self._failing = False
@@ -119,29 +103,28 @@ class Reporter:
 
     def offer(self, action: Action) -> None:
         """Queue ``action`` for reporting. Never blocks, never raises for a full queue."""
-        self._queue(dedup_key(action), action, action.at)
+        self._counted(*self.queue.offer(action))
 
-    def _queue(self, key: tuple[str, ...], action: Action | None, at: float) -> None:
-        pending = self._pending.get(key)
-        if pending is not None:
-            # The same transition again before the first got out: one Event, counted.
-            pending.count += 1
-            pending.action = action
-            self._pending.move_to_end(key)
+    def _offer_presence(self, at: float) -> None:
+        self._counted(*self.queue.offer_presence(at))
+
+    def _counted(self, merged: bool, dropped: int) -> None:
+        if merged:
             self.metrics.reports.labels("merged").inc()
-        else:
-            if len(self._pending) >= self.capacity:
-                self._pending.popitem(last=False)
-                self.dropped += 1
-                self.metrics.reports.labels("dropped").inc()
-            self._pending[key] = _Pending(action, 1, at)
-        self.metrics.reports_pending.set(len(self._pending))
+        if dropped:
+            self.metrics.reports.labels("dropped").inc(dropped)
+        self.metrics.reports_pending.set(len(self.queue))
         self.delivered.clear()
         self._wake.set()
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return len(self.queue)
+
+    @property
+    def dropped(self) -> int:
+        """Reports dropped since the last Event that got through (that Event says how many)."""
+        return self.queue.dropped
 
     # --- the sending task --------------------------------------------------------------------------
 
@@ -152,20 +135,23 @@ class Reporter:
         while True:
             now = self.clock()
             if now >= next_presence and self.config() is not None:
-                self._queue(_PRESENCE, None, now)
+                self._offer_presence(now)
                 next_presence = now + self.presence_interval
-            if not self._pending:
+            wait = send_wait(self.queue, self.bucket, self.reserve)
+            if wait is None:
                 self.delivered.set()
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, next_presence - now))
                 continue
-            wait = self.bucket.wait_time()
             if wait > 0:
-                await asyncio.sleep(wait)
+                # A new transition offered meanwhile may go at once: wake on offers too.
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=wait)
                 continue
-            key, item = self._pending.popitem(last=False)
-            self.metrics.reports_pending.set(len(self._pending))
+            key, item = self.queue.pop()
+            self.metrics.reports_pending.set(len(self.queue))
             try:
                 await self._send(key, item)
             except asyncio.CancelledError:
@@ -194,20 +180,10 @@ class Reporter:
                     self._failing = False
                     log.info("reporting to the API server again", extra={"kr": {"pending": self.pending}})
 
-    def _requeue(self, key: tuple[str, ...], item: _Pending) -> None:
-        newer = self._pending.get(key)
-        if newer is not None:
-            newer.count += item.count
-            newer.first_at = min(newer.first_at, item.first_at)
-        else:
-            if len(self._pending) >= self.capacity:
-                # Full while this one was out: it is the oldest, so it is the one dropped.
-                self.dropped += 1
-                self.metrics.reports.labels("dropped").inc()
-                return
-            self._pending[key] = item
-            self._pending.move_to_end(key, last=False)
-        self.metrics.reports_pending.set(len(self._pending))
+    def _requeue(self, key: tuple[str, ...], item: Pending) -> None:
+        if not self.queue.requeue(key, item):
+            self.metrics.reports.labels("dropped").inc()
+        self.metrics.reports_pending.set(len(self.queue))
 
     async def _backoff(self, err: Exception, delay: float) -> None:
         self.metrics.reports.labels("retried").inc()
@@ -219,13 +195,14 @@ class Reporter:
             )
         await asyncio.sleep(delay)
 
-    async def _send(self, key: tuple[str, ...], item: _Pending) -> None:
+    async def _send(self, key: tuple[str, ...], item: Pending) -> None:
         config = self.config()
         if config is None:
             return
         now = self.clock()
-        if len(self._sent) > 4 * self.capacity:
+        if len(self._sent) > 4 * self.queue.capacity:
             self._sent = {k: v for k, v in self._sent.items() if now - v.at < DEDUP_WINDOW}
+        self.queue.prune(now)
         sent = self._sent.get(key)
         if sent is not None and now - sent.at >= DEDUP_WINDOW and item.action is not None:
             sent = None
@@ -241,10 +218,12 @@ class Reporter:
             )
             name = presence_name(config.chain.name, self.origin)
             namespace = config.chain.namespace
+            carried = 0
             first_at = sent.first_at if sent else now
             count = body["count"]
         else:
             action = item.action
+            carried = self.queue.dropped
             namespace = action.namespace
             name = sent.name if sent else event_name(action.object_name, self.origin, key, action.at)
             first_at = sent.first_at if sent else item.first_at
@@ -256,7 +235,7 @@ class Reporter:
                 uid=_uid(config, action),
                 count=count,
                 first_at=first_at,
-                dropped=self.dropped,
+                dropped=carried,
             )
         url = path(*CORE, "events", namespace, name)
         if sent is not None or item.action is None:
@@ -275,7 +254,7 @@ class Reporter:
                 await self.kube.merge_patch(url, _repeat_patch(body))
         self.metrics.reports.labels("sent" if sent is None else "merged").inc()
         if item.action is not None:
-            self.dropped = 0
+            self.queue.delivered(carried)
         self._sent[key] = _Sent(name=name, count=count, first_at=first_at, at=now)
 
 
