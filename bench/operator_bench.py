@@ -668,6 +668,7 @@ class Operator:
             "0",
             "--log-level",
             "warning",
+            "--leader-elect=false",  # one replica
         ]
 
     async def start(self) -> None:

@@ -40,7 +40,7 @@ from tests.realapi.processes import KeyrouteProcess, Processes
 
 API = "keyroute.dev/v1alpha1"
 KEY = "sk-test-REPLACE-ME-auth-key"
-OPERATOR_FLAGS = ("--metrics-port", "0", "--health-port", "0")
+OPERATOR_FLAGS = ("--metrics-port", "0", "--health-port", "0", "--leader-elect=false")
 
 
 # --- helpers ----------------------------------------------------------------------------------------

@@ -65,8 +65,8 @@ def sidecar_client(cp: ControlPlane, namespace: str, tmp_path: Path) -> Recordin
     )
     token = cp.create_token(namespace, "default")
     kubeconfig = cp.write_kubeconfig(tmp_path / "sidecar.kubeconfig", user={"token": token})
-    base = Kube.from_connection(from_kubeconfig(kubeconfig), user_agent=SIDECAR_AGENT)
-    kube = RecordingKube(server=base.server, headers=base.headers, ssl_context=base.ssl_context)
+    kube = RecordingKube.from_connection(from_kubeconfig(kubeconfig), user_agent=SIDECAR_AGENT)
+    assert isinstance(kube, RecordingKube)
     kube.writes = []
     return kube
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import aiohttp
 
+from keyroute import kube as _kube
 from keyroute.core import election as core
 from keyroute.kube import ApiError, Kube, path
 
@@ -32,7 +33,6 @@ log = logging.getLogger("keyroute.election")
 LEASES = ("coordination.k8s.io", "v1", "leases")
 VERBS = ("get", "create", "update")
 """What the election sends (the chart's Lease Role grants exactly these)."""
-SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
 @dataclass(frozen=True)
@@ -51,11 +51,13 @@ def default_identity(environ: dict[str, str] | None = None) -> str:
     return env.get("POD_NAME") or f"{socket.gethostname()}_{os.getpid()}"
 
 
-def default_namespace(environ: dict[str, str] | None = None, sa_file: Path = SERVICE_ACCOUNT_NAMESPACE) -> str | None:
+def default_namespace(environ: dict[str, str] | None = None, sa_file: Path | None = None) -> str | None:
     """``$POD_NAMESPACE``, else the in-cluster ServiceAccount's namespace, else ``None``."""
     env = os.environ if environ is None else environ
     if env.get("POD_NAMESPACE"):
         return env["POD_NAMESPACE"]
+    if sa_file is None:  # read at call time, as keyroute.kube does: one ServiceAccount folder
+        sa_file = _kube.SERVICE_ACCOUNT_DIR / "namespace"
     try:
         return sa_file.read_text().strip() or None
     except OSError:
