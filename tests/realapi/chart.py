@@ -70,7 +70,12 @@ class Helm:
 
     def run(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            [str(self.binary), *args], capture_output=True, text=True, env=self.env, timeout=timeout, check=False
+            [str(self.binary), *args],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=timeout,
+            check=False,
         )
         if check and result.returncode != 0:
             raise AssertionError(f"helm {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
@@ -81,7 +86,9 @@ class Helm:
         path.write_text(json.dumps(values))
         return ["--values", str(path)]
 
-    def template(self, release: str, namespace: str, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    def template(
+        self, release: str, namespace: str, values: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
         out = self.run("template", release, str(CHART), "--namespace", namespace, *self.values(values or {}))
         return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
@@ -142,7 +149,9 @@ class ChartRbac:
         path = self.workdir / f"{self.release}-operator.kubeconfig"
         return self.control_plane.write_kubeconfig(path, user={"token": token})
 
-    def sidecar_kubeconfig(self, namespace: str, service_account: str = "agent", *, bind: bool = True) -> Path:
+    def sidecar_kubeconfig(
+        self, namespace: str, service_account: str = "agent", *, bind: bool = True
+    ) -> Path:
         """An agent's ServiceAccount in ``namespace`` (made if missing), bound to the chart's sidecar
         ClusterRole as the README says (``kubectl create rolebinding``) unless ``bind`` is false,
         and a token kubeconfig of it."""
@@ -193,7 +202,11 @@ class WebhookTls:
 
 
 def webhook_configuration(
-    chart_objects: list[dict[str, Any]], name: str, url: str, ca_bundle: str, namespace_selector: dict[str, Any]
+    chart_objects: list[dict[str, Any]],
+    name: str,
+    url: str,
+    ca_bundle: str,
+    namespace_selector: dict[str, Any],
 ) -> dict[str, Any]:
     """The chart's own MutatingWebhookConfiguration, pointed at ``url`` (a Service cannot reach
     127.0.0.1) with ``ca_bundle``; everything else (objectSelector, rules, failurePolicy, …) as rendered."""

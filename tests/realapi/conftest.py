@@ -68,14 +68,24 @@ def _wait_until_custom_owners_are_collected(cp: ControlPlane, timeout: float = 4
         "apiVersion": "keyroute.dev/v1alpha1",
         "kind": "ProviderChain",
         "metadata": {"name": "probe", "namespace": ns},
-        "spec": {"providers": [{"provider": "p", "baseURL": "https://p.example/v1", "credentialPoolRef": {"name": "p"}}]},
+        "spec": {
+            "providers": [
+                {"provider": "p", "baseURL": "https://p.example/v1", "credentialPoolRef": {"name": "p"}}
+            ]
+        },
     }
     deadline = time.monotonic() + timeout
     while True:
         cp.apply(chain)
         uid = cp.kubectl("-n", ns, "get", "pchain", "probe", "-o", "jsonpath={.metadata.uid}").stdout
         owner = {"apiVersion": "keyroute.dev/v1alpha1", "kind": "ProviderChain", "name": "probe", "uid": uid}
-        cp.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "owned", "namespace": ns, "ownerReferences": [owner]}})
+        cp.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": "owned", "namespace": ns, "ownerReferences": [owner]},
+            }
+        )
         cp.kubectl("-n", ns, "delete", "pchain", "probe")
         round_end = min(deadline, time.monotonic() + 5)
         while time.monotonic() < round_end:
@@ -84,7 +94,9 @@ def _wait_until_custom_owners_are_collected(cp: ControlPlane, timeout: float = 4
                 return
             time.sleep(0.2)
         if time.monotonic() >= deadline:
-            raise AssertionError(f"the garbage collector did not collect a ProviderChain's dependent in {timeout}s")
+            raise AssertionError(
+                f"the garbage collector did not collect a ProviderChain's dependent in {timeout}s"
+            )
 
 
 @pytest.fixture

@@ -135,7 +135,10 @@ async def test_missing_and_mismatched_things_become_conditions(
     )
 
     async def entries() -> list[str]:
-        return [e["name"] for e in config_of(await api.get("v1", "secrets", namespace, "mixed-keyroute"))["entries"]]
+        return [
+            e["name"]
+            for e in config_of(await api.get("v1", "secrets", namespace, "mixed-keyroute"))["entries"]
+        ]
 
     await eventually(lambda: _equals(entries(), ["openai", "openrouter"]), timeout=10)
     no_forbidden(operator, namespace)
@@ -166,7 +169,9 @@ async def test_deleting_a_pool_takes_its_entry_out_of_the_config(
 
     await eventually(left, timeout=10)
     c = await api.get(API, "providerchains", namespace, "agents")
-    assert cond(c, "Ready")["reason"] == "PoolNotFound" and "openrouter not found" in cond(c, "Ready")["message"]
+    assert (
+        cond(c, "Ready")["reason"] == "PoolNotFound" and "openrouter not found" in cond(c, "Ready")["message"]
+    )
     no_forbidden(operator, namespace)
 
 
@@ -185,7 +190,13 @@ async def test_a_rotated_key_is_re_rendered_within_a_second(
     old_hash = c["status"]["config"]["hash"]
 
     began = time.monotonic()
-    await api.patch("v1", "secrets", namespace, "openai-keys", {"data": {"k1": base64.b64encode(ROTATED.encode()).decode()}})
+    await api.patch(
+        "v1",
+        "secrets",
+        namespace,
+        "openai-keys",
+        {"data": {"k1": base64.b64encode(ROTATED.encode()).decode()}},
+    )
 
     async def rotated() -> bool:
         s = await api.get("v1", "secrets", namespace, "agents-keyroute")
@@ -196,7 +207,10 @@ async def test_a_rotated_key_is_re_rendered_within_a_second(
     print(f"rotated key re-rendered in {took:.2f}s")
     assert took < 5  # the Secret watch, not the 5-minute resync
     c = await eventually(
-        lambda: _where(api.get(API, "providerchains", namespace, "agents"), lambda c: c["status"]["config"]["hash"] != old_hash),
+        lambda: _where(
+            api.get(API, "providerchains", namespace, "agents"),
+            lambda c: c["status"]["config"]["hash"] != old_hash,
+        ),
         timeout=10,
     )
     assert cond(c, "Ready")["status"] == "True"
