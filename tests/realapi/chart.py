@@ -22,7 +22,11 @@ import json
 import os
 import secrets
 import signal
+import ssl
 import subprocess
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,6 +221,22 @@ def webhook_configuration(
         entry["clientConfig"] = {"url": url, "caBundle": ca_bundle}
         entry["namespaceSelector"] = namespace_selector
     return hook  # type: ignore[no-any-return]
+
+
+def wait_serving(port: int, ca: bytes, timeout: float = 30) -> None:
+    """Until the webhook answers HTTPS on ``port`` with a certificate ``ca`` signed."""
+    ctx = ssl.create_default_context(cadata=ca.decode())
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", context=ctx, timeout=2).close()
+            return
+        except urllib.error.HTTPError:
+            return  # an answer: it serves
+        except (OSError, urllib.error.URLError):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the webhook on port {port} did not answer within {timeout}s") from None
+            time.sleep(0.1)
 
 
 # --- the operator ----------------------------------------------------------------------------------

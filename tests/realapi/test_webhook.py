@@ -12,10 +12,6 @@ as 1.29+ does by default, so a native sidecar is stored as such).
 
 from __future__ import annotations
 
-import ssl
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +27,7 @@ from tests.realapi.chart import (
     WebhookTls,
     forbidden_lines,
     run_operator,
+    wait_serving,
     webhook_configuration,
 )
 from tests.realapi.client import Api
@@ -53,22 +50,6 @@ def injection_settings(helm: Helm, rbac: ChartRbac, values: dict[str, Any]) -> s
     objects = helm.template(rbac.release, rbac.namespace, values)
     cm = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-injection"))
     return str(cm["data"]["injection.yaml"])
-
-
-def wait_serving(port: int, ca: bytes, timeout: float = 30) -> None:
-    """Until the webhook answers HTTPS on ``port`` with a certificate ``ca`` signed."""
-    ctx = ssl.create_default_context(cadata=ca.decode())
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", context=ctx, timeout=2).close()
-            return
-        except urllib.error.HTTPError:
-            return  # an answer: it serves
-        except (OSError, urllib.error.URLError):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the webhook on port {port} did not answer within {timeout}s") from None
-            time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
