@@ -241,6 +241,52 @@ async def test_a_fallback_shows_on_the_chain_and_the_primary_restored_clears_it(
     assert "FallbackActivated" in reasons and "PrimaryRestored" in reasons
 
 
+async def test_a_cooldown_ends_by_the_operators_own_timer_when_the_pod_is_gone(
+    control_plane: ControlPlane,
+    api: Api,
+    namespace: str,
+    chart_rbac: ChartRbac,
+    operator: KeyrouteProcess,
+    keyroute_process: Processes,
+    providers: list[FakeProvider],
+    tmp_path: Path,
+) -> None:
+    openai = await provider(providers, "openai", [KEY1, KEY2])
+    openai.set(Behaviour.rate_limited(retry_after=2), key=KEY1)
+    control_plane.apply(
+        [
+            secret("openai-keys", k1=KEY1, k2=KEY2),
+            pool("openai", "openai", ("k1", "openai-keys", "k1"), ("k2", "openai-keys", "k2")),
+            chain_of("agents", ("openai", "openai", openai)),
+        ],
+        namespace=namespace,
+    )
+    agent = chart_rbac.sidecar_kubeconfig(namespace)
+    a = await start_sidecar(keyroute_process, api, namespace, "pod-a", kubeconfig=agent, folder=tmp_path)
+    async with aiohttp.ClientSession() as session:
+        await call(session, a)
+    p = await eventually(
+        lambda: where(
+            api.get(API, "credentialpools", namespace, "openai"),
+            lambda p: row(p, "k1").get("state") == "CoolingDown",
+        ),
+        timeout=10,
+    )
+    until = parse_rfc3339(row(p, "k1")["until"])
+    # The pod goes away: no "restored" report will come; the operator's own timer flips the row back.
+    await a.process.terminate()
+    p = await eventually(
+        lambda: where(
+            api.get(API, "credentialpools", namespace, "openai"),
+            lambda p: row(p, "k1").get("state") == "Available",
+        ),
+        timeout=10,
+    )
+    assert time.time() >= until
+    assert "until" not in row(p, "k1") and p["status"]["available"] == 2
+    assert cond(p, "Degraded")["status"] == "False"
+
+
 async def test_an_unbound_agent_still_routes_and_its_reports_are_refused_not_retried(
     control_plane: ControlPlane,
     api: Api,

@@ -129,14 +129,14 @@ def create_chain(control_plane: ControlPlane, namespace: str) -> None:
     )
 
 
-def pod_manifest(name: str, chain_name: str | None) -> str:
+def pod_manifest(name: str, chain_name: str | None, **spec: Any) -> str:
     labels = {"app": "agent"} | ({core.CHAIN_LABEL: chain_name} if chain_name else {})
     return yaml.safe_dump(
         {
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {"name": name, "labels": labels},
-            "spec": {"containers": [{"name": "agent", "image": "registry.example/agent:1"}]},
+            "spec": {"containers": [{"name": "agent", "image": "registry.example/agent:1"}], **spec},
         }
     )
 
@@ -237,7 +237,14 @@ async def test_container_mode_injects_a_missing_chain_with_a_warning_when_the_po
     control_plane: ControlPlane, api: Api, namespace: str, webhooks: Webhooks
 ) -> None:
     use(control_plane, namespace, "container")
-    result = control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=pod_manifest("agent", "later"))
+    result = control_plane.kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=pod_manifest("agent", "later", automountServiceAccountToken=False),
+    )
     # kubectl prints admission warnings: the user is told why the pod will wait.
     warnings = [line for line in result.stderr.splitlines() if line.startswith("Warning:")]
     assert any('ProviderChain "later" not found' in w for w in warnings), result.stderr
@@ -245,6 +252,8 @@ async def test_container_mode_injects_a_missing_chain_with_a_warning_when_the_po
     assert pod is not None
     assert [c["name"] for c in pod["spec"]["containers"]] == ["agent", core.SIDECAR_NAME]
     assert not pod["spec"].get("initContainers")
+    # No ServiceAccount token in the pod: the sidecar is told not to report (it could not).
+    assert pod["spec"]["containers"][1]["args"][-2:] == ["--report", "off"]
     volume = next(v for v in pod["spec"]["volumes"] if v["name"] == core.CONFIG_VOLUME)
     assert volume["secret"]["secretName"] == "later-keyroute"
     assert "sidecar injected" in webhooks.container.output

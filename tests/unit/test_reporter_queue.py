@@ -231,3 +231,15 @@ def test_token_bucket_waiting_does_not_consume():
 def test_reporter_defaults_pace_at_one_per_second_after_a_burst_of_25():
     reporter, _ = make_reporter()
     assert (reporter.bucket.rate, reporter.bucket.burst, reporter.bucket.tokens) == (1.0, 25, 25.0)
+
+
+def test_a_403_is_final_unless_the_api_server_was_just_unreachable():
+    from keyroute.sidecar.reporter import SETTLING, refusal_is_final
+
+    assert refusal_is_final(403, now=1000.0, unreachable_at=None)  # RBAC: dropped, never retried
+    assert refusal_is_final(422, now=1000.0, unreachable_at=999.0)  # invalid whatever happened before
+    # A restarting API server refuses everything until its RBAC caches are loaded.
+    assert not refusal_is_final(403, now=1000.0, unreachable_at=995.0)
+    assert not refusal_is_final(401, now=1000.0, unreachable_at=995.0)
+    assert refusal_is_final(403, now=1000.0, unreachable_at=1000.0 - SETTLING)
+    assert not refusal_is_final(503, now=1000.0, unreachable_at=None)

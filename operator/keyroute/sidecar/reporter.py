@@ -7,6 +7,9 @@ While the API server is unreachable, the queue holds what happened: a repeat of 
 is merged into it (``count``), and when the queue is full the oldest report is dropped and counted;
 the count rides on the next Event that gets through, and on ``keyroute_reports_total{result="dropped"}``.
 A report the API refuses for good (403: RBAC; 422: invalid) is logged and counted, never retried forever.
+A 401 or 403 within :data:`SETTLING` seconds of the API server being unreachable is not taken as
+final: a restarting API server serves requests before its RBAC and token caches are loaded, and
+refuses everything until then (seen on a real kube-apiserver restart); such reports are retried.
 
 The sidecar's own presence on its chain is a ``SidecarReporting`` Event refreshed periodically, from
 which the operator counts reporting sidecars.
@@ -44,6 +47,16 @@ log = logging.getLogger("keyroute.sidecar.reporter")
 _PRESENCE = ("presence",)
 # Statuses worth retrying: the API server is down, overloaded or throttling us.
 _RETRY = frozenset({408, 429, 500, 502, 503, 504})
+# Seconds after the API server was last unreachable during which a 401/403 is retried (see above).
+SETTLING = 30.0
+
+
+def refusal_is_final(status: int, now: float, unreachable_at: float | None) -> bool:
+    """Whether an API error ``status`` drops the report (else it is requeued and retried)."""
+    if status in _RETRY:
+        return False
+    just_back = unreachable_at is not None and now - unreachable_at < SETTLING
+    return not (status in (401, 403) and just_back)
 
 
 @dataclass(slots=True)
@@ -113,6 +126,7 @@ class Reporter:
         self._sent: dict[tuple[str, ...], _Sent] = {}
         self._wake = asyncio.Event()
         self._failing = False
+        self._unreachable_at: float | None = None  # when the API server last could not be reached
         self.delivered = asyncio.Event()  # set whenever the queue empties (tests, shutdown)
 
     # --- the data path's side ----------------------------------------------------------------------
@@ -172,7 +186,7 @@ class Reporter:
                 self._requeue(key, item)
                 raise
             except ApiError as e:
-                if e.status in _RETRY:
+                if not refusal_is_final(e.status, self.clock(), self._unreachable_at):
                     self._requeue(key, item)
                     await self._backoff(e, delay)
                     delay = min(delay * 2, self.retry[1])
@@ -183,6 +197,7 @@ class Reporter:
                     extra={"kr": {"status": e.status, "reason": e.reason, "hint": _hint(e.status)}},
                 )
             except (TimeoutError, aiohttp.ClientError, OSError) as e:
+                self._unreachable_at = self.clock()
                 self._requeue(key, item)
                 await self._backoff(e, delay)
                 delay = min(delay * 2, self.retry[1])
