@@ -3,15 +3,22 @@
 Injection itself (native and container mode, idempotence, a missing chain refused or injected with a
 warning) is tested with the real API server calling the webhook (``tests/realapi/test_webhook.py``).
 Kept here: how the operator starts with or without a webhook port and with bad settings (no API
-behaviour involved; kmock is the quickest API to start it on), and the option parsing."""
+behaviour involved; kmock is the quickest API to start it on), the option parsing, and the webhook
+client and fixtures ``test_rbac.py`` uses to record the webhook's own API requests."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
+import ssl
 import subprocess
+import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import kopf
 import pytest
 
@@ -53,15 +60,91 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class Webhook:
+    """The operator's webhook endpoint, spoken to as the API server does."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
+        self.session = session
+        self.url = url
+        self.raw: list[str] = []  # every response body, for the secrets-hygiene check
+
+    async def review(
+        self, pod: dict[str, Any], *, operation: str = "CREATE", namespace: str = "default"
+    ) -> dict[str, Any]:
+        """POST one AdmissionReview; return its ``response`` (checked to answer this request)."""
+        uid = str(uuid.uuid4())
+        kind = {"group": "", "version": "v1", "kind": "Pod"}
+        resource = {"group": "", "version": "v1", "resource": "pods"}
+        request = {
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": uid,
+                "kind": kind,
+                "resource": resource,
+                "requestKind": kind,
+                "requestResource": resource,
+                "namespace": namespace,
+                "operation": operation,
+                "userInfo": {
+                    "username": "system:serviceaccount:kube-system:replicaset-controller",
+                    "groups": ["system:serviceaccounts", "system:authenticated"],
+                },
+                "object": pod,
+                "oldObject": pod if operation == "UPDATE" else None,
+                "dryRun": False,
+                "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
+            },
+        }
+        async with self.session.post(self.url, json=request) as response:
+            text = await response.text()
+            assert response.status == 200, text
+        self.raw.append(text)
+        review = json.loads(text)
+        assert (review["apiVersion"], review["kind"]) == ("admission.k8s.io/v1", "AdmissionReview")
+        assert review["response"]["uid"] == uid
+        return review["response"]  # type: ignore[no-any-return]
+
+    async def up(self) -> bool:
+        try:
+            await self.review(labelled_pod(chain="probe"))
+        except aiohttp.ClientConnectionError:
+            return False
+        return True
+
+
 @pytest.fixture
-def webhook_env(cert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Environment for the operator's webhook (port, TLS, settings file); the settings file."""
+async def webhook_env(
+    cert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[Webhook, Path]]:
+    """Environment for the operator's webhook (port, TLS, settings file) and a client for it."""
+    port = free_port()
     settings_file = tmp_path / "injection.yaml"
     settings_file.write_text(f"image: {IMAGE}\n")
-    monkeypatch.setenv(webhook.ENV_PORT, str(free_port()))
+    monkeypatch.setenv(webhook.ENV_PORT, str(port))
     monkeypatch.setenv(webhook.ENV_CERT_DIR, str(cert_dir))
     monkeypatch.setenv(webhook.ENV_INJECTION_CONFIG, str(settings_file))
-    return settings_file
+    tls = ssl.create_default_context(cafile=str(cert_dir / "tls.crt"))  # verifies the served cert
+    timeout = aiohttp.ClientTimeout(total=5)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls), timeout=timeout) as session:
+        yield Webhook(session, f"https://127.0.0.1:{port}{webhook.WEBHOOK_PATH}"), settings_file
+
+
+def labelled_pod(chain: str | None = "agents", **spec: Any) -> dict[str, Any]:
+    """A pod as a ReplicaSet creates it: ``generateName``, and no namespace in its metadata."""
+    meta: dict[str, Any] = {"generateName": "agent-7d9f-", "labels": {"app": "agent"}}
+    if chain is not None:
+        meta["labels"][core.CHAIN_LABEL] = chain
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": meta,
+        "spec": {
+            "containers": [{"name": "agent", "image": "agent:1", "env": [{"name": "LOG", "value": "1"}]}],
+            "initContainers": [{"name": "migrate", "image": "migrate:1"}],
+            **spec,
+        },
+    }
 
 
 async def test_without_a_port_the_operator_runs_without_a_webhook(kube, operator_runner, monkeypatch):
@@ -80,7 +163,7 @@ async def test_without_a_port_the_operator_runs_without_a_webhook(kube, operator
 async def test_invalid_injection_settings_stop_the_operator_naming_the_field(
     kube, operator_runner, webhook_env
 ):
-    settings_file = webhook_env
+    _, settings_file = webhook_env
     settings_file.write_text(f"image: {IMAGE}\nmode: sidecar\n")
     run = operator_runner(*MODULES, namespaces=["default"], reraise=False)
     async with run:
