@@ -27,7 +27,7 @@ import pytest
 
 from keyroute.core import inject as core
 from tests.polling import eventually
-from tests.realapi.chart import ROOT, Helm, WebhookTls, stop, wait_serving
+from tests.realapi.chart import ROOT, ChartRbac, Helm, WebhookTls, run_operator, stop, wait_serving
 from tests.realapi.client import Api
 from tests.realapi.controlplane import ControlPlane, free_port
 from tests.realapi.objects import API, cond
@@ -44,9 +44,9 @@ KEY_VARIABLES = (
 )
 
 
-def readme_commands() -> list[str]:
-    """Every ``kubectl``/``helm`` command of the README's install section, continuation lines joined."""
-    section = README.read_text().split("## Install in a cluster", 1)[1].split("\n## ", 1)[0]
+def readme_commands(heading: str = "## Install in a cluster") -> list[str]:
+    """Every ``kubectl``/``helm`` command of a README section, continuation lines joined."""
+    section = README.read_text().split(heading, 1)[1].split("\n## ", 1)[0]
     commands = []
     for block in re.findall(r"```sh\n(.*?)```", section, re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -198,3 +198,39 @@ def start_installed_operator(control_plane: ControlPlane, processes: Processes, 
 async def _chain_ready(api: Api, namespace: str) -> bool:
     chain = await api.get(API, "providerchains", namespace, "agents")
     return cond(chain, "Ready").get("status") == "True"
+
+
+async def test_the_readme_operator_section_commands_work_verbatim(
+    control_plane: ControlPlane,
+    api: Api,
+    namespace: str,
+    chart_rbac: ChartRbac,
+    keyroute_process: Processes,
+    tmp_path: Path,
+) -> None:
+    """The "The operator" section's kubectl lines, unchanged, with the test namespace as the
+    kubeconfig context's namespace (where they land for a user too); the operator is run as the
+    chart's ServiceAccount (its ``keyroute operator`` line is the Deployment's command)."""
+    commands = readme_commands("## The operator")
+    assert [c.split("#")[0].strip() for c in commands] == [
+        "kubectl apply -f crds/ && kubectl wait --for=condition=Established -f crds/",
+        "kubectl apply -f examples/",
+        "kubectl get cpool",
+        "kubectl get pchain",
+        "kubectl describe cpool openai",
+    ]
+    kubeconfig = control_plane.write_kubeconfig(tmp_path / "user.kubeconfig", namespace=namespace)
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    with run_operator(chart_rbac, keyroute_process):
+        outputs = []
+        for command in commands:
+            result = run_line(command, env)
+            assert result.returncode == 0, f"README command failed: {command}\n{result.stderr}"
+            outputs.append(result.stdout)
+        await eventually(lambda: _chain_ready(api, namespace), timeout=30)
+        pools = run_line(commands[2], env).stdout
+        chains = run_line(commands[3], env).stdout
+    for name in ("openai", "openrouter", "anthropic"):
+        assert re.search(rf"^{name}\s.*\bTrue\b", pools, re.M), pools
+    assert re.search(r"^agents\s.*\bTrue\b", chains, re.M), chains
+    assert "openai-1" in outputs[4]  # describe: the per-credential rows
