@@ -28,7 +28,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +106,6 @@ class ChartRbac:
     namespace: str  # the release namespace (the operator's ServiceAccount lives there)
     objects: list[dict[str, Any]]
     workdir: Path
-    bound: list[tuple[str, str]] = field(default_factory=list)
 
     @classmethod
     @contextlib.contextmanager
@@ -136,8 +135,8 @@ class ChartRbac:
 
     @property
     def fullname(self) -> str:
-        return next(o["metadata"]["name"] for o in self.objects if o["kind"] == "ClusterRole"
-                    and not o["metadata"]["name"].endswith("-sidecar"))  # fmt: skip
+        """The release's full name: the name of the operator's ServiceAccount and ClusterRole."""
+        return self.service_account
 
     @property
     def service_account(self) -> str:
