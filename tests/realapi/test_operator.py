@@ -168,10 +168,15 @@ async def test_deleting_a_pool_takes_its_entry_out_of_the_config(
         return [e["name"] for e in config_of(s)["entries"]] == ["openai"]
 
     await eventually(left, timeout=10)
-    c = await api.get(API, "providerchains", namespace, "agents")
-    assert (
-        cond(c, "Ready")["reason"] == "PoolNotFound" and "openrouter not found" in cond(c, "Ready")["message"]
+    # The status is written after the config Secret: wait for it too.
+    c = await eventually(
+        lambda: _where(
+            api.get(API, "providerchains", namespace, "agents"),
+            lambda c: cond(c, "Ready").get("reason") == "PoolNotFound",
+        ),
+        timeout=10,
     )
+    assert "openrouter not found" in cond(c, "Ready")["message"]
     no_forbidden(operator, namespace)
 
 
