@@ -143,6 +143,4 @@ class Api:
         items = await self.list("v1", "events", namespace)
         if involving is not None:
             items = [e for e in items if (e.get("involvedObject") or {}).get("name") == involving]
-        return sorted(
-            items, key=lambda e: (e["metadata"].get("creationTimestamp") or "", e["metadata"]["name"])
-        )
+        return sorted(items, key=lambda e: (e["metadata"].get("creationTimestamp") or "", e["metadata"]["name"]))

@@ -461,12 +461,7 @@ class ControlPlane:
         return status == 200
 
     def request(
-        self,
-        method: str,
-        url_path: str,
-        body: Any = None,
-        *,
-        content_type: str = "application/json",
+        self, method: str, url_path: str, body: Any = None, *, content_type: str = "application/json",
         timeout: float = 10,
     ) -> tuple[int, Any]:
         """One synchronous admin request: ``(status, decoded body)``; no exception on 4xx/5xx."""
@@ -557,9 +552,7 @@ class ControlPlane:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
         return result
 
-    def apply(
-        self, manifest: str | Mapping[str, Any] | Sequence[Mapping[str, Any]], *, namespace: str | None = None
-    ) -> None:
+    def apply(self, manifest: str | Mapping[str, Any] | Sequence[Mapping[str, Any]], *, namespace: str | None = None) -> None:
         """``kubectl apply`` YAML text or objects as admin."""
         if not isinstance(manifest, str):
             docs = [manifest] if isinstance(manifest, Mapping) else list(manifest)

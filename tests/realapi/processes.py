@@ -79,9 +79,7 @@ class KeyrouteProcess:
             if text in self.output:
                 return True
             if not self.running:
-                raise RuntimeError(
-                    f"{self.name} exited ({self.returncode}) before {text!r}:\n{self.output[-3000:]}"
-                )
+                raise RuntimeError(f"{self.name} exited ({self.returncode}) before {text!r}:\n{self.output[-3000:]}")
             return False
 
         await eventually(seen, timeout=timeout, interval=0.1)

@@ -18,9 +18,7 @@ API = "keyroute.dev/v1alpha1"
 def test_rbac_is_the_api_servers_own(control_plane: ControlPlane, namespace: str, tmp_path) -> None:
     token = control_plane.create_token(namespace, "default")
     kubeconfig = control_plane.write_kubeconfig(tmp_path / "sa.kubeconfig", user={"token": token})
-    whoami = control_plane.kubectl(
-        "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}", kubeconfig=kubeconfig
-    )
+    whoami = control_plane.kubectl("auth", "whoami", "-o", "jsonpath={.status.userInfo.username}", kubeconfig=kubeconfig)
     assert whoami.stdout == f"system:serviceaccount:{namespace}:default"
     denied = control_plane.kubectl("get", "secrets", "-n", namespace, kubeconfig=kubeconfig, check=False)
     assert denied.returncode != 0 and "forbidden" in denied.stderr.lower()
@@ -68,9 +66,7 @@ async def test_the_operator_runs_as_a_process_and_reconciles(
 
     async def ready() -> bool:
         pool = await api.get(API, "credentialpools", namespace, "openai")
-        conditions = {
-            c["type"]: c["status"] for c in ((pool or {}).get("status") or {}).get("conditions", [])
-        }
+        conditions = {c["type"]: c["status"] for c in ((pool or {}).get("status") or {}).get("conditions", [])}
         return conditions.get("Ready") == "True"
 
     await eventually(ready, timeout=30)
