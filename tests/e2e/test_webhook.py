@@ -1,10 +1,13 @@
-"""The sidecar-injection webhook end to end: the real operator (kopf, both handler modules) against
-kmock, its real HTTPS webhook server (a throwaway certificate made with ``openssl``), and real
-``admission.k8s.io/v1`` AdmissionReview requests as the API server sends them."""
+"""The sidecar-injection webhook's start-up and options, with the operator (kopf) on kmock.
+
+Injection itself (native and container mode, idempotence, a missing chain refused or injected with a
+warning) is tested with the real API server calling the webhook (``tests/realapi/test_webhook.py``).
+Kept here: how the operator starts with or without a webhook port and with bad settings (no API
+behaviour involved; kmock is the quickest API to start it on), the option parsing, and the webhook
+client and fixtures ``test_rbac.py`` uses to record the webhook's own API requests."""
 
 from __future__ import annotations
 
-import base64
 import json
 import shutil
 import socket
@@ -16,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import jsonpatch  # kopf's own dependency: it builds admission patches with it
 import kopf
 import pytest
 
@@ -143,139 +145,6 @@ def labelled_pod(chain: str | None = "agents", **spec: Any) -> dict[str, Any]:
             **spec,
         },
     }
-
-
-def patched(pod: dict[str, Any], response: dict[str, Any]) -> dict[str, Any]:
-    assert response["patchType"] == "JSONPatch"
-    ops = json.loads(base64.b64decode(response["patch"]))
-    return jsonpatch.apply_patch(pod, ops)  # type: ignore[no-any-return]
-
-
-async def create_chain(kube: Any, name: str = "agents") -> dict[str, Any]:
-    """A key Secret, a pool and a chain; returns the chain's rendered config Secret once it exists."""
-    await kube.create(
-        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "openai-keys"}, "stringData": {"k1": KEY}}
-    )
-    await kube.create(
-        {
-            "apiVersion": API,
-            "kind": "CredentialPool",
-            "metadata": {"name": "openai"},
-            "spec": {
-                "provider": "openai",
-                "credentials": [{"name": "k1", "secretRef": {"name": "openai-keys", "key": "k1"}}],
-            },
-        }
-    )
-    await kube.create(
-        {
-            "apiVersion": API,
-            "kind": "ProviderChain",
-            "metadata": {"name": name},
-            "spec": {
-                "providers": [
-                    {
-                        "provider": "openai",
-                        "baseURL": "https://openai.example/v1",
-                        "credentialPoolRef": {"name": "openai"},
-                    }
-                ]
-            },
-        }
-    )
-    return await eventually(  # type: ignore[no-any-return]
-        lambda: kube.get("v1", "secrets", "default", f"{name}-keyroute"), timeout=10
-    )
-
-
-async def test_a_labelled_pod_gets_the_sidecar_once(kube, operator_runner, webhook_env):
-    hook, _ = webhook_env
-    async with operator_runner(*MODULES, namespaces=["default"]) as op:
-        rendered = await create_chain(kube)
-        await eventually(hook.up, timeout=10)
-
-        pod = labelled_pod()
-        response = await hook.review(pod)
-        assert response["allowed"] is True and "status" not in response
-        after = patched(pod, response)
-        # Exactly what the pure core computes, applied by a JSON-patch implementation.
-        settings = core.InjectionSettings(image=IMAGE)
-        assert after == core.inject(pod, "agents", settings).apply(pod)
-        assert [c["name"] for c in after["spec"]["initContainers"]] == [core.SIDECAR_NAME, "migrate"]
-        volume = next(v for v in after["spec"]["volumes"] if v["name"] == core.CONFIG_VOLUME)
-        assert volume["secret"]["secretName"] == rendered["metadata"]["name"]
-        assert "warnings" not in response
-
-        # The API server may call again (reinvocation, a retried create): nothing more to do.
-        again = await hook.review(after)
-        assert again["allowed"] is True and "patch" not in again
-
-        # Only CREATE is mutated, whatever the webhook configuration sends.
-        update = await hook.review(labelled_pod(), operation="UPDATE")
-        assert update["allowed"] is True and "patch" not in update
-        assert "sidecar injected" in op.log
-
-    # The config Secret's contents never travel through the webhook: it only names the Secret.
-    everything = "".join(hook.raw) + op.log
-    assert KEY not in everything
-    for value in rendered["data"].values():
-        assert value not in everything
-        assert base64.b64decode(value).decode() not in everything
-
-
-async def test_an_unlabelled_pod_is_let_through_untouched(kube, operator_runner, webhook_env):
-    hook, _ = webhook_env
-    async with operator_runner(*MODULES, namespaces=["default"]):
-        await eventually(hook.up, timeout=10)
-        response = await hook.review(labelled_pod(chain=None))
-        assert response["allowed"] is True
-        assert "patch" not in response and "status" not in response
-
-
-async def test_a_missing_chain_is_refused_by_default(kube, operator_runner, webhook_env):
-    hook, _ = webhook_env
-    async with operator_runner(*MODULES, namespaces=["default"]) as op:
-        await eventually(hook.up, timeout=10)
-        logged_before = len(op.log.splitlines())  # hook.up() itself sends a pod of a missing chain
-        # The namespace comes from the admission request: the pod's own metadata has none.
-        response = await hook.review(labelled_pod(chain="nowhere"), namespace="team-a")
-        assert response["allowed"] is False and "patch" not in response
-        assert response["status"]["code"] == 403
-        assert response["status"]["message"] == (
-            'keyroute: ProviderChain "nowhere" not found in namespace "team-a": create it first, '
-            "or remove the keyroute.dev/chain label"
-        )
-
-        # A label that cannot name a chain is refused before anything is looked up.
-        bad = await hook.review(labelled_pod(chain="Not_A_Chain"))
-        assert bad["allowed"] is False and bad["status"]["code"] == 400
-        assert "keyroute.dev/chain='Not_A_Chain' is not a ProviderChain name" in bad["status"]["message"]
-    # A user's mistake, not the operator's: one warning each, no ERROR line to page anybody.
-    lines = op.log.splitlines()
-    assert [line for line in lines if " ERROR " in line] == []
-    lines = lines[logged_before:]
-    assert sum("WARNING [keyroute.webhook] pod refused: chain not found" in line for line in lines) == 1
-    assert sum("WARNING [keyroute.webhook] pod refused: invalid chain label" in line for line in lines) == 1
-    looked_up = [r.url.path for r in kube.requests() if "providerchains/" in str(r.url.path)]
-    assert any(p.endswith("/namespaces/team-a/providerchains/nowhere") for p in looked_up)
-    assert not any("Not_A_Chain" in p for p in looked_up)
-
-
-async def test_a_missing_chain_is_injected_when_the_policy_says_so(kube, operator_runner, webhook_env):
-    hook, settings_file = webhook_env
-    settings_file.write_text(json.dumps({"image": IMAGE, "missingChain": "Inject", "mode": "container"}))
-    async with operator_runner(*MODULES, namespaces=["default"]):
-        await eventually(hook.up, timeout=10)
-        pod = labelled_pod(chain="later", automountServiceAccountToken=False)
-        response = await hook.review(pod)
-        assert response["allowed"] is True
-        after = patched(pod, response)
-        sidecar = after["spec"]["containers"][-1]
-        assert sidecar["name"] == core.SIDECAR_NAME  # container mode, from the settings file
-        assert sidecar["args"][-2:] == ["--report", "off"]
-        assert after["metadata"]["annotations"] == {core.INJECTED_ANNOTATION: "later"}
-        # The user is told why the pod will wait (kubectl prints admission warnings).
-        assert any('ProviderChain "later" not found' in w for w in response["warnings"])
 
 
 async def test_without_a_port_the_operator_runs_without_a_webhook(kube, operator_runner, monkeypatch):

@@ -378,6 +378,20 @@ class ControlPlane:
             "--token-auth-file", str(pki / "tokens.csv"),
         ]  # fmt: skip
 
+    def restart_controller_manager(self) -> None:
+        """Restart kube-controller-manager, e.g. after installing CRDs: its garbage collector maps
+        resources it did not know at start-up only on its next discovery resync (every 30 s), and
+        until then leaves the dependents of a deleted custom object in place ("unable to get REST
+        mapping"). In a real cluster CRDs are installed long before; this makes it so at once."""
+        process = self.processes["kube-controller-manager"]
+        process.stop()
+        process.start()
+        self._wait(
+            "kube-controller-manager",
+            lambda: self._api_ok("/api/v1/namespaces/default/serviceaccounts/default"),
+            30,
+        )
+
     def start_apiserver(self, timeout: float = 60) -> None:
         """(Re)start the API server on its port and wait for ``/readyz``."""
         process = self.processes["kube-apiserver"]

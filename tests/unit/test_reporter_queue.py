@@ -607,3 +607,15 @@ def test_a_heartbeat_still_queued_when_the_next_is_due_goes_as_a_new_transition(
     assert order(q)[-1] == ("presence", Priority.NEW, 2)
     q.offer(cooldown("k9", T0 + 301, until=T0 + 900))
     assert [w for w, _, _ in order(q)][-2:] == ["presence", "k9"]
+
+
+def test_a_403_is_final_unless_the_api_server_was_just_unreachable():
+    from keyroute.sidecar.reporter import SETTLING, refusal_is_final
+
+    assert refusal_is_final(403, now=1000.0, unreachable_at=None)  # RBAC: dropped, never retried
+    assert refusal_is_final(422, now=1000.0, unreachable_at=999.0)  # invalid whatever happened before
+    # A restarting API server refuses everything until its RBAC caches are loaded.
+    assert not refusal_is_final(403, now=1000.0, unreachable_at=995.0)
+    assert not refusal_is_final(401, now=1000.0, unreachable_at=995.0)
+    assert refusal_is_final(403, now=1000.0, unreachable_at=1000.0 - SETTLING)
+    assert not refusal_is_final(503, now=1000.0, unreachable_at=None)

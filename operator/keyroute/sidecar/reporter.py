@@ -11,6 +11,9 @@ unreachable, the queue holds what happened: a repeat of a queued transition is m
 (``count``), and when the queue is full a report is dropped (a repeat first) and counted; the count
 rides on the next Event that gets through, and on ``keyroute_reports_total{result="dropped"}``. A
 report the API refuses for good (403: RBAC; 422: invalid) is logged and counted, never retried forever.
+A 401 or 403 within :data:`SETTLING` seconds of the API server being unreachable is not taken as
+final: a restarting API server serves requests before its RBAC and token caches are loaded, and
+refuses everything until then (seen on a real kube-apiserver restart); such reports are retried.
 
 The sidecar's own presence on its chain is a ``SidecarReporting`` Event refreshed periodically, from
 which the operator counts reporting sidecars.
@@ -54,6 +57,16 @@ log = logging.getLogger("keyroute.sidecar.reporter")
 
 # Statuses worth retrying: the API server is down, overloaded or throttling us.
 _RETRY = frozenset({408, 429, 500, 502, 503, 504})
+# Seconds after the API server was last unreachable during which a 401/403 is retried (see above).
+SETTLING = 30.0
+
+
+def refusal_is_final(status: int, now: float, unreachable_at: float | None) -> bool:
+    """Whether an API error ``status`` drops the report (else it is requeued and retried)."""
+    if status in _RETRY:
+        return False
+    just_back = unreachable_at is not None and now - unreachable_at < SETTLING
+    return not (status in (401, 403) and just_back)
 
 
 @dataclass(slots=True)
@@ -97,6 +110,7 @@ class Reporter:
         self._sent: dict[tuple[str, ...], _Sent] = {}
         self._wake = asyncio.Event()
         self._failing = False
+        self._unreachable_at: float | None = None  # when the API server last could not be reached
         self.delivered = asyncio.Event()  # set whenever the queue empties (tests, shutdown)
 
     # --- the data path's side ----------------------------------------------------------------------
@@ -158,7 +172,7 @@ class Reporter:
                 self._requeue(key, item)
                 raise
             except ApiError as e:
-                if e.status in _RETRY:
+                if not refusal_is_final(e.status, self.clock(), self._unreachable_at):
                     self._requeue(key, item)
                     await self._backoff(e, delay)
                     delay = min(delay * 2, self.retry[1])
@@ -169,6 +183,7 @@ class Reporter:
                     extra={"kr": {"status": e.status, "reason": e.reason, "hint": _hint(e.status)}},
                 )
             except (TimeoutError, aiohttp.ClientError, OSError) as e:
+                self._unreachable_at = self.clock()
                 self._requeue(key, item)
                 await self._backoff(e, delay)
                 delay = min(delay * 2, self.retry[1])

@@ -1,0 +1,259 @@
+"""The operator on the real API server, run as the chart's own ServiceAccount (cluster-wide values).
+
+One ``keyroute operator`` process serves the whole module (each test works in a namespace of its own):
+conditions, the rendered config Secret, a rotated key re-rendered, and the config Secret removed by
+the real garbage collector when its chain is deleted. Every status the operator writes went through
+the API server's own schema validation (status subresource), and a grant the chart lacks would be a
+``forbidden`` in its log: each test checks there is none.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.polling import eventually
+from tests.realapi.chart import ChartRbac, forbidden_lines, run_operator
+from tests.realapi.client import Api
+from tests.realapi.controlplane import ControlPlane
+from tests.realapi.objects import API, chain, cond, config_of, pool, secret
+from tests.realapi.processes import KeyrouteProcess, Processes
+
+KEY1 = "sk-test-REALAPI-OPERATOR-KEY-0001"
+KEY2 = "sk-test-REALAPI-OPERATOR-KEY-0002"
+ROTATED = "sk-test-REALAPI-OPERATOR-ROTATED1"
+KEYS = (KEY1, KEY2, ROTATED)
+
+
+@pytest.fixture(scope="module")
+def operator(chart_rbac: ChartRbac, module_processes: Processes) -> Iterator[KeyrouteProcess]:
+    with run_operator(chart_rbac, module_processes) as process:
+        yield process
+    for key in KEYS:
+        assert key not in process.output
+
+
+def no_forbidden(operator: KeyrouteProcess, namespace: str) -> None:
+    assert operator.running, operator.output[-3000:]
+    assert forbidden_lines(operator.output, namespace) == []
+
+
+async def ready(api: Api, plural: str, namespace: str, name: str) -> dict | None:
+    obj = await api.get(API, plural, namespace, name)
+    return obj if cond(obj, "Ready").get("status") == "True" else None
+
+
+async def with_status(api: Api, plural: str, namespace: str, name: str) -> dict | None:
+    obj = await api.get(API, plural, namespace, name)
+    return obj if cond(obj, "Ready") else None
+
+
+async def test_a_pool_and_its_chain_become_ready_and_the_config_secret_is_rendered(
+    control_plane: ControlPlane, api: Api, namespace: str, operator: KeyrouteProcess
+) -> None:
+    began = time.monotonic()
+    control_plane.apply(
+        [
+            secret("openai-keys", k1=KEY1, k2=KEY2),
+            pool("openai", "openai", ("k1", "openai-keys", "k1"), ("k2", "openai-keys", "k2")),
+            chain("agents", ("openai", "openai", "https://api.openai.com/v1", "openai")),
+        ],
+        namespace=namespace,
+    )
+    p = await eventually(lambda: ready(api, "credentialpools", namespace, "openai"), timeout=20)
+    pool_ready = time.monotonic() - began
+    c = await eventually(lambda: ready(api, "providerchains", namespace, "agents"), timeout=20)
+    chain_ready = time.monotonic() - began
+    print(f"Ready after apply: pool {pool_ready:.2f}s, chain {chain_ready:.2f}s")
+    assert (p["status"]["available"], p["status"]["total"]) == (2, 2)
+    assert cond(c, "Ready")["reason"] == "AllProvidersRoutable"
+    assert not p["metadata"].get("finalizers") and not c["metadata"].get("finalizers")
+
+    rendered = await api.get("v1", "secrets", namespace, "agents-keyroute")
+    assert rendered is not None
+    owner = rendered["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["uid"]) == ("ProviderChain", "agents", c["metadata"]["uid"])
+    assert rendered["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "keyroute"
+    cfg = config_of(rendered)
+    assert [x["key"] for x in cfg["pools"][0]["credentials"]] == [KEY1, KEY2]
+    assert c["status"]["config"] == {
+        "name": "agents-keyroute",
+        "hash": rendered["metadata"]["annotations"]["keyroute.dev/config-hash"],
+    }
+    # What a user sees with kubectl: the printer columns of the generated CRDs.
+    table = control_plane.kubectl("-n", namespace, "get", "cpool,pchain").stdout
+    assert "openai" in table and "agents" in table and "True" in table
+    reasons = {(e["involvedObject"]["name"], e["reason"]) for e in await api.events(namespace)}
+    assert ("agents", "ConfigRendered") in reasons and ("openai", "CredentialsAvailable") in reasons
+    everything = json.dumps([p, c, await api.events(namespace)])
+    assert KEY1 not in everything and KEY2 not in everything
+    no_forbidden(operator, namespace)
+
+
+async def test_missing_and_mismatched_things_become_conditions(
+    control_plane: ControlPlane, api: Api, namespace: str, operator: KeyrouteProcess
+) -> None:
+    control_plane.apply(
+        [
+            secret("keys", good=KEY1, blank="   "),
+            pool("openai", "openai", ("ok", "keys", "good"), ("nokey", "keys", "absent"),
+                 ("empty", "keys", "blank"), ("nosecret", "nowhere", "x")),
+            pool("claude", "anthropic", ("c1", "keys", "good")),
+            chain(
+                "mixed",
+                ("openai", "openai", "https://api.openai.com/v1", "openai"),
+                ("misbound", "openai", "https://gateway.example/v1", "claude"),
+                ("openrouter", "openrouter", "https://openrouter.ai/api/v1", "later"),
+            ),
+        ],
+        namespace=namespace,
+    )  # fmt: skip
+    p = await eventually(lambda: with_status(api, "credentialpools", namespace, "openai"), timeout=20)
+    rows = {r["name"]: (r["state"], r.get("reason")) for r in p["status"]["credentials"]}
+    assert rows == {
+        "ok": ("Available", None),
+        "nokey": ("Missing", "SecretKeyMissing"),
+        "empty": ("Missing", "SecretKeyMissing"),
+        "nosecret": ("Missing", "SecretNotFound"),
+    }
+    assert cond(p, "Ready")["status"] == "True" and cond(p, "Degraded")["status"] == "True"
+
+    c = await eventually(lambda: with_status(api, "providerchains", namespace, "mixed"), timeout=20)
+    chain_ready = cond(c, "Ready")
+    assert chain_ready["status"] == "False" and chain_ready["reason"] == "PoolProviderMismatch"
+    assert "later not found" in chain_ready["message"]  # the missing pool is named too
+    cfg = config_of(await api.get("v1", "secrets", namespace, "mixed-keyroute"))
+    assert [e["name"] for e in cfg["entries"]] == ["openai"]  # the others are never routed
+
+    # The missing pool appears: its entry joins the config (the mismatch remains).
+    control_plane.apply(
+        [secret("or-keys", k=KEY2), pool("later", "openrouter", ("o1", "or-keys", "k"))], namespace=namespace
+    )
+
+    async def entries() -> list[str]:
+        return [
+            e["name"]
+            for e in config_of(await api.get("v1", "secrets", namespace, "mixed-keyroute"))["entries"]
+        ]
+
+    await eventually(lambda: _equals(entries(), ["openai", "openrouter"]), timeout=10)
+    no_forbidden(operator, namespace)
+
+
+async def test_deleting_a_pool_takes_its_entry_out_of_the_config(
+    control_plane: ControlPlane, api: Api, namespace: str, operator: KeyrouteProcess
+) -> None:
+    control_plane.apply(
+        [
+            secret("keys", a=KEY1, b=KEY2),
+            pool("openai", "openai", ("k1", "keys", "a")),
+            pool("openrouter", "openrouter", ("o1", "keys", "b")),
+            chain(
+                "agents",
+                ("openai", "openai", "https://api.openai.com/v1", "openai"),
+                ("openrouter", "openrouter", "https://openrouter.ai/api/v1", "openrouter"),
+            ),
+        ],
+        namespace=namespace,
+    )
+    await eventually(lambda: ready(api, "providerchains", namespace, "agents"), timeout=20)
+    await api.delete(API, "credentialpools", namespace, "openrouter")
+
+    async def left() -> bool:
+        s = await api.get("v1", "secrets", namespace, "agents-keyroute")
+        return [e["name"] for e in config_of(s)["entries"]] == ["openai"]
+
+    await eventually(left, timeout=10)
+    # The status is written after the config Secret: wait for it too.
+    c = await eventually(
+        lambda: _where(
+            api.get(API, "providerchains", namespace, "agents"),
+            lambda c: cond(c, "Ready").get("reason") == "PoolNotFound",
+        ),
+        timeout=10,
+    )
+    assert "openrouter not found" in cond(c, "Ready")["message"]
+    no_forbidden(operator, namespace)
+
+
+async def test_a_rotated_key_is_re_rendered_within_a_second(
+    control_plane: ControlPlane, api: Api, namespace: str, operator: KeyrouteProcess
+) -> None:
+    control_plane.apply(
+        [
+            secret("openai-keys", k1=KEY1),
+            pool("openai", "openai", ("k1", "openai-keys", "k1")),
+            chain("agents", ("openai", "openai", "https://api.openai.com/v1", "openai")),
+        ],
+        namespace=namespace,
+    )
+    c = await eventually(lambda: ready(api, "providerchains", namespace, "agents"), timeout=20)
+    old_hash = c["status"]["config"]["hash"]
+
+    began = time.monotonic()
+    await api.patch(
+        "v1",
+        "secrets",
+        namespace,
+        "openai-keys",
+        {"data": {"k1": base64.b64encode(ROTATED.encode()).decode()}},
+    )
+
+    async def rotated() -> bool:
+        s = await api.get("v1", "secrets", namespace, "agents-keyroute")
+        return bool(config_of(s)["pools"][0]["credentials"][0]["key"] == ROTATED)
+
+    await eventually(rotated, timeout=10, interval=0.02)
+    took = time.monotonic() - began
+    print(f"rotated key re-rendered in {took:.2f}s")
+    assert took < 5  # the Secret watch, not the 5-minute resync
+    c = await eventually(
+        lambda: _where(
+            api.get(API, "providerchains", namespace, "agents"),
+            lambda c: c["status"]["config"]["hash"] != old_hash,
+        ),
+        timeout=10,
+    )
+    assert cond(c, "Ready")["status"] == "True"
+    no_forbidden(operator, namespace)
+
+
+async def test_deleting_the_chain_garbage_collects_its_config_secret(
+    control_plane: ControlPlane, api: Api, namespace: str, operator: KeyrouteProcess
+) -> None:
+    control_plane.apply(
+        [
+            secret("openai-keys", k1=KEY1),
+            pool("openai", "openai", ("k1", "openai-keys", "k1")),
+            chain("agents", ("openai", "openai", "https://api.openai.com/v1", "openai")),
+        ],
+        namespace=namespace,
+    )
+    await eventually(lambda: api.get("v1", "secrets", namespace, "agents-keyroute"), timeout=20)
+    # As a user does it; no finalizer holds the chain, the controller manager's garbage collector
+    # removes what it owns.
+    began = time.monotonic()
+    control_plane.kubectl("-n", namespace, "delete", "pchain", "agents", "--wait=true", timeout=20)
+
+    async def gone() -> bool:
+        return await api.get("v1", "secrets", namespace, "agents-keyroute") is None
+
+    await eventually(gone, timeout=20)
+    print(f"config Secret collected {time.monotonic() - began:.2f}s after the chain was deleted")
+    # The pool and the key Secret are the user's: untouched.
+    assert await api.get(API, "credentialpools", namespace, "openai") is not None
+    assert await api.get("v1", "secrets", namespace, "openai-keys") is not None
+    no_forbidden(operator, namespace)
+
+
+async def _equals(value, expected) -> bool:  # type: ignore[no-untyped-def]
+    return bool(await value == expected)
+
+
+async def _where(getter, ok):  # type: ignore[no-untyped-def]
+    obj = await getter
+    return obj if obj is not None and obj.get("status") and ok(obj) else None
