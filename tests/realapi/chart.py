@@ -250,11 +250,17 @@ def run_operator(
     namespaces: Sequence[str] = (),
 ) -> Iterator[KeyrouteProcess]:
     """``keyroute operator`` as the chart's ServiceAccount (cluster-wide unless ``namespaces``), with
-    ``args`` appended; SIGTERM at the end."""
-    argv = ["operator", "--metrics-port", "0", "--health-port", "0", *args]
+    ``args`` appended; SIGTERM at the end.
+
+    As the chart runs it: leader election on, its Lease in the release namespace (``$POD_NAMESPACE``),
+    so the chart's Lease Role is exercised too. Each run elects on a Lease of its own, so an operator
+    killed by an earlier test cannot hold up this one for a lease duration."""
+    lease = f"keyroute-{name}-{secrets.token_hex(3)}"
+    argv = ["operator", "--metrics-port", "0", "--health-port", "0", "--leader-election-id", lease, *args]
     for ns in namespaces:
         argv += ["-n", ns]
-    process = processes.start(*argv, kubeconfig=rbac.operator_kubeconfig(), name=name)
+    env = {"POD_NAMESPACE": rbac.namespace, "POD_NAME": lease}
+    process = processes.start(*argv, kubeconfig=rbac.operator_kubeconfig(), name=name, env=env)
     try:
         yield process
     finally:

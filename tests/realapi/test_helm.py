@@ -100,10 +100,11 @@ def test_install_creates_every_object_and_the_operator_pod(
             "-o", "jsonpath={.items[*].spec.serviceAccountName}",
         ).stdout  # fmt: skip
 
+    # Two replicas by default (a leader and a standby, both serving the webhook).
     deadline = time.monotonic() + 20
-    while not (accounts := operator_pod_accounts()) and time.monotonic() < deadline:
+    while len(accounts := operator_pod_accounts().split()) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert accounts == release.fullname
+    assert accounts == [release.fullname] * 2
     status = helm.run("status", release.name, "-n", release.namespace).stdout
     assert "STATUS: deployed" in status and "keyroute.dev/chain" in status  # NOTES: what to do next
 

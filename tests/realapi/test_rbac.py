@@ -18,7 +18,13 @@ from tests.realapi.processes import Processes
 
 
 def can(control_plane: ControlPlane, who: str, verb: str, what: str, namespace: str) -> bool:
-    result = control_plane.kubectl("auth", "can-i", verb, what, "-n", namespace, f"--as={who}", check=False)
+    """``kubectl auth can-i``; ``what`` may name a subresource (``pools.group/status``), which kubectl
+    itself would read as an object's name."""
+    resource, _, sub = what.partition("/")
+    extra = [f"--subresource={sub}"] if sub else []
+    result = control_plane.kubectl(
+        "auth", "can-i", verb, resource, *extra, "-n", namespace, f"--as={who}", check=False
+    )
     return result.stdout.strip() == "yes"
 
 
@@ -55,6 +61,7 @@ def test_the_operator_account_reads_secrets_only_where_it_watches(
         who = f"system:serviceaccount:{rbac.namespace}:{rbac.service_account}"
         assert can(control_plane, who, "list", "secrets", namespace)
         assert can(control_plane, who, "patch", "credentialpools.keyroute.dev/status", namespace)
+        assert not can(control_plane, who, "patch", "credentialpools.keyroute.dev", namespace)  # status only
         assert not can(control_plane, who, "list", "secrets", "kube-system")
         assert not can(control_plane, who, "list", "secrets", "default")
         assert not can(control_plane, who, "delete", "secrets", namespace)  # it never deletes (GC does)

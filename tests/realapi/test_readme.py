@@ -187,7 +187,9 @@ def start_installed_operator(control_plane: ControlPlane, processes: Processes, 
             "value": {"url": f"https://127.0.0.1:{port}{path}", "caBundle": tls.ca_bundle},
         }
     ]
-    process = processes.start(*args, kubeconfig=kubeconfig, name="installed-operator")
+    # What the Deployment gives the pod through the downward API (the Lease's namespace and holder).
+    env = {"POD_NAMESPACE": ns, "POD_NAME": "keyroute-readme-test"}
+    process = processes.start(*args, kubeconfig=kubeconfig, name="installed-operator", env=env)
     wait_serving(port, tls.ca.cert)
     control_plane.kubectl(
         "patch", "mutatingwebhookconfiguration", "keyroute", "--type", "json", "-p", json.dumps(patch)
@@ -217,6 +219,7 @@ async def test_the_readme_operator_section_commands_work_verbatim(
         "kubectl apply -f examples/",
         "kubectl get cpool",
         "kubectl get pchain",
+        "kubectl get cpool,pchain -o wide",
         "kubectl describe cpool openai",
     ]
     kubeconfig = control_plane.write_kubeconfig(tmp_path / "user.kubeconfig", namespace=namespace)
@@ -233,4 +236,4 @@ async def test_the_readme_operator_section_commands_work_verbatim(
     for name in ("openai", "openrouter", "anthropic"):
         assert re.search(rf"^{name}\s.*\bTrue\b", pools, re.M), pools
     assert re.search(r"^agents\s.*\bTrue\b", chains, re.M), chains
-    assert "openai-1" in outputs[4]  # describe: the per-credential rows
+    assert "openai-1" in outputs[5]  # describe: the per-credential rows
