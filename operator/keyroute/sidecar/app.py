@@ -248,7 +248,10 @@ class Sidecar:
 
     async def stop(self, flush: float = 2.0) -> None:
         """Stop serving; give buffered reports up to ``flush`` seconds to get out first."""
-        if self.reporter is not None and self.reporter.pending and flush > 0:
+        # Not ``reporter.pending``: that excludes the report being sent right now (popped from the
+        # queue, its request hanging on an unreachable API server); ``delivered`` is set only once
+        # the queue is empty with nothing in flight.
+        if self.reporter is not None and not self.reporter.delivered.is_set() and flush > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.reporter.delivered.wait(), timeout=flush)
         for task in self._tasks:
@@ -257,6 +260,11 @@ class Sidecar:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self.reporter is not None and self.reporter.pending:
+            log.warning(
+                "exiting with reports not delivered: the operator will not see them",
+                extra={"kr": {"lost": self.reporter.pending}},
+            )
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
