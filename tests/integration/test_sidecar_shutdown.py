@@ -24,8 +24,12 @@ from tests.integration.conftest import chat
 from tests.integration.test_admin_and_cli import free_port
 
 KEY = "sk-test-shutdown-0123456789abcdef"
-# The process's own teardown after the grace (closing sockets, the interpreter's exit).
-MARGIN = 1.0
+# The sidecar's own shutdown (its "sidecar stopped" log line: from the signal to the end of its
+# teardown) ends within the grace plus this.
+TEARDOWN = 0.5
+# The process's exit as this test sees it also holds the interpreter's exit and the scheduling of a
+# loaded machine (2 shared cores: over a second seen); still well inside Kubernetes' 30 s.
+MARGIN = 3.0
 
 
 class SidecarProcess:
@@ -38,13 +42,20 @@ class SidecarProcess:
         self.signalled = time.monotonic()
         self.proc.send_signal(signal.SIGTERM)
 
-    async def exited(self, within: float) -> tuple[int, float, bytes]:
-        """Exit code, seconds from SIGTERM to exit, and stderr (the JSON logs)."""
+    async def exited(self, within: float) -> tuple[int, float, dict[str, Any]]:
+        """Exit code, seconds from SIGTERM to exit, and the sidecar's "sidecar stopped" log line."""
         _, stderr = await asyncio.wait_for(self.proc.communicate(), within)
         took = time.monotonic() - self.signalled
-        print(f"sidecar exited {self.proc.returncode} {took:.3f} s after SIGTERM")  # shown with -s
         assert self.proc.returncode is not None
-        return self.proc.returncode, took, stderr
+        assert KEY not in stderr.decode()
+        logs = [json.loads(line) for line in stderr.decode().splitlines() if line.startswith("{")]
+        stopped = next(entry for entry in logs if entry["msg"] == "sidecar stopped")
+        stopped["cut_logged"] = any(
+            e["msg"] == "grace period over: requests still in flight were cut" for e in logs
+        )
+        # Shown with -s: the measured times.
+        print(f"exit {self.proc.returncode}: {took:.3f} s after SIGTERM, shutdown {stopped['seconds']} s")
+        return self.proc.returncode, took, stopped
 
 
 def manifests(tmp_path: Path, base_url: str) -> Path:
@@ -150,16 +161,13 @@ async def test_a_stream_in_flight_completes_after_sigterm_and_new_connections_ar
         async with client.get(f"http://127.0.0.1:{sidecar.admin}/readyz") as ready:
             assert ready.status == 503 and (await ready.json())["reason"] == "shutting down"
         received += await resp.content.read()
-    code, took, stderr = await sidecar.exited(within=10 + MARGIN + 5)
+    code, took, stopped = await sidecar.exited(within=10 + MARGIN + 5)
     events = [line for line in received.decode().split("\n\n") if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]" and len(events) == 9  # all 8 chunks, then the end
     assert '"error"' not in received.decode()
-    assert code == 0
-    assert took < 10  # it left as soon as the stream was done, not at the end of the grace
-    logs = [json.loads(line) for line in stderr.decode().splitlines() if line.startswith("{")]
-    stopped = next(entry for entry in logs if entry["msg"] == "sidecar stopped")
-    assert stopped["cut"] == 0
-    assert KEY not in stderr.decode()
+    assert code == 0 and stopped["cut"] == 0
+    assert stopped["seconds"] < 10  # it left once the stream was done, not at the end of the grace
+    assert took < 10 + MARGIN
 
 
 async def test_a_stream_longer_than_the_grace_is_cut_at_the_grace(provider, sidecar_process):
@@ -174,10 +182,10 @@ async def test_a_stream_longer_than_the_grace_is_cut_at_the_grace(provider, side
         sidecar.terminate()
         with pytest.raises(aiohttp.ClientPayloadError):
             await resp.content.read()  # cut: no end of stream
-    code, took, stderr = await sidecar.exited(within=1.5 + MARGIN + 5)
-    assert code == 0
+    code, took, stopped = await sidecar.exited(within=1.5 + MARGIN + 5)
+    assert code == 0 and stopped["cut"] == 1 and stopped["cut_logged"]
+    assert 1.5 <= stopped["seconds"] <= 1.5 + TEARDOWN
     assert 1.5 <= took <= 1.5 + MARGIN
-    assert b'"grace period over: requests still in flight were cut"' in stderr
 
 
 async def test_an_idle_sidecar_exits_at_once(sidecar_process):
@@ -188,5 +196,5 @@ async def test_an_idle_sidecar_exits_at_once(sidecar_process):
     ):
         assert resp.status == 200  # its keep-alive connection stays open, idle
         sidecar.terminate()
-        code, took, _ = await sidecar.exited(within=MARGIN + 5)
-    assert code == 0 and took <= MARGIN
+        code, took, stopped = await sidecar.exited(within=MARGIN + 5)
+    assert code == 0 and stopped["seconds"] <= TEARDOWN and took <= MARGIN  # not the 20 s grace
