@@ -216,6 +216,9 @@ class Sidecar:
         if runner is not None:
             for site in list(runner.sites):
                 await site.stop()
+            # As aiohttp's own cleanup does: requests accepted before the listener closed get to
+            # start, so they count as in flight instead of being closed unanswered.
+            await asyncio.sleep(0)
             if runner.server is not None:
                 runner.server.pre_shutdown()
         log.info(
