@@ -140,6 +140,10 @@ async def refused(port: int, within: float = 2.0) -> bool:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
         except ConnectionRefusedError:
             return True
+        except ConnectionResetError:
+            # Queued in the backlog of the listener as it closed: the next attempt says for sure.
+            await asyncio.sleep(0.02)
+            continue
         writer.close()
         await asyncio.sleep(0.02)
     return False
