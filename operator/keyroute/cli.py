@@ -26,6 +26,11 @@ from keyroute.logs import setup_logging
 
 log = logging.getLogger("keyroute")
 
+#: Seconds in-flight requests and streams get after SIGTERM (``keyroute sidecar --shutdown-grace``).
+#: Kubernetes kills a container ``terminationGracePeriodSeconds`` (30 s by default) after SIGTERM;
+#: 20 s leaves room for the last reports, the process's own exit and a preStop hook the pod may have.
+SHUTDOWN_GRACE = 20.0
+
 
 def _run(coro: Coroutine[Any, Any, int], loop: str) -> int:
     if loop in ("auto", "uvloop"):
@@ -68,14 +73,18 @@ async def _serve_sidecar(args: argparse.Namespace) -> int:
             "cannot start: config is invalid", extra={"kr": {"source": source.describe(), "error": str(e)}}
         )
         return 2
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        # The first signal starts the graceful shutdown; a second one cuts it short (Ctrl-C twice).
+        (hurry if stop.is_set() else stop).set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
     await stop.wait()
-    log.info("shutting down")
-    await sidecar.stop()
+    await sidecar.shutdown(args.shutdown_grace, hurry)
     return 0
 
 
@@ -186,7 +195,7 @@ def _flag_bool(text: str) -> bool:
 
 
 def _seconds(text: str) -> float:
-    """A duration flag: ``15s``, ``500ms``, ``1m`` or plain seconds."""
+    """A duration flag: ``15s``, ``500ms``, ``1m`` or plain seconds (finite, never negative)."""
     from keyroute.core.durations import DurationError, parse_duration
 
     try:
@@ -348,6 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["on", "off"],
         default="on",
         help="count the tokens answers report in keyroute_tokens_total (off: fewer series, no usage scan)",
+    )
+    s.add_argument(
+        "--shutdown-grace",
+        type=_seconds,
+        default=SHUTDOWN_GRACE,
+        metavar="SECONDS",
+        help="after SIGTERM, how long in-flight requests and streams may still run (default 20: "
+        "under Kubernetes' 30 s terminationGracePeriodSeconds); new connections are refused at once",
     )
     s.add_argument("--log-level", default="info")
     s.add_argument("--log-format", choices=["json", "text"], default="json")

@@ -126,7 +126,12 @@ async def test_the_charts_rbac_grants_exactly_what_the_code_uses(
         # Changes: a pool spec edit, a key rotation, then deletions.
         await kube.patch(API, "credentialpools", "default", "openai", {"spec": {"strategy": "RoundRobin"}}, bump_generation=True)
         await kube.patch("v1", "secrets", "default", "openai-keys", {"stringData": {"k1": ROTATED}})
-        await asyncio.sleep(0.5)
+
+        async def rerendered() -> bool:
+            # The config Secret patched with the rotated key (a fixed sleep lost this on a loaded machine).
+            return ROTATED in json.dumps(config_of(await kube.get("v1", "secrets", "default", "agents-keyroute")))
+
+        await eventually(rerendered, timeout=10)
         await kube.delete(API, "providerchains", "default", "agents")
         await kube.delete(API, "credentialpools", "default", "openai")
         await asyncio.sleep(0.5)

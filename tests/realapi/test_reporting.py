@@ -128,6 +128,7 @@ async def test_a_429_reaches_pool_status_and_the_other_pod_never_sends_that_key(
         sent = time.time()
         began = time.monotonic()
         resp = await call(session, a)
+        answered = time.time()
         assert resp.status == 200 and resp.headers["X-Keyroute-Credential"] == "k2"
         assert openai.count(key=KEY1) == 1
 
@@ -142,7 +143,9 @@ async def test_a_429_reaches_pool_status_and_the_other_pod_never_sends_that_key(
         print(f"429 -> pool status in {time.monotonic() - began:.3f}s")
         k1 = row(p, "k1")
         assert (k1["reason"], k1["reportedBy"], k1["lastErrorCode"]) == ("RateLimited", "pod-a", 429)
-        assert abs(parse_rfc3339(k1["until"]) - (sent + 30)) <= 2
+        # Retry-After 30 s from when the 429 came, between sent and answered (a loaded machine can put
+        # over a second between them); until is rounded up to a whole second.
+        assert sent + 30 <= parse_rfc3339(k1["until"]) <= answered + 31
         assert (p["status"]["available"], p["status"]["total"]) == (1, 2)
         assert cond(p, "Degraded")["reason"] == "RateLimited"
 

@@ -14,7 +14,7 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -33,6 +33,7 @@ log = logging.getLogger("keyroute.operator")
 
 PostEvent = Callable[[Mapping[str, Any], Note], None]
 Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
 
 
 class Reconciler:
@@ -47,6 +48,7 @@ class Reconciler:
         coalesce: float = 0.1,
         # Slightly over 0.5 s: starts 0.5 s apart could put three writes in one sliding second.
         min_interval: float = 0.55,
+        sleep: Sleep = asyncio.sleep,
     ):
         self.kube = kube
         self.metrics = metrics
@@ -57,11 +59,17 @@ class Reconciler:
         self.clock = clock
         self.coalesce = coalesce
         self.min_interval = min_interval
+        self._sleep = sleep  # a parameter so that tests can order a scheduled reconcile's wake-up
         self.book = ReportBook()
         self._locks: dict[tuple[str, str, str], asyncio.Lock] = {}
         self._pending: set[tuple[str, str, str]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._started: dict[tuple[str, str, str], float] = {}  # monotonic start of the last reconcile
+        # Ordering, not timing, decides whether a scheduled reconcile is moot: one counter ticks for
+        # every request (``schedule``, folded ones included) and every reconcile start.
+        self._seq = itertools.count(1)
+        self._requested: dict[tuple[str, str, str], int] = {}  # the latest request, folded or not
+        self._began: dict[tuple[str, str, str], int] = {}  # the latest reconcile start
         self._timers: dict[tuple[str, str, str], asyncio.TimerHandle] = {}
         self._seeded: set[tuple[str, str, str]] = set()
 
@@ -79,8 +87,16 @@ class Reconciler:
         ``min_interval`` apart: that bounds its status writes (SPEC §5 asks for a bounded number).
         The key leaves the pending set before the reconcile starts, so a change during it schedules
         another.
+
+        A reconcile is moot only if one *started after the latest request folded into it*, not
+        merely after the first: a request that arrives while the key is pending is folded into the
+        waiting task, and a reconcile that started in between (a kopf handler's, another scheduled
+        task's that waited for the lock) read its inputs before that request. Comparing with the
+        first request's time dropped such a request until the next resync (issue 9: a second pod's
+        presence report never counted, a deleted pool's entry left in the config).
         """
         key = (kind, namespace, name)
+        self._requested[key] = next(self._seq)
         if key in self._pending:
             return
         self._pending.add(key)
@@ -89,10 +105,10 @@ class Reconciler:
         fn = self.chain if kind == "chain" else self.pool
 
         async def run() -> None:
-            await asyncio.sleep(wait)
+            await self._sleep(wait)
             self._pending.discard(key)
-            if self._started.get(key, float("-inf")) >= since:
-                return
+            if self._began.get(key, 0) > self._requested[key]:
+                return  # a reconcile started after every request this task stood for: it saw them
             try:
                 await fn(namespace, name)
             except Exception as e:  # the periodic resync retries; say what failed now
@@ -208,9 +224,14 @@ class Reconciler:
     async def pool(self, namespace: str, name: str) -> None:
         """Reconcile one CredentialPool's status."""
         async with self._lock("pool", namespace, name):
-            self._started[("pool", namespace, name)] = time.monotonic()
+            self._begin(("pool", namespace, name))
             await self._measured("CredentialPool", self._pool(namespace, name))
         self._arm("pool", namespace, name)
+
+    def _begin(self, key: tuple[str, str, str]) -> None:
+        """Mark a reconcile's start, under the object's lock and before it reads anything."""
+        self._started[key] = time.monotonic()
+        self._began[key] = next(self._seq)
 
     async def _measured(self, kind: str, work: Coroutine[Any, Any, None]) -> None:
         started = time.perf_counter()
@@ -259,7 +280,7 @@ class Reconciler:
     async def chain(self, namespace: str, name: str) -> None:
         """Render one ProviderChain's sidecar config Secret and write its status."""
         async with self._lock("chain", namespace, name):
-            self._started[("chain", namespace, name)] = time.monotonic()
+            self._begin(("chain", namespace, name))
             await self._measured("ProviderChain", self._chain(namespace, name))
         self._arm("chain", namespace, name)
 

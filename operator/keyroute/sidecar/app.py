@@ -14,7 +14,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,7 @@ from keyroute.sidecar.sources import ConfigSource, signature
 log = logging.getLogger("keyroute.sidecar")
 
 ActionListener = Callable[[Action], None]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,11 @@ class Sidecar:
         self.reporter: Reporter | None = None
         self.fleet: FleetCooldowns | None = None
         self._kube: Kube | None = None
+        self._proxy_runner: web.AppRunner | None = None
+        # Requests being handled (their tasks): a shutdown waits for them, then cuts what is left.
+        self._in_flight: set[asyncio.Task[Any]] = set()
+        self._idle: asyncio.Event | None = None
+        self.draining = False
 
     def enable_reporting(
         self, kube: Kube, origin: Origin, *, share_cooldowns: bool = True, **reporter: Any
@@ -177,8 +183,9 @@ class Sidecar:
             lambda: self.chain, self._get_session, self.metrics, self.emit, count_tokens=self.count_tokens
         )
         app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", proxy.handle)
+        app.router.add_route("*", "/{tail:.*}", self._tracked(proxy.handle))
         self.port = await self._serve(app, self.listen)
+        self._proxy_runner = self._runners[-1]
         if self.admin_listen is not None:
             admin = web.Application()
             admin.router.add_get("/metrics", self._metrics_handler)
@@ -196,9 +203,62 @@ class Sidecar:
             extra={"kr": {"listen": f"{self.listen.host}:{self.port}", "admin": self.admin_port}},
         )
 
+    async def shutdown(self, grace: float, hurry: asyncio.Event | None = None) -> None:
+        """The SIGTERM path: stop taking requests, give in-flight requests and open streams up to
+        ``grace`` seconds to finish, give buffered reports what is left of it, then :meth:`stop`.
+
+        New connections are refused at once (the listening socket is closed); idle keep-alive
+        connections are closed, busy ones after their answer. What still runs when the grace is
+        over (or ``hurry`` is set: a second signal) is cut. The whole takes ``grace`` plus the
+        teardown of what is left (milliseconds).
+        """
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        deadline = began + max(0.0, grace)
+        self.draining = True
+        runner = self._proxy_runner
+        if runner is not None:
+            for site in list(runner.sites):
+                await site.stop()
+            # As aiohttp's own cleanup does: requests accepted before the listener closed get to
+            # start, so they count as in flight instead of being closed unanswered.
+            await asyncio.sleep(0)
+            if runner.server is not None:
+                runner.server.pre_shutdown()
+        log.info(
+            "shutting down: no new requests; waiting for those in flight",
+            extra={"kr": {"in_flight": len(self._in_flight), "grace": grace}},
+        )
+        if self._in_flight:
+            self._idle = asyncio.Event()
+            waits = [asyncio.ensure_future(self._idle.wait())]
+            if hurry is not None:
+                waits.append(asyncio.ensure_future(hurry.wait()))
+            try:
+                await asyncio.wait(
+                    waits, timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                for w in waits:
+                    w.cancel()
+        cut = list(self._in_flight)
+        for task in cut:
+            task.cancel()
+        if cut:
+            log.warning(
+                "grace period over: requests still in flight were cut",
+                extra={"kr": {"cut": len(cut), "grace": grace}},
+            )
+        flush = 0.0 if hurry is not None and hurry.is_set() else max(0.0, deadline - loop.time())
+        await self.stop(flush=flush)
+        log.info("sidecar stopped", extra={"kr": {"seconds": round(loop.time() - began, 3), "cut": len(cut)}})
+
     async def stop(self, flush: float = 2.0) -> None:
         """Stop serving; give buffered reports up to ``flush`` seconds to get out first."""
-        if self.reporter is not None and self.reporter.pending and flush > 0:
+        # Not ``reporter.pending``: that excludes the report being sent right now (popped from the
+        # queue, its request hanging on an unreachable API server); ``delivered`` is set only once
+        # the queue is empty with nothing in flight.
+        if self.reporter is not None and not self.reporter.delivered.is_set() and flush > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.reporter.delivered.wait(), timeout=flush)
         for task in self._tasks:
@@ -207,6 +267,11 @@ class Sidecar:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self.reporter is not None and self.reporter.pending:
+            log.warning(
+                "exiting with reports not delivered: the operator will not see them",
+                extra={"kr": {"lost": self.reporter.pending}},
+            )
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
@@ -234,6 +299,23 @@ class Sidecar:
         if self._session is None:
             raise RuntimeError("sidecar is not started")
         return self._session
+
+    def _tracked(self, handler: Handler) -> Handler:
+        """``handler``, with its requests known to :meth:`shutdown` (a set add and discard each)."""
+        in_flight = self._in_flight
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            task = asyncio.current_task()
+            assert task is not None
+            in_flight.add(task)
+            try:
+                return await handler(request)
+            finally:
+                in_flight.discard(task)
+                if not in_flight and self._idle is not None:
+                    self._idle.set()
+
+        return handle
 
     async def _serve(self, app: web.Application, addr: Address) -> int:
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
@@ -277,6 +359,8 @@ class Sidecar:
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, request: web.Request) -> web.Response:
+        if self.draining:
+            return web.json_response({"status": "not ready", "reason": "shutting down"}, status=503)
         chain = self._chain
         if chain is None or not chain.entries:
             return web.json_response(

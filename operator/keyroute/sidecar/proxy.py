@@ -26,6 +26,7 @@ from keyroute.core.actions import Action
 from keyroute.core.bodies import inspect_body
 from keyroute.core.classes import ErrorClass
 from keyroute.core.classify import Classification, classify, classify_stream_event
+from keyroute.core.paths import PATH_RULE, safe_path
 from keyroute.core.routing import Attempt, Exhausted, Route, Verdict, Wait
 from keyroute.core.streams import StreamWatch, error_event, first_data_event, first_event_end
 from keyroute.core.usage import body_usage
@@ -72,7 +73,14 @@ class Proxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = _perf()
-        path = request.rel_url.raw_path
+        raw_path = request.rel_url.raw_path
+        checked = safe_path(raw_path)
+        if checked is None:
+            # Before routing: a dot-segment could carry an entry's key out of its base path.
+            self._metrics.request(self._chain().name, "", "InvalidPath")
+            log.warning("request path refused", extra={"kr": {"method": request.method, "path": raw_path[:200]}})
+            return _json_error(400, "invalid_path", PATH_RULE, None)
+        path = checked
         if path != "/v1" and not path.startswith("/v1/"):
             return _json_error(404, "not_found", "keyroute forwards /v1/* only", None)
         chain = self._chain()
