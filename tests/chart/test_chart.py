@@ -113,7 +113,11 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "metrics": {
             "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
             "sidecarPodMonitor": {"enabled": True, "labels": {"release": "prom"}},
-            "prometheusRule": {"enabled": True, "labels": {"release": "prom"}},
+            "prometheusRule": {
+                "enabled": True,
+                "labels": {"release": "prom"},
+                "runbookURL": "https://runbooks.example/keyroute/runbook.md",
+            },
             "dashboards": {"enabled": True, "annotations": {"grafana_folder": "LLM"}},
         },
         "injection": {

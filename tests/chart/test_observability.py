@@ -27,6 +27,8 @@ from tests.chart.test_chart import helm as helm  # the session fixture: helm, re
 
 HERE = Path(__file__).resolve().parent
 RUNBOOK = ROOT / "docs" / "runbook.md"
+# The chart has no default for it (a guessed address would be a dead link): the tests give one.
+RUNBOOK_URL = "https://runbooks.example/keyroute/runbook.md"
 # Labels Prometheus itself attaches to every scraped series (the Prometheus Operator's monitors add
 # namespace, pod, container, service, endpoint; every scrape has job and instance).
 TARGET_LABELS = {"namespace", "pod", "container", "service", "endpoint", "job", "instance"}
@@ -54,7 +56,7 @@ def rule_groups(helm: HelmRunner) -> list[dict[str, Any]]:
 
 def default_rule_groups(helm: HelmRunner) -> list[dict[str, Any]]:
     """The rules as the default values render them (what tests/chart/alerts_test.yaml expects)."""
-    objs = helm.template({"metrics": {"prometheusRule": {"enabled": True}}})
+    objs = helm.template({"metrics": {"prometheusRule": {"enabled": True, "runbookURL": RUNBOOK_URL}}})
     groups: list[dict[str, Any]] = one(objs, "PrometheusRule")["spec"]["groups"]
     return groups
 
@@ -128,7 +130,7 @@ def test_every_alert_says_what_and_links_its_runbook_section(helm: HelmRunner) -
     assert names >= REQUIRED_ALERTS
     sections = set(re.findall(r"^### (Keyroute\w+)$", RUNBOOK.read_text(), re.MULTILINE))
     assert sections == names, "docs/runbook.md must have one ### section per alert"
-    base = yaml.safe_load((CHART / "values.yaml").read_text())["metrics"]["prometheusRule"]["runbookURL"]
+    base = RUNBOOK_URL
     for r in rules:
         annotations = r["annotations"]
         assert set(annotations) == {"summary", "description", "runbook_url"}, r["alert"]
@@ -256,3 +258,9 @@ def test_dashboard_configmap_is_labelled_for_grafanas_sidecar(helm: HelmRunner) 
     assert json.loads(cm["data"]["keyroute.json"]) == dashboard()
     assert not [o for o in of_kind(rendered(helm, "default"), "ConfigMap") if "dashboard" in o["metadata"]["name"]]
     assert "dashboards" in SCENARIOS["certmanager-container"]["metrics"]
+
+
+def test_alerts_without_a_runbook_url_are_refused_with_what_to_set(helm: HelmRunner) -> None:
+    out = helm.run("template", "r", "--namespace", "ns", values={"metrics": {"prometheusRule": {"enabled": True}}})
+    assert out.returncode != 0
+    assert "metrics.prometheusRule.runbookURL: set it to where docs/runbook.md is published" in out.stderr
