@@ -11,17 +11,18 @@ import json
 import re
 from typing import Any
 
-_MODEL_MEMBER = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.)*)"')
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+# Strings as "unrolled loops" (runs of plain bytes between escapes): several times faster in ``re``
+# than one alternation per byte.
+_MODEL_MEMBER = re.compile(rb'"model"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"')
 _UNSET: Any = object()
 
 
 class RequestBody:
     """A request body and what routing needs from it.
 
-    Routing needs the top-level ``model`` only. It is found without decoding the body (a byte search
-    for ``"model": "..."`` plus a nesting check of what precedes it, both in C); the whole body is
-    decoded only if that is ambiguous, or if something asks for :attr:`parsed` or :attr:`stream`.
+    Routing needs the top-level ``model`` only; where :func:`inspect_body` finds it without decoding,
+    the body is decoded only if something asks for :attr:`parsed` or :attr:`stream`, and a new model
+    is spliced in at the value's known place.
     """
 
     __slots__ = ("_parsed", "_rewrites", "_span", "model", "raw")
@@ -83,35 +84,33 @@ class RequestBody:
 def inspect_body(raw: bytes, content_type: str) -> RequestBody:
     """Find the requested model. Non-JSON bodies pass untouched.
 
-    A ``"model": "<string>"`` member at nesting depth 1 of a body that is an object is the model (the
-    last one, as a JSON decoder would take it). Strings are skipped when counting the depth, so a
-    ``{`` in a prompt does not count; an escaped value or any doubt (a quote preceded by a backslash,
-    a non-string ``model`` after it) falls back to decoding the whole body.
+    The fast way, taken when it is certain: one ``"model": "<plain string>"`` in the body, preceded
+    by the object's opening brace and no other bracket (a body that names its model first, whatever
+    its size, is not decoded at all). Anything else (the model after ``messages``, several ``"model"``,
+    escapes) is decoded whole by the C decoder: measured, a Python-level nesting scan of what precedes
+    the model is slower than decoding it.
     """
     if not raw or ("json" not in content_type and raw.lstrip()[:1] != b"{"):
         return RequestBody(raw=raw, parsed=None)
-    found: re.Match[bytes] | None = None
-    pos = 0  # how far the prefix has been scanned
-    depth = 0
-    matches = 0
-    for m in _MODEL_MEMBER.finditer(raw):
-        matches += 1
-        start = m.start()
-        if start and raw[start - 1] == 0x5C:  # a backslash: part of some string, not a key
-            return _decoded(raw)
-        # Depth at ``start``: brackets outside strings, counted from where the last match ended.
-        outside = _STRING.sub(b"", raw[pos:start])
-        depth += outside.count(b"{") + outside.count(b"[") - outside.count(b"}") - outside.count(b"]")
-        pos = m.end()
-        if depth == 1:
-            found = m
-    if raw.count(b'"model"') != matches:
-        return _decoded(raw)  # a "model" that is not a string member (a number, a value): decide exactly
-    if found is None:
-        return RequestBody(raw=raw)
-    if raw.lstrip()[:1] != b"{" or b"\\" in found.group(1):
-        return _decoded(raw)  # not an object, or an escaped value
-    return RequestBody(raw=raw, model=found.group(1).decode("utf-8", "replace"), span=found.span(1))
+    at = raw.find(b'"model"')
+    if at < 0:
+        return RequestBody(raw=raw)  # no model anywhere (whether it is JSON at all is decided if asked)
+    if raw.find(b'"model"', at + 7) < 0:
+        pre = raw[:at]
+        # Only the opening brace before it: the member is at the top level (no string before it can
+        # hide a bracket, and an escaped quote would end the prefix with a backslash).
+        if (
+            pre.count(b"{") == 1
+            and b"[" not in pre
+            and b"}" not in pre
+            and b"]" not in pre
+            and pre[-1:] != b"\\"
+            and pre.lstrip()[:1] == b"{"
+        ):
+            m = _MODEL_MEMBER.match(raw, at)
+            if m is not None and b"\\" not in m.group(1):
+                return RequestBody(raw=raw, model=m.group(1).decode("utf-8", "replace"), span=m.span(1))
+    return _decoded(raw)
 
 
 def _decode_object(raw: bytes) -> dict[str, Any] | None:
