@@ -122,6 +122,17 @@ async def test_stall_after_first_byte_ends_with_an_error_event_after_idle(
     assert 0.3 <= elapsed < 2
 
 
+async def test_a_stream_that_keeps_trickling_outlives_idle(fake_provider, start_sidecar, agent):
+    """The idle bound restarts with every chunk: events 0.1 s apart for ~0.8 s under a 0.3 s idle bound
+    arrive whole (the stall timer re-arms itself from the last chunk instead of firing at 0.3 s)."""
+    primary, _, sidecar = await setup(fake_provider, start_sidecar, idle=0.3)
+    primary.set(Behaviour.stream(8, interval=0.1))
+    t = time.monotonic()
+    status, _, body = await stream(agent, sidecar)
+    assert status == 200 and time.monotonic() - t >= 0.6
+    assert b"event: error" not in body and body.rstrip().endswith(b"data: [DONE]")
+
+
 async def test_unfinished_end_gets_an_error_event(fake_provider, start_sidecar, agent):
     primary, _, sidecar = await setup(fake_provider, start_sidecar)
     primary.set(Behaviour.stream(3, finish=False, done=False))

@@ -320,15 +320,21 @@ class Proxy:
         ending: bytes | None = None
         loop = asyncio.get_running_loop()
         deadline = route.deadline - _clock() + loop.time()
+        timer = _IdleTimer(loop, attempt.idle, deadline)
         try:
-            async with asyncio.timeout(None) as timer:
+            try:
                 while True:
-                    timer.reschedule(min(loop.time() + attempt.idle, deadline))
+                    timer.last = loop.time()
                     chunk = await content.readany()
                     if not chunk:
                         break
                     watch.feed(chunk)
                     await out.write(chunk)
+            except asyncio.CancelledError:
+                timer.cancelled()  # raises TimeoutError if the stall cancelled the task, else re-raises
+                raise
+            finally:
+                timer.close()
         except TimeoutError:
             why = "request deadline reached" if loop.time() >= deadline else f"no data for {attempt.idle:g}s"
             ending = error_event(ErrorClass.TIMEOUT, f"upstream stream stalled: {why}", attempt.entry.name)
@@ -374,6 +380,51 @@ class Proxy:
     def _flush(self, route: Route) -> None:
         actions, route.actions = route.actions, []
         self._emit(actions)
+
+
+class _IdleTimer:
+    """The stall bound of a committed stream: ``idle`` seconds without data, or the request deadline.
+
+    A stream moves many small chunks; rescheduling an event-loop timer for each (what ``asyncio.timeout``'s
+    ``reschedule`` does: a cancel and a new handle) cost more than relaying the chunk. Here a chunk only
+    records its time (``last``); the one timer, when it fires, re-arms itself for ``last + idle`` if data
+    came meanwhile and cancels the task only if it did not. As with ``asyncio.timeout``, the caller's
+    ``CancelledError`` becomes ``TimeoutError`` only if this timer caused it (:meth:`cancelled`).
+    """
+
+    __slots__ = ("_cancelling", "_handle", "_loop", "_task", "deadline", "expired", "idle", "last")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, idle: float, deadline: float):
+        task = asyncio.current_task()
+        assert task is not None
+        self._loop = loop
+        self._task = task
+        self._cancelling = task.cancelling()
+        self.idle = idle
+        self.deadline = deadline
+        self.last = loop.time()
+        self.expired = False
+        self._handle: asyncio.TimerHandle | None = loop.call_at(min(self.last + idle, deadline), self._fire)
+
+    def _fire(self) -> None:
+        due = min(self.last + self.idle, self.deadline)
+        if self._loop.time() < due:
+            self._handle = self._loop.call_at(due, self._fire)  # data came meanwhile: wait on
+            return
+        self._handle = None
+        self.expired = True
+        self._task.cancel()
+
+    def cancelled(self) -> None:
+        """Called on ``CancelledError``: raise ``TimeoutError`` if the stall was the cause (and nobody
+        else cancelled the task too); return (the caller re-raises) otherwise."""
+        if self.expired and self._task.uncancel() <= self._cancelling:
+            raise TimeoutError
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 @functools.lru_cache(maxsize=64)
