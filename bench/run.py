@@ -576,6 +576,8 @@ class Bench:
         self.res["sidecar_rss_kib"] = {"after_start": rss_kib(pid)}
         time.sleep(2.0)
         self.res["sidecar_rss_kib"]["idle_2s_after_start"] = rss_kib(pid)
+        if self.baseline is not None:
+            self.res["baseline_rss_kib"] = {"idle_2s_after_start": rss_kib(self.baseline.pid)}
         log(f"sidecar ready (pid {pid}), idle RSS {rss_kib(pid) / 1024:.1f} MiB")
 
     def targets(self) -> list[tuple[str, int, Proc | None]]:
@@ -679,6 +681,48 @@ class Bench:
                     runs.setdefault(name, []).append(r)
             out[str(c)] = {name: merge(rs) for name, rs in runs.items()}
         self.res["stream_ttfb"] = {"events": 10, "event_gap_ms": 1, "runs": out}
+
+    def stage_stream_rate(self) -> None:
+        """Streams relayed at c=128: events per second through each proxy (each event its own write by
+        the provider, 1 ms apart: 128 streams ask for up to ~128k events/s, so the proxy is the limit),
+        in rounds with baseline and sidecar back to back; the paired ratio as for req/s. CPU per event
+        of the proxy process too."""
+        events = 20
+        hdr = (f"X-Bench-Chunks: {events}", "X-Bench-Chunk-Delay-Ms: 1")
+        rounds, d = (1, 3.0) if self.quick else (3, 4.0)
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for i in range(rounds):
+            order = [t for t in self.targets() if t[2] is not None]
+            if i % 2:
+                order.reverse()
+            for name, port, proc in order:
+                r = self.load(port, proc, c=128, duration=d, warmup=128, stream=True, headers=hdr)
+                # Every stream carries ``events`` events plus the [DONE] line, which is not counted.
+                r["events_per_s"] = r["rps"] * events
+                if "proxy_cpu_us_per_req" in r:
+                    r["proxy_cpu_us_per_event"] = r["proxy_cpu_us_per_req"] / events
+                log(f"stream rate c=128 round {i + 1}/{rounds} {name:<8} {r['events_per_s']:.0f} events/s; {self.brief(r)}")
+                runs.setdefault(name, []).append(r)
+        summary: dict[str, Any] = {
+            name: {
+                "events_per_s_median": statistics.median(r["events_per_s"] for r in rs),
+                "events_per_s_all": [round(r["events_per_s"]) for r in rs],
+                "cpu_us_per_event_median": statistics.median(r["proxy_cpu_us_per_event"] for r in rs)
+                if "proxy_cpu_us_per_event" in rs[0]
+                else None,
+            }
+            for name, rs in runs.items()
+        }
+        if "sidecar" in runs and "baseline" in runs:
+            ratios = [
+                s["events_per_s"] / b["events_per_s"] for s, b in zip(runs["sidecar"], runs["baseline"], strict=True)
+            ]
+            summary["sidecar"]["paired_ratios"] = [round(x, 3) for x in ratios]
+            summary["sidecar"]["paired_ratio_median"] = round(statistics.median(ratios), 3)
+        self.res["stream_rate"] = {
+            "concurrency": 128,
+            "events": events, "event_gap_ms": 1, "duration_s": d, "rounds": rounds, "summary": summary, "runs": runs
+        }  # fmt: skip
 
     def stage_rss_streams(self) -> None:
         hdr = ("X-Bench-Chunks: 30", "X-Bench-Chunk-Delay-Ms: 50")  # ~1.5 s per stream
@@ -1074,6 +1118,7 @@ def evaluate(res: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                 peak * 1.048576 <= 100,
             )
         )
+    t.extend(ratio_goals(res))
     fo = res.get("failover")
     if fo:
         rt = fo["direct"]["latency_ms"]["p50"]
@@ -1091,6 +1136,54 @@ def evaluate(res: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     return t
 
 
+def ratio_goals(res: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """The goals of issue 13: the sidecar against the aiohttp pass-through, measured in the same run."""
+    t: list[tuple[str, str, bool | None]] = []
+    tp = res.get("throughput_c32", {}).get("summary", {})
+    if "sidecar" in tp and "baseline" in tp:
+        paired = tp["sidecar"]["paired_ratio_median"]
+        t.append(("req/s at c=32 ≥ 90% of the pass-through's (paired median)", f"{100 * paired:.0f}%", paired >= 0.90))
+        cs, cb = tp["sidecar"]["cpu_us_per_req_median"], tp["baseline"]["cpu_us_per_req_median"]
+        if cs and cb:
+            t.append(
+                (
+                    "CPU per request at c=32 ≤ 1.15x the pass-through's",
+                    f"{cs / cb:.2f}x ({cs:.0f} vs {cb:.0f} µs)",
+                    cs / cb <= 1.15,
+                )
+            )
+    lat = res.get("latency", {}).get("1", {})
+    if "sidecar" in lat and "baseline" in lat:
+        d = lat["direct"]["latency_ms"]["p50"]
+        a_s, a_b = lat["sidecar"]["latency_ms"]["p50"] - d, lat["baseline"]["latency_ms"]["p50"] - d
+        if a_b > 0:
+            t.append(
+                (
+                    "added p50 at c=1 ≤ 1.1x the pass-through's",
+                    f"{a_s / a_b:.2f}x (+{1000 * a_s:.0f} vs +{1000 * a_b:.0f} µs)",
+                    a_s / a_b <= 1.1,
+                )
+            )
+    sr = res.get("stream_rate", {}).get("summary", {})
+    if "sidecar" in sr and "paired_ratio_median" in sr["sidecar"]:
+        paired = sr["sidecar"]["paired_ratio_median"]
+        t.append(
+            (
+                "streams at c=128: events/s ≥ 90% of the pass-through's (paired median)",
+                f"{100 * paired:.0f}% ({sr['sidecar']['events_per_s_median']:.0f} vs "
+                f"{sr['baseline']['events_per_s_median']:.0f} events/s)",
+                paired >= 0.90,
+            )
+        )
+    rss = res.get("sidecar_rss_kib")
+    if rss:
+        idle = rss["idle_2s_after_start"] / 1024
+        base = res.get("baseline_rss_kib", {}).get("idle_2s_after_start")
+        extra = f" (pass-through {base / 1024:.1f} MiB)" if base else ""
+        t.append(("RSS idle ≤ 45 MB", f"{idle * 1.048576:.1f} MB{extra}", idle * 1.048576 <= 45))
+    return t
+
+
 def report(res: dict[str, Any]) -> str:
     m = res["machine"]
     L: list[str] = []
@@ -1098,7 +1191,8 @@ def report(res: dict[str, Any]) -> str:
     L.append(
         f"Machine: {m.get('cpu', '?')}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}, "
         f"aiohttp {m.get('aiohttp', '?')}, uvloop {m.get('uvloop', '?')}, keyroute {m.get('keyroute', '?')}. "
-        f"Run took {res['elapsed_s']:.0f} s; CPU steal during the run: {res['steal_pct']:.1f}%.\n"
+        f"Run took {res['elapsed_s']:.0f} s; CPU steal during the run: {res['steal_pct']:.1f}%; load average "
+        f"(1/5/15 min) {res.get('loadavg_start', '?')} at the start, {res.get('loadavg_end', '?')} at the end.\n"
     )
     L.append(f"Pinning: {res['pinning']}.\n")
     nz = res.get("noise")
@@ -1231,6 +1325,24 @@ def report(res: dict[str, Any]) -> str:
             L.append(
                 f"| {name} | {f2(idle and idle / 1024, 1)} MiB | {r['rss_before_kib'] / 1024:.1f} MiB | "
                 f"{r['rss_peak_kib'] / 1024:.1f} MiB | {r['rss_after_1s_kib'] / 1024:.1f} MiB | {r['provider_max_open_streams']} |"
+            )
+        L.append("")
+
+    sr = res.get("stream_rate")
+    if sr:
+        L.append(
+            f"## Streams relayed at c={sr['concurrency']} (median of {sr['rounds']} rounds of {sr['duration_s']:.0f} s; "
+            f"{sr['events']} SSE events per stream, {sr['event_gap_ms']} ms apart, each its own write)\n"
+        )
+        L.append("| proxy | events/s (median) | per round | CPU per event | vs pass-through (paired median) |")
+        L.append("|---|---|---|---|---|")
+        for name, row in sr["summary"].items():
+            cpu = row.get("cpu_us_per_event_median")
+            vs = f"{100 * row['paired_ratio_median']:.0f}%" if "paired_ratio_median" in row else ""
+            L.append(
+                f"| {name} | {row['events_per_s_median']:.0f} | {', '.join(str(x) for x in row['events_per_s_all'])} | "
+                f"{f'{cpu:.1f} µs' if cpu else 'n/a'} | "
+                f"{vs} |"
             )
         L.append("")
 
@@ -1455,6 +1567,7 @@ def main() -> int:
     steal0 = steal_ticks()
     res = bench.res
     res["date"] = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+    res["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
     res["machine"] = machine()
     busy = machine_busy()
     deadline = time.monotonic() + args.wait_quiet
@@ -1492,6 +1605,7 @@ def main() -> int:
                 bench.stage_colocated()
             bench.stage_throughput()
             bench.stage_stream_ttfb()
+            bench.stage_stream_rate()
             bench.stage_rss_streams()
             if bench.sidecar is not None:
                 bench.drop(bench.sidecar)
@@ -1507,6 +1621,7 @@ def main() -> int:
         signal.signal(signal.SIGTERM, old)
     elapsed = time.monotonic() - started
     res["elapsed_s"] = elapsed
+    res["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     ticks = elapsed * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
     res["steal_pct"] = 100.0 * (steal_ticks() - steal0) / max(ticks, 1)
     nl = bench.noise_log

@@ -122,6 +122,17 @@ async def test_stall_after_first_byte_ends_with_an_error_event_after_idle(
     assert 0.3 <= elapsed < 2
 
 
+async def test_a_stream_that_keeps_trickling_outlives_idle(fake_provider, start_sidecar, agent):
+    """The idle bound restarts with every chunk: events 0.1 s apart for ~0.8 s under a 0.3 s idle bound
+    arrive whole (the stall timer re-arms itself from the last chunk instead of firing at 0.3 s)."""
+    primary, _, sidecar = await setup(fake_provider, start_sidecar, idle=0.3)
+    primary.set(Behaviour.stream(8, interval=0.1))
+    t = time.monotonic()
+    status, _, body = await stream(agent, sidecar)
+    assert status == 200 and time.monotonic() - t >= 0.6
+    assert b"event: error" not in body and body.rstrip().endswith(b"data: [DONE]")
+
+
 async def test_unfinished_end_gets_an_error_event(fake_provider, start_sidecar, agent):
     primary, _, sidecar = await setup(fake_provider, start_sidecar)
     primary.set(Behaviour.stream(3, finish=False, done=False))
@@ -235,3 +246,37 @@ async def test_first_token_does_not_apply_to_answers_that_are_not_streamed(
     primary.set(Behaviour.ok(delay=0.5))
     async with agent.post(sidecar.base_url + "/chat/completions", json=chat()) as resp:
         assert resp.status == 200 and resp.headers["X-Keyroute-Provider"] == "acme"
+
+
+async def test_an_agent_leaving_while_the_stream_starts_is_one_debug_line(
+    fake_provider, start_sidecar, caplog
+):
+    """The agent closes its connection while the sidecar waits for the first event: when it comes, the
+    answer cannot start. That is a client leaving, not a server error: one debug line, no traceback,
+    nothing at error level (aiohttp used to log "Error handling request" with a traceback)."""
+    import asyncio
+    import logging
+
+    from tests.polling import eventually
+
+    caplog.set_level(logging.DEBUG, logger="keyroute")
+    caplog.set_level(logging.DEBUG, logger="aiohttp")
+    primary, _, sidecar = await setup(fake_provider, start_sidecar)
+    primary.set(Behaviour.stream(3, first_event_delay=0.3))
+    body = json.dumps(chat(stream=True)).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: sidecar\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    await writer.drain()
+    await eventually(lambda: len(primary.received) == 1)  # the attempt is waiting for its first event
+    writer.close()
+    await writer.wait_closed()
+    gone = "agent went away before the stream started"
+    await eventually(lambda: any(r.getMessage() == gone for r in caplog.records))
+    await asyncio.sleep(0.05)  # whatever aiohttp would log after the handler returned
+    left = [r for r in caplog.records if r.getMessage() == gone]
+    assert len(left) == 1 and left[0].levelno == logging.DEBUG and left[0].exc_info is None
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert not [r for r in caplog.records if r.exc_info]

@@ -9,52 +9,125 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
-_MODEL_MEMBER = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.)*)"')
+# Strings as "unrolled loops" (runs of plain bytes between escapes): several times faster in ``re``
+# than one alternation per byte.
+_MODEL_MEMBER = re.compile(rb'"model"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"')
+_UNSET: Any = object()
 
 
-@dataclass(slots=True)
 class RequestBody:
-    """A request body and what routing needs from it."""
+    """A request body and what routing needs from it.
 
-    raw: bytes
-    model: str = ""
-    stream: bool = False
-    parsed: dict[str, Any] | None = None
-    _rewrites: dict[str, bytes] = field(default_factory=dict)
+    Routing needs the top-level ``model`` only; where :func:`inspect_body` finds it without decoding,
+    the body is decoded only if something asks for :attr:`parsed` or :attr:`stream`, and a new model
+    is spliced in at the value's known place.
+    """
+
+    __slots__ = ("_parsed", "_rewrites", "_span", "model", "raw")
+
+    def __init__(
+        self,
+        raw: bytes,
+        model: str = "",
+        *,
+        span: tuple[int, int] | None = None,
+        parsed: dict[str, Any] | None = _UNSET,
+    ) -> None:
+        self.raw = raw
+        self.model = model
+        # Where the top-level model's string value lies in ``raw`` (between its quotes), if known.
+        self._span = span
+        self._parsed = parsed
+        self._rewrites: dict[str, bytes] | None = None
+
+    @property
+    def parsed(self) -> dict[str, Any] | None:
+        """The decoded body if it is a JSON object (decoded on first use)."""
+        if self._parsed is _UNSET:
+            self._parsed = _decode_object(self.raw)
+        parsed: dict[str, Any] | None = self._parsed
+        return parsed
+
+    @property
+    def stream(self) -> bool:
+        """Whether the agent asked for a stream."""
+        parsed = self.parsed
+        return parsed is not None and parsed.get("stream") is True
 
     def with_model(self, model: str) -> bytes:
         """The body with the top-level model replaced by ``model`` (the original bytes if unchanged).
 
         A body without a string ``model`` is never given one.
         """
-        if model == self.model or self.parsed is None or not isinstance(self.parsed.get("model"), str):
+        if model == self.model:
             return self.raw
+        if self._rewrites is None:
+            self._rewrites = {}
         cached = self._rewrites.get(model)
-        if cached is None:
-            cached = self._rewrites[model] = rewrite_model(self.raw, self.parsed, model)
+        if cached is not None:
+            return cached
+        span = self._span
+        if span is not None:
+            # The value's exact place is known: splice, no decoding.
+            cached = self.raw[: span[0]] + json.dumps(model).encode()[1:-1] + self.raw[span[1] :]
+        else:
+            parsed = self.parsed
+            if parsed is None or not isinstance(parsed.get("model"), str):
+                return self.raw
+            cached = rewrite_model(self.raw, parsed, model)
+        self._rewrites[model] = cached
         return cached
 
 
 def inspect_body(raw: bytes, content_type: str) -> RequestBody:
-    """Find the requested model and whether a stream was asked for. Non-JSON bodies pass untouched."""
+    """Find the requested model. Non-JSON bodies pass untouched.
+
+    The fast way, taken when it is certain: one ``"model": "<plain string>"`` in the body, preceded
+    by the object's opening brace and no other bracket (a body that names its model first, whatever
+    its size, is not decoded at all). Anything else (the model after ``messages``, several ``"model"``,
+    escapes) is decoded whole by the C decoder: measured, a Python-level nesting scan of what precedes
+    the model is slower than decoding it.
+    """
     if not raw or ("json" not in content_type and raw.lstrip()[:1] != b"{"):
-        return RequestBody(raw=raw)
+        return RequestBody(raw=raw, parsed=None)
+    at = raw.find(b'"model"')
+    if at < 0:
+        return RequestBody(raw=raw)  # no model anywhere (whether it is JSON at all is decided if asked)
+    if raw.find(b'"model"', at + 7) < 0:
+        pre = raw[:at]
+        # Only the opening brace before it: the member is at the top level (no string before it can
+        # hide a bracket, and an escaped quote would end the prefix with a backslash).
+        if (
+            pre.count(b"{") == 1
+            and b"[" not in pre
+            and b"}" not in pre
+            and b"]" not in pre
+            and pre[-1:] != b"\\"
+            and pre.lstrip()[:1] == b"{"
+        ):
+            m = _MODEL_MEMBER.match(raw, at)
+            if m is not None and b"\\" not in m.group(1):
+                return RequestBody(raw=raw, model=m.group(1).decode("utf-8", "replace"), span=m.span(1))
+    return _decoded(raw)
+
+
+def _decode_object(raw: bytes) -> dict[str, Any] | None:
     try:
         parsed = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        return RequestBody(raw=raw)
-    if not isinstance(parsed, dict):
-        return RequestBody(raw=raw)
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _decoded(raw: bytes) -> RequestBody:
+    """The slow, exact way: decode the whole body."""
+    parsed = _decode_object(raw)
+    if parsed is None:
+        return RequestBody(raw=raw, parsed=None)
     model = parsed.get("model")
-    return RequestBody(
-        raw=raw,
-        model=model if isinstance(model, str) else "",
-        stream=parsed.get("stream") is True,
-        parsed=parsed,
-    )
+    return RequestBody(raw=raw, model=model if isinstance(model, str) else "", parsed=parsed)
 
 
 def rewrite_model(raw: bytes, parsed: dict[str, Any], model: str) -> bytes:

@@ -36,7 +36,7 @@ has nothing to restore.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from keyroute.core.actions import Action, ActionKind
@@ -160,13 +160,16 @@ class Chain:
             st = self.models[model] = ModelState()
         return st
 
-    def plan(self, model: str, now: float) -> tuple[list[Entry], list[Entry]]:
+    def plan(self, model: str, now: float) -> tuple[Sequence[Entry], list[Entry]]:
         """Entries to try for a new request, in order, and the probes this request claimed.
 
         Entries waiting for their restore time come last (never those that went silent); an entry
         whose restore time has passed is probed by this request unless another already is.
         """
         st = self.state(model)
+        if not st.restores:
+            # Nothing waiting to be restored (the usual case): the chain's order as it is, no copy.
+            return self.entries, []
         ready: list[Entry] = []
         waiting: list[Entry] = []
         probes: list[Entry] = []

@@ -107,6 +107,21 @@ class Lease:
     epoch: int
 
 
+def _free(blocks: dict[str, Block], model: str, now: float) -> bool:
+    """No active block for ``model`` (or for every model) among ``blocks``."""
+    if not blocks:
+        return True
+    b = blocks.get(ALL_MODELS)
+    if b is not None and (b.until is None or b.until > now):
+        return False
+    b = blocks.get(model)
+    return b is None or not (b.until is None or b.until > now)
+
+
+def _eligible(cred: Credential, health: Health, model: str, now: float, exclude: Collection[str]) -> bool:
+    return (not exclude or cred.name not in exclude) and _free(health.blocks, model, now)
+
+
 class Pool:
     """The credentials of one provider, with their health and the pool's selection strategy."""
 
@@ -133,6 +148,9 @@ class Pool:
         for cred in self.credentials:
             old = previous.carry_over(cred) if previous is not None else None
             self.health[cred.name] = old if old is not None else Health()
+        # Per-credential health in credential order, for selection without dict lookups. The mapping
+        # above is never rebound after this (state changes mutate the Health objects).
+        self._healths: tuple[Health, ...] = tuple(self.health[c.name] for c in self.credentials)
 
     def carry_over(self, cred: Credential) -> Health | None:
         """This pool's state for ``cred`` if the same credential (name and key value) is here."""
@@ -147,38 +165,61 @@ class Pool:
 
     def usable(self, cred: Credential, model: str, now: float) -> bool:
         """Whether ``cred`` may be sent for ``model`` at ``now``."""
-        blocks = self.health[cred.name].blocks
-        if not blocks:
-            return True
-        for scope in (ALL_MODELS, model):
-            b = blocks.get(scope)
-            if b is not None and b.active(now):
-                return False
-        return True
+        return _free(self.health[cred.name].blocks, model, now)
 
     def acquire(self, model: str, now: float, exclude: Collection[str] = ()) -> Lease | None:
-        """Lease the next credential for ``model`` by the pool's strategy, or ``None`` if none is usable."""
-        candidates = [c for c in self.credentials if c.name not in exclude and self.usable(c, model, now)]
-        if not candidates:
+        """Lease the next credential for ``model`` by the pool's strategy, or ``None`` if none is usable.
+
+        One pass over the credentials and no allocation but the lease: this runs on every request.
+        """
+        creds = self.credentials
+        healths = self._healths
+        n = len(creds)
+        chosen = -1
+        strategy = self.strategy
+        if strategy is Strategy.ROUND_ROBIN:
+            # The first usable key at or after the cursor, circularly.
+            start = self._cursor
+            for step in range(n):
+                i = (start + step) % n
+                if _eligible(creds[i], healths[i], model, now, exclude):
+                    chosen = i
+                    self._cursor = (i + 1) % n
+                    break
+        elif strategy is Strategy.LEAST_USED:
+            best: tuple[int, int] | None = None
+            for i in range(n):
+                h = healths[i]
+                if _eligible(creds[i], h, model, now, exclude) and (
+                    best is None or (h.in_flight, h.uses) < best
+                ):
+                    chosen, best = i, (h.in_flight, h.uses)
+        elif strategy is Strategy.RANDOM:
+            count = 0
+            for i in range(n):
+                if _eligible(creds[i], healths[i], model, now, exclude):
+                    count += 1
+                    chosen = i
+            if count > 1:
+                # As ``rng.choice`` over the usable keys would pick (same draw), without the list.
+                k = self._rng.randrange(count)
+                for i in range(n):
+                    if _eligible(creds[i], healths[i], model, now, exclude):
+                        if k == 0:
+                            chosen = i
+                            break
+                        k -= 1
+        else:  # FillFirst: the first usable key in priority order
+            for i in range(n):
+                if _eligible(creds[i], healths[i], model, now, exclude):
+                    chosen = i
+                    break
+        if chosen < 0:
             return None
-        cred = self._pick(candidates)
-        health = self.health[cred.name]
+        health = healths[chosen]
         health.in_flight += 1
         health.uses += 1
-        return Lease(pool=self, credential=cred, model=model, epoch=health.epoch)
-
-    def _pick(self, candidates: list[Credential]) -> Credential:
-        if self.strategy is Strategy.FILL_FIRST or len(candidates) == 1:
-            return candidates[0]
-        if self.strategy is Strategy.ROUND_ROBIN:
-            order = {c.name: i for i, c in enumerate(self.credentials)}
-            n = len(self.credentials)
-            chosen = min(candidates, key=lambda c: (order[c.name] - self._cursor) % n)
-            self._cursor = (order[chosen.name] + 1) % n
-            return chosen
-        if self.strategy is Strategy.LEAST_USED:
-            return min(candidates, key=lambda c: (self.health[c.name].in_flight, self.health[c.name].uses))
-        return self._rng.choice(candidates)
+        return Lease(pool=self, credential=creds[chosen], model=model, epoch=health.epoch)
 
     def release(self, lease: Lease) -> None:
         """End a lease (the attempt is over, whatever its outcome)."""

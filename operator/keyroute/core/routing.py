@@ -135,7 +135,9 @@ class Route:
             if self.count >= self.max_attempts or now >= self.deadline or self.pos >= len(self.order):
                 return self._exhausted(now)
             entry = self.order[self.pos]
-            prog = self._progress.setdefault(entry.name, _EntryProgress())
+            prog = self._progress.get(entry.name)
+            if prog is None:
+                prog = self._progress[entry.name] = _EntryProgress()
             upstream = entry.upstream_model(self.model)
             exclude = () if prog.allow_tried else prog.tried
             lease = entry.pool.acquire(upstream, now, exclude)
@@ -260,7 +262,7 @@ class Route:
         if not rest:
             return False
         self._context_mode = True
-        self.order = self.order[: self.pos + 1] + rest
+        self.order = [*self.order[: self.pos + 1], *rest]
         self.pos += 1
         return True
 

@@ -136,13 +136,18 @@ class Proxy:
         base_headers: dict[str, str],
         suffix: str,
     ) -> web.StreamResponse:
-        chain_name = route.chain.name
-        entry = attempt.entry.name
-        cred = attempt.credential_name
         url = URL(attempt.base_url + suffix, encoded=True)
+        first_token = attempt.first_token
+        upstream: aiohttp.ClientResponse | None = None
+        latency: float | None = None
+        payload = b""
+        buf, start, end = b"", 0, -1
+        phase = "first byte"
         sent = _perf()
+        # One deadline per attempt until the answer is committed: the first byte, then the phase that
+        # follows (error body, body, or the stream's first event), rescheduled as the phase changes.
         try:
-            async with asyncio.timeout(attempt.first_byte):
+            async with asyncio.timeout(attempt.first_byte) as timer:
                 upstream = await self._session().request(
                     request.method,
                     url,
@@ -152,29 +157,59 @@ class Proxy:
                     # The entry's connect bound: the deadline itself is the asyncio timeout around this.
                     timeout=_client_timeout(attempt.entry.connect),
                 )
+                latency = _perf() - sent
+                status = upstream.status
+                if status >= 400:
+                    phase = "error body"
+                    timer.reschedule(asyncio.get_running_loop().time() + attempt.idle)
+                    payload = await upstream.content.read(MAX_ERROR_BODY)
+                elif upstream.content_type == "text/event-stream":
+                    # Nothing reaches the agent before the first event is in: until then the route may
+                    # fail over. With firstToken set, keep-alives do not count and the wait has its own
+                    # bound, from the response headers on.
+                    phase = "first event"
+                    timer.reschedule(asyncio.get_running_loop().time() + (first_token or attempt.first_byte))
+                    content = upstream.content
+                    while end < 0 and len(buf) < MAX_FIRST_EVENT:
+                        chunk = await content.readany()
+                        if not chunk:
+                            break
+                        buf += chunk
+                        if first_token is None:
+                            end = first_event_end(buf)
+                        else:
+                            start, end = first_data_event(buf)
+                else:
+                    phase = "body"
+                    timer.reschedule(asyncio.get_running_loop().time() + attempt.idle)
+                    payload = await upstream.read()
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            self._fail_transport(route, attempt, transport_failure(exc, "first byte"), None)
-        latency = _perf() - sent
+            if upstream is not None:
+                upstream.release()
+            if phase == "first event" and first_token is not None and isinstance(exc, TimeoutError):
+                self._fail_transport(
+                    route,
+                    attempt,
+                    Classification(
+                        ErrorClass.TIMEOUT,
+                        message=f"no first token within {first_token:g}s of the response headers (firstToken)",
+                    ),
+                    latency,
+                )
+            self._fail_transport(route, attempt, transport_failure(exc, phase), latency)
+        assert latency is not None
         try:
-            status = upstream.status
             if status >= 400:
-                try:
-                    async with asyncio.timeout(attempt.idle):
-                        payload = await upstream.content.read(MAX_ERROR_BODY)
-                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                    self._fail_transport(route, attempt, transport_failure(exc, "error body"), latency)
                 verdict = classify(status, upstream.headers, payload, _clock())
                 self._fail(route, attempt, verdict, latency)  # returns only if the agent gets it
                 return web.Response(
                     status=status, body=payload, headers=response_headers(upstream.headers, attempt)
                 )
-            if upstream.content_type == "text/event-stream":
-                return await self._relay(request, route, attempt, upstream, latency)
-            try:
-                async with asyncio.timeout(attempt.idle):
-                    payload = await upstream.read()
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                self._fail_transport(route, attempt, transport_failure(exc, "body"), latency)
+            if phase == "first event":
+                return await self._relay(request, route, attempt, upstream, latency, buf, start, end)
+            chain_name = route.chain.name
+            entry = attempt.entry.name
+            cred = attempt.credential_name
             route.report(attempt, None, _clock())
             self._metrics.attempt(chain_name, entry, cred, OK, latency)
             self._metrics.request(chain_name, entry, OK)
@@ -226,40 +261,11 @@ class Proxy:
         attempt: Attempt,
         upstream: aiohttp.ClientResponse,
         latency: float,
+        buf: bytes,
+        start: int,
+        end: int,
     ) -> web.StreamResponse:
-        content = upstream.content
-        buf = b""
-        # Nothing reaches the agent before the first event is in: until then the route may fail over.
-        # With firstToken set, keep-alives do not count and the wait has its own bound.
-        first_token = attempt.first_token
-        start, end = 0, -1
-        try:
-            async with asyncio.timeout(first_token or attempt.first_byte):
-                while end < 0 and len(buf) < MAX_FIRST_EVENT:
-                    chunk = await content.readany()
-                    if not chunk:
-                        break
-                    buf += chunk
-                    if first_token is None:
-                        end = first_event_end(buf)
-                    else:
-                        start, end = first_data_event(buf)
-        except TimeoutError:
-            if first_token is None:
-                self._fail_transport(
-                    route, attempt, transport_failure(TimeoutError(), "first event"), latency
-                )
-            self._fail_transport(
-                route,
-                attempt,
-                Classification(
-                    ErrorClass.TIMEOUT,
-                    message=f"no first token within {first_token:g}s of the response headers (firstToken)",
-                ),
-                latency,
-            )
-        except (aiohttp.ClientError, OSError) as exc:
-            self._fail_transport(route, attempt, transport_failure(exc, "first event"), latency)
+        """Commit a stream whose first event (``buf[start:end]``, if complete) is in, and relay it."""
         if not buf:
             self._fail_transport(
                 route,
@@ -277,10 +283,20 @@ class Proxy:
         if route.actions:
             self._flush(route)
         out = web.StreamResponse(status=upstream.status, headers=response_headers(upstream.headers, attempt))
-        await out.prepare(request)
+        try:
+            await out.prepare(request)
+        except ConnectionResetError:
+            # The agent left while the stream was starting (aiohttp: "Cannot write to closing
+            # transport"). Normal for a client: one line at debug, no traceback. aiohttp's own
+            # attempt to finish the unprepared response meets the same closed transport and is quiet.
+            log.debug(
+                "agent went away before the stream started",
+                extra={"kr": {"chain": route.chain.name, "provider": attempt.entry.name}},
+            )
+            return out
         watch = StreamWatch(usage=self._count_tokens)
         try:
-            return await self._pipe(request, route, attempt, content, out, watch, buf)
+            return await self._pipe(request, route, attempt, upstream.content, out, watch, buf)
         finally:
             # What the provider reported is what it bills, even if the stream broke or the agent left.
             if watch.usage:
@@ -304,15 +320,21 @@ class Proxy:
         ending: bytes | None = None
         loop = asyncio.get_running_loop()
         deadline = route.deadline - _clock() + loop.time()
+        timer = _IdleTimer(loop, attempt.idle, deadline)
         try:
-            async with asyncio.timeout(None) as timer:
+            try:
                 while True:
-                    timer.reschedule(min(loop.time() + attempt.idle, deadline))
+                    timer.last = loop.time()
                     chunk = await content.readany()
                     if not chunk:
                         break
                     watch.feed(chunk)
                     await out.write(chunk)
+            except asyncio.CancelledError:
+                timer.cancelled()  # raises TimeoutError if the stall cancelled the task, else re-raises
+                raise
+            finally:
+                timer.close()
         except TimeoutError:
             why = "request deadline reached" if loop.time() >= deadline else f"no data for {attempt.idle:g}s"
             ending = error_event(ErrorClass.TIMEOUT, f"upstream stream stalled: {why}", attempt.entry.name)
@@ -358,6 +380,51 @@ class Proxy:
     def _flush(self, route: Route) -> None:
         actions, route.actions = route.actions, []
         self._emit(actions)
+
+
+class _IdleTimer:
+    """The stall bound of a committed stream: ``idle`` seconds without data, or the request deadline.
+
+    A stream moves many small chunks; rescheduling an event-loop timer for each (what ``asyncio.timeout``'s
+    ``reschedule`` does: a cancel and a new handle) cost more than relaying the chunk. Here a chunk only
+    records its time (``last``); the one timer, when it fires, re-arms itself for ``last + idle`` if data
+    came meanwhile and cancels the task only if it did not. As with ``asyncio.timeout``, the caller's
+    ``CancelledError`` becomes ``TimeoutError`` only if this timer caused it (:meth:`cancelled`).
+    """
+
+    __slots__ = ("_cancelling", "_handle", "_loop", "_task", "deadline", "expired", "idle", "last")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, idle: float, deadline: float):
+        task = asyncio.current_task()
+        assert task is not None
+        self._loop = loop
+        self._task = task
+        self._cancelling = task.cancelling()
+        self.idle = idle
+        self.deadline = deadline
+        self.last = loop.time()
+        self.expired = False
+        self._handle: asyncio.TimerHandle | None = loop.call_at(min(self.last + idle, deadline), self._fire)
+
+    def _fire(self) -> None:
+        due = min(self.last + self.idle, self.deadline)
+        if self._loop.time() < due:
+            self._handle = self._loop.call_at(due, self._fire)  # data came meanwhile: wait on
+            return
+        self._handle = None
+        self.expired = True
+        self._task.cancel()
+
+    def cancelled(self) -> None:
+        """Called on ``CancelledError``: raise ``TimeoutError`` if the stall was the cause (and nobody
+        else cancelled the task too); return (the caller re-raises) otherwise."""
+        if self.expired and self._task.uncancel() <= self._cancelling:
+            raise TimeoutError
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 @functools.lru_cache(maxsize=64)

@@ -41,9 +41,35 @@ CREDENTIAL_HEADER = "X-Keyroute-Credential"
 MAX_ERROR_BODY = 1 << 20
 
 
+class _Keep(dict[str, bool]):
+    """Header name -> forward it? Remembered per spelling, so a request lowercases no header name twice.
+
+    Header names are a small set in practice; past ``_MAX_NAMES`` (an upstream inventing names) the
+    answer is computed without being stored.
+    """
+
+    def __init__(self, drop: frozenset[str]) -> None:
+        super().__init__()
+        self._drop = drop
+
+    def __missing__(self, name: str) -> bool:
+        keep = name.lower() not in self._drop
+        if len(self) < _MAX_NAMES:
+            self[name] = keep
+        return keep
+
+
+_MAX_NAMES = 1024
+_KEEP_REQUEST = _Keep(_DROP_REQUEST)
+# The two names the sidecar sets itself are dropped from the upstream's answer, so that appending them
+# replaces any the upstream sent.
+_KEEP_RESPONSE = _Keep(_DROP_RESPONSE | {PROVIDER_HEADER.lower(), CREDENTIAL_HEADER.lower()})
+
+
 def forward_headers(incoming: Mapping[str, str]) -> dict[str, str]:
     """The agent's headers minus hop-by-hop ones and its own credentials (done once per request)."""
-    out = {k: v for k, v in incoming.items() if k.lower() not in _DROP_REQUEST}
+    keep = _KEEP_REQUEST
+    out = {k: v for k, v in incoming.items() if keep[k]}
     # Uncompressed answers: the sidecar inspects error bodies and stream markers, on loopback.
     out["Accept-Encoding"] = "identity"
     return out
@@ -64,13 +90,11 @@ def attempt_headers(base: dict[str, str], attempt: Attempt) -> dict[str, str]:
 
 def response_headers(upstream: Mapping[str, str], attempt: Attempt) -> CIMultiDict[str]:
     """The upstream's response headers for the agent, naming the serving entry and credential."""
-    out: CIMultiDict[str] = CIMultiDict()
-    for k, v in upstream.items():
-        if k.lower() not in _DROP_RESPONSE:
-            out.add(k, v)
-    out[PROVIDER_HEADER] = attempt.entry.name
-    out[CREDENTIAL_HEADER] = attempt.credential_name
-    return out
+    keep = _KEEP_RESPONSE
+    items = [(k, v) for k, v in upstream.items() if keep[k]]
+    items.append((PROVIDER_HEADER, attempt.entry.name))
+    items.append((CREDENTIAL_HEADER, attempt.lease.credential.name))
+    return CIMultiDict(items)
 
 
 def transport_failure(exc: BaseException, phase: str) -> Classification:
