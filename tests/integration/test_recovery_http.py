@@ -1,4 +1,4 @@
-"""Every row of the SPEC §3 table through real HTTP: what the provider said, what the pool did, who
+"""Every row of the docs/errors.md table through real HTTP: what the provider said, what the pool did, who
 answered the agent, and what each provider received."""
 
 from __future__ import annotations

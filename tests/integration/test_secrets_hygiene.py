@@ -1,4 +1,4 @@
-"""SPEC §6: key values live only in Secrets and the sidecar's memory. Run the recovery scenarios with
+"""Secrets hygiene (docs/README.md): key values live only in Secrets and the sidecar's memory. Run the recovery scenarios with
 recognisable keys and look for them everywhere else: logs, metrics, response headers, error bodies."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SPEC §1 from the outside: a credential is only used for, and only blamed by, its own provider.
+"""The invariant (docs/README.md) from the outside: a credential is only used for, and only blamed by, its own provider.
 
 The project's origin bug: a fallback provider's 429s rotated the primary's pool and swapped the
 primary's base URL back in, so fallback calls went to the wrong host and healthy primary keys were

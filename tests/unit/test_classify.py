@@ -1,4 +1,4 @@
-"""Error classification (SPEC §3): every table row with real provider bodies, garbage, redaction, streams."""
+"""Error classification (docs/errors.md): every table row with real provider bodies, garbage, redaction, streams."""
 
 from __future__ import annotations
 

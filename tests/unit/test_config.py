@@ -1,7 +1,7 @@
 """The rendered sidecar config: round trip, content hash, rejection of bad configs, and key hygiene.
 
 The sidecar loads this file on every change and must reject a corrupt or hand-edited config with a
-message that names what is wrong but never a key value (SPEC §4, §6).
+message that names what is wrong but never a key value (docs/sidecar.md and secrets hygiene (docs/README.md)).
 """
 
 from __future__ import annotations

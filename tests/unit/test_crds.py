@@ -1,4 +1,4 @@
-"""The generated CRDs (SPEC §2): in sync with the models, structural, and as strict as the models.
+"""The generated CRDs (docs/resources.md): in sync with the models, structural, and as strict as the models.
 
 No cluster runs here, and the in-memory API server of the end-to-end tests validates nothing, so these
 tests stand in for the API server: the schema must be one Kubernetes accepts (structural, list-map keys

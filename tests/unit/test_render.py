@@ -1,4 +1,4 @@
-"""``render(chain, pools, secrets)``: resources in, sidecar config out, with the binding rule (SPEC §1, §2).
+"""``render(chain, pools, secrets)``: resources in, sidecar config out, with the binding rule (the invariant (docs/README.md) and docs/resources.md).
 
 Objects are built from the same dict shapes a manifest holds, so each test reads like the YAML a user
 would apply.
@@ -115,7 +115,7 @@ def reasons(result: RenderResult) -> list[tuple[str | None, str | None, str]]:
 
 
 def assert_bound(config: SidecarConfig) -> None:
-    """SPEC §1: every entry draws keys only from a pool of its own provider."""
+    """The invariant (docs/README.md): every entry draws keys only from a pool of its own provider."""
     pools = {p.name: p for p in config.pools}
     for e in config.entries:
         assert pools[e.pool].provider == e.provider

@@ -1,4 +1,4 @@
-"""Sidecar reports (SPEC §5, §6): recovery actions as Events, the operator's fold of them into status,
+"""Sidecar reports (docs/reporting.md and secrets hygiene (docs/README.md)): recovery actions as Events, the operator's fold of them into status,
 and fleet cooldowns (other pods' reported states adopted by a sidecar).
 
 Everything here is pure: time is a parameter, no network, no sleeps. A ``Kube`` is constructed where

@@ -1,4 +1,4 @@
-"""Reset-time parsing (SPEC §3): every header dialect, body fields, and garbage that must not raise."""
+"""Reset-time parsing (docs/errors.md): every header dialect, body fields, and garbage that must not raise."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The CRD models (SPEC §2): defaults, and the mistakes a hand-written manifest must be stopped at."""
+"""The CRD models (docs/resources.md): defaults, and the mistakes a hand-written manifest must be stopped at."""
 
 from __future__ import annotations
 

@@ -84,7 +84,7 @@ class Reconciler:
         operator start, a rotation touching several keys) one render covers them all, and a
         reconcile that already started after the change makes this one moot. A burst of sidecar
         reports is folded the same way, and reconciles of one object start at least
-        ``min_interval`` apart: that bounds its status writes (SPEC §5 asks for a bounded number).
+        ``min_interval`` apart: that bounds its status writes (docs/reporting.md asks for a bounded number).
         The key leaves the pending set before the reconcile starts, so a change during it schedules
         another.
 

@@ -1,4 +1,4 @@
-"""The sidecar-injection mutating webhook (SPEC §7): the kopf shell around :mod:`keyroute.core.inject`.
+"""The sidecar-injection mutating webhook (docs/injection.md): the kopf shell around :mod:`keyroute.core.inject`.
 
 kopf serves the handler at :data:`WEBHOOK_PATH` (``/keyroute-inject``): kopf's webhook server routes
 ``POST /<handler id>`` to the handler with that id, and any other path matches no handler, which

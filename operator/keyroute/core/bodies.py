@@ -1,6 +1,6 @@
 """What the sidecar reads from, and changes in, an agent's request body.
 
-The body is forwarded byte for byte except the model alias (SPEC §4), so the rewrite replaces the
+The body is forwarded byte for byte except the model alias (docs/sidecar.md), so the rewrite replaces the
 value of the top-level ``"model"`` member in place instead of re-serialising: whitespace, key order
 and escapes stay as the agent sent them.
 """

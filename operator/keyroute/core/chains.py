@@ -1,12 +1,12 @@
 """A provider chain at run time: its entries (each owning its provider's pool) and, per requested model,
 which entry serves and when a failed entry may be probed again.
 
-Structure carries the invariant (SPEC §1): an :class:`Entry` is built with its pool and refuses a pool
+Structure carries the invariant (docs/README.md): an :class:`Entry` is built with its pool and refuses a pool
 of another provider; a request attempt is (entry, lease, base URL) and the base URL comes from that
 entry or from the leased credential's own override. There is no "current pool" or "current base URL"
 anywhere, so nothing one provider does can change another provider's host or keys.
 
-Restore (SPEC §2 ``fallback.restoreAfter``): an entry a request had to leave is skipped until its
+Restore (docs/resources.md ``fallback.restoreAfter``): an entry a request had to leave is skipped until its
 restore time; the first request after that probes it with the real call (one probe at a time per
 model and entry); a success clears it. The same rule serves every entry, the primary included, so a
 chain of three degrades and recovers one step at a time. Entries still waiting are tried last, as a
@@ -98,7 +98,7 @@ class Restore:
 
 @dataclass(slots=True)
 class ModelState:
-    """Chain state for one requested model: SPEC §3 keeps fallback and restore per model."""
+    """Chain state for one requested model: docs/errors.md keeps fallback and restore per model."""
 
     serving: str | None = None
     restores: dict[str, Restore] = field(default_factory=dict)

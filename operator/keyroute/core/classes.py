@@ -1,4 +1,4 @@
-"""The one closed vocabulary of error classes (SPEC §3).
+"""The one closed vocabulary of error classes (docs/errors.md).
 
 The same strings are metric labels, Event reasons, condition reasons and the ``class`` field of the
 sidecar's error bodies, so they live in one enum and nowhere else. What each class does to a

@@ -1,4 +1,4 @@
-"""Classify an upstream answer into the SPEC §3 vocabulary: what happened, and when it may be tried again.
+"""Classify an upstream answer into the docs/errors.md vocabulary: what happened, and when it may be tried again.
 
 A pure function of (status, headers, body, now): the sidecar calls it for every non-2xx answer and
 for the first event of a stream; tests call it with tables.
@@ -9,7 +9,7 @@ wording is matched on the provider's code and message fields (or the text of a n
 reduced to its title), not on every string in the body. Provider bodies are
 untrusted: only the first 64 KiB is read, anything unparsable falls back to plain-text rules, and
 nothing here raises. Messages are cut to 200 characters after redacting anything key-like, because
-providers echo (partial) keys and the message ends up in Events and logs (SPEC §6).
+providers echo (partial) keys and the message ends up in Events and logs (secrets hygiene (docs/README.md)).
 
 Decisions where the spec is silent:
 

@@ -129,7 +129,7 @@ class SidecarConfig(_Config):
             if pool is None:
                 raise ValueError(f"entry {e.name}: pool {e.pool} is not in the config")
             if pool.provider != e.provider:
-                # SPEC §1: a credential is only ever used for the provider whose pool it belongs to.
+                # the invariant (docs/README.md): a credential is only ever used for the provider whose pool it belongs to.
                 raise ValueError(
                     f"entry {e.name} (provider {e.provider}) names pool {e.pool} "
                     f"bound to provider {pool.provider}"
@@ -209,5 +209,5 @@ def parse_config(text: str | bytes) -> SidecarConfig:
 
 
 def fingerprint(key: str) -> str:
-    """A short, stable identifier of a key value (SPEC §6): never the key, never reversible in practice."""
+    """A short, stable identifier of a key value (secrets hygiene (docs/README.md)): never the key, never reversible in practice."""
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:12]

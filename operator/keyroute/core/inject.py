@@ -1,4 +1,4 @@
-"""Sidecar injection, the pure part (SPEC §7): what the mutating webhook adds to a pod, and when.
+"""Sidecar injection, the pure part (docs/injection.md): what the mutating webhook adds to a pod, and when.
 
 A pod opts in with the label ``keyroute.dev/chain: <chain>``. :func:`inject` returns the changes
 (:class:`Mutation`); the kopf shell (:mod:`keyroute.controller.webhook`) only looks the chain up and
@@ -21,7 +21,7 @@ What an injected pod gets, and why:
 - **Its arguments**: ``sidecar --config /etc/keyroute/config --listen 127.0.0.1:<proxyPort>
   --admin-listen 0.0.0.0:<adminPort> --log-level <logLevel>`` (the image's entrypoint is
   ``keyroute``), plus ``--report off`` when the pod sets ``automountServiceAccountToken: false``:
-  without a token the sidecar cannot report recovery actions to the API server (SPEC §5), and saying
+  without a token the sidecar cannot report recovery actions to the API server (docs/reporting.md), and saying
   so up front beats a stream of 401s. Otherwise the sidecar's own default (``auto``) applies.
 - **``POD_NAME`` / ``POD_NAMESPACE``** from the downward API, so reports name the pod.
 - **A restricted security context** (non-root, no privilege escalation, read-only root filesystem,
@@ -29,7 +29,7 @@ What an injected pod gets, and why:
   Security Standard stays admissible. ``runAsUser``/``runAsGroup`` are set to 65532 so the kubelet
   can verify ``runAsNonRoot`` whatever ``USER`` line the image has.
 - **The config volume** ``keyroute-config``: the chain's rendered Secret ``<chain>-keyroute``
-  (SPEC §8), ``optional: false``, mounted read-only *as a directory* at ``/etc/keyroute/config`` and
+  (docs/injection.md), ``optional: false``, mounted read-only *as a directory* at ``/etc/keyroute/config`` and
   never with ``subPath`` (a ``subPath`` mount is a copy that key rotation never reaches). Mounted into
   the sidecar only: the app containers never see key material.
   ``defaultMode`` is 0444, not 0400: the kubelet writes Secret files owned by root, so a 0400 file is
@@ -185,7 +185,7 @@ def check_chain_name(chain: str) -> str:
 
 
 def config_secret_name(chain: str) -> str:
-    """The rendered config Secret of a chain (SPEC §8)."""
+    """The rendered config Secret of a chain (docs/injection.md)."""
     return f"{chain}{CHAIN_SECRET_SUFFIX}"
 
 

@@ -1,4 +1,4 @@
-"""Local mode, the pure part: the YAML a user would ``kubectl apply``, read without a cluster (SPEC §4).
+"""Local mode, the pure part: the YAML a user would ``kubectl apply``, read without a cluster (docs/sidecar.md).
 
 ``keyroute sidecar --manifests PATH`` (and ``keyroute check`` / ``keyroute render``) must route exactly
 as the operator would, so this module only turns manifest text into the same typed objects the
@@ -19,7 +19,7 @@ What is read, and decisions where kubectl and local mode could differ:
 - The same object (kind, namespace, name) defined twice is an error rather than "last one wins":
   two files disagreeing about a key is something to fix, not to guess about.
 
-Secret hygiene (SPEC §6): no message raised here contains a Secret's value. Validation errors are
+Secret hygiene (docs/README.md): no message raised here contains a Secret's value. Validation errors are
 summarised by location and message only (:func:`describe_validation_error`), and for a Secret the
 location stops at its maps (``data``, ``stringData``, labels, annotations): a key mistakenly written
 as a map key (``stringData: {sk-...: }``) would otherwise be echoed as part of the location. YAML syntax errors are

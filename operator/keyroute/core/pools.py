@@ -2,7 +2,7 @@
 
 This is where "what happens on a 429" lives for credentials. Every failure is attributed through the
 :class:`Lease` the request was given, i.e. to the exact credential that was sent, never to "the pool's
-current key" (SPEC §1). A pool belongs to one provider; the chain refuses to give it to another.
+current key" (the invariant (docs/README.md)). A pool belongs to one provider; the chain refuses to give it to another.
 
 Time is a parameter (``now``, wall-clock epoch seconds, the clock providers' reset times use).
 

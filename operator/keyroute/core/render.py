@@ -3,7 +3,7 @@
 The one function both the operator and the sidecar's local mode call, so a chain behaves the same
 whether it came from the API server or from files. Pure: objects in, config and reasons out.
 
-The binding rule (SPEC §1, §2) is applied here: an entry whose pool is missing, bound to another
+The binding rule (the invariant (docs/README.md) and docs/resources.md) is applied here: an entry whose pool is missing, bound to another
 provider, or has no usable key is left out of the config with a machine-readable reason, so it is
 never routed.
 """

@@ -1,4 +1,4 @@
-"""Reset times: when a provider says a limited credential may be tried again (SPEC §3).
+"""Reset times: when a provider says a limited credential may be tried again (docs/errors.md).
 
 A provider's own reset always beats a configured cooldown, so it is worth reading every dialect:
 ``Retry-After`` (seconds or HTTP date), OpenAI's ``retry-after-ms``, the ``x-ratelimit-reset-requests``

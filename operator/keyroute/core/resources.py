@@ -1,4 +1,4 @@
-"""The custom resources users apply: ``CredentialPool`` and ``ProviderChain`` (SPEC §2), and the Secret
+"""The custom resources users apply: ``CredentialPool`` and ``ProviderChain`` (docs/resources.md), and the Secret
 shape they point at.
 
 These pydantic models are the single source of the resource schemas: the CRD YAML in ``crds/`` is

@@ -2,7 +2,7 @@
 
 The sidecar's HTTP shell asks :meth:`Route.next` for an attempt, performs it, and tells
 :meth:`Route.report` what happened; the route answers whether to hand the response to the agent or to
-go on. Everything the SPEC §3 table says about "then" is decided here, in one place:
+go on. Everything the docs/errors.md table says about "then" is decided here, in one place:
 
 - credential classes (RateLimited, UsageLimit, Billing, AuthFailed, Revoked): next key of the same pool
   at once; with none left, wait out a short reset (≤ ``maxWait``, once per entry) or fall back;
@@ -158,7 +158,7 @@ class Route:
                     probe=entry in self._probes,
                     first_token=min(entry.first_token, remaining) if entry.first_token else None,
                 )
-            # No usable key here. Wait out a short reset rather than leave the entry (SPEC §4).
+            # No usable key here. Wait out a short reset rather than leave the entry (docs/sidecar.md).
             soonest = entry.pool.earliest_available(upstream, now)
             max_wait = self.chain.fallback.max_wait
             if soonest is not None and not prog.waited and soonest - now <= max_wait:

@@ -2,7 +2,7 @@
 
 Pure: the resolved pool (which Secrets and keys exist), the render result (which entries route) and,
 later, the sidecars' reports go in; the whole ``status`` object comes out. The operator is its only
-writer (SPEC §5), and writes it only when it differs from what is there, so an unchanged object costs
+writer (docs/reporting.md), and writes it only when it differs from what is there, so an unchanged object costs
 no API writes.
 
 Condition reasons, for ``kubectl describe`` and the README:
@@ -42,7 +42,7 @@ INVALID_SPEC = "InvalidSpec"
 
 
 def config_secret_name(chain_name: str) -> str:
-    """The Secret holding a chain's rendered sidecar config (SPEC §8)."""
+    """The Secret holding a chain's rendered sidecar config (docs/injection.md)."""
     return f"{chain_name}-keyroute"
 
 

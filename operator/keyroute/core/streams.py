@@ -1,7 +1,7 @@
 """Server-sent events as they pass through the sidecar: is the stream complete, and how it is ended
 when it is not.
 
-The sidecar never re-frames a stream (SPEC §4): it forwards bytes as they come and watches them for
+The sidecar never re-frames a stream (docs/sidecar.md): it forwards bytes as they come and watches them for
 the markers of a complete answer, so that a stream cut, stalled or ended early gets a clear error
 event instead of looking finished. What the upstream did send is never altered.
 """

@@ -1,4 +1,4 @@
-"""Prometheus metrics of one sidecar, labelled in the SPEC §3 vocabulary.
+"""Prometheus metrics of one sidecar, labelled in the docs/errors.md vocabulary.
 
 Label children are cached: ``labels()`` takes a lock and hashes its arguments, and this runs on every
 request. Each sidecar owns a registry, so several can run in one process (tests, the demo).

@@ -4,7 +4,7 @@ The decisions come from :class:`keyroute.core.routing.Route`; this module only p
 moves bytes. Non-streaming answers are read whole (they are small, and a failure while reading is
 still before the agent's first byte, so it may fail over). Streams are checked up to their first
 event, then relayed chunk by chunk; from then on the answer is committed, and a cut, a stall or an
-unfinished end is closed with an SSE error event (SPEC §4).
+unfinished end is closed with an SSE error event (docs/sidecar.md).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The upstream side of an attempt: which headers go out, which come back, and how transport failures
-map to the SPEC §3 vocabulary. The aiohttp client session lives in :mod:`keyroute.sidecar.app`.
+map to the docs/errors.md vocabulary. The aiohttp client session lives in :mod:`keyroute.sidecar.app`.
 """
 
 from __future__ import annotations
