@@ -73,6 +73,18 @@ def chain_of(name: str, *entries: tuple[str, str, FakeProvider], **fallback: Any
     }
 
 
+def apply_two_key_chain(control_plane: ControlPlane, namespace: str, openai: FakeProvider) -> None:
+    """The chain ``agents`` with one entry, ``openai``, whose pool holds KEY1 (k1) and KEY2 (k2)."""
+    control_plane.apply(
+        [
+            secret("openai-keys", k1=KEY1, k2=KEY2),
+            pool("openai", "openai", ("k1", "openai-keys", "k1"), ("k2", "openai-keys", "k2")),
+            chain_of("agents", ("openai", "openai", openai)),
+        ],
+        namespace=namespace,
+    )
+
+
 async def call(session: aiohttp.ClientSession, sidecar: SidecarProcess) -> aiohttp.ClientResponse:
     async with session.post(
         f"{sidecar.base_url}/chat/completions",
@@ -105,14 +117,7 @@ async def test_a_429_reaches_pool_status_and_the_other_pod_never_sends_that_key(
 ) -> None:
     openai = await provider(providers, "openai", [KEY1, KEY2])
     openai.set(Behaviour.rate_limited(retry_after=30), key=KEY1)
-    control_plane.apply(
-        [
-            secret("openai-keys", k1=KEY1, k2=KEY2),
-            pool("openai", "openai", ("k1", "openai-keys", "k1"), ("k2", "openai-keys", "k2")),
-            chain_of("agents", ("openai", "openai", openai)),
-        ],
-        namespace=namespace,
-    )
+    apply_two_key_chain(control_plane, namespace, openai)
     agent = chart_rbac.sidecar_kubeconfig(namespace)
     a = await start_sidecar(keyroute_process, api, namespace, "pod-a", kubeconfig=agent, folder=tmp_path)
     b = await start_sidecar(keyroute_process, api, namespace, "pod-b", kubeconfig=agent, folder=tmp_path)
@@ -256,14 +261,7 @@ async def test_a_cooldown_ends_by_the_operators_own_timer_when_the_pod_is_gone(
 ) -> None:
     openai = await provider(providers, "openai", [KEY1, KEY2])
     openai.set(Behaviour.rate_limited(retry_after=2), key=KEY1)
-    control_plane.apply(
-        [
-            secret("openai-keys", k1=KEY1, k2=KEY2),
-            pool("openai", "openai", ("k1", "openai-keys", "k1"), ("k2", "openai-keys", "k2")),
-            chain_of("agents", ("openai", "openai", openai)),
-        ],
-        namespace=namespace,
-    )
+    apply_two_key_chain(control_plane, namespace, openai)
     agent = chart_rbac.sidecar_kubeconfig(namespace)
     a = await start_sidecar(keyroute_process, api, namespace, "pod-a", kubeconfig=agent, folder=tmp_path)
     async with aiohttp.ClientSession() as session:
@@ -304,14 +302,7 @@ async def test_an_unbound_agent_still_routes_and_its_reports_are_refused_not_ret
     report (the API server's own 403, counted as rejected)."""
     openai = await provider(providers, "openai", [KEY1, KEY2])
     openai.set(Behaviour.rate_limited(retry_after=30), key=KEY1)
-    control_plane.apply(
-        [
-            secret("openai-keys", k1=KEY1, k2=KEY2),
-            pool("openai", "openai", ("k1", "openai-keys", "k1"), ("k2", "openai-keys", "k2")),
-            chain_of("agents", ("openai", "openai", openai)),
-        ],
-        namespace=namespace,
-    )
+    apply_two_key_chain(control_plane, namespace, openai)
     unbound = chart_rbac.sidecar_kubeconfig(namespace, "lonely", bind=False)
     a = await start_sidecar(keyroute_process, api, namespace, "pod-a", kubeconfig=unbound, folder=tmp_path)
     async with aiohttp.ClientSession() as session:
