@@ -393,10 +393,36 @@ class ControlPlane:
         )
 
     def start_apiserver(self, timeout: float = 60) -> None:
-        """(Re)start the API server on its port and wait for ``/readyz``."""
+        """(Re)start the API server on its port and wait for ``/readyz``; after a restart, also until
+        the controller manager works again (see :meth:`_controllers_working`)."""
         process = self.processes["kube-apiserver"]
         process.start()
         self._wait("kube-apiserver", lambda: self._api_ok("/readyz"), timeout)
+        manager = self.processes.get("kube-controller-manager")
+        if manager is not None and manager.alive:
+            self._controllers_working()
+
+    def _controllers_working(self, timeout: float = 15) -> None:
+        """After an API server restart the controller manager's watches reconnect with a backoff, and
+        a namespace made meanwhile may wait long for its ``default`` ServiceAccount (seen: > 20 s).
+        The control plane is the tests' infrastructure, not what they test: prove the ServiceAccount
+        controller answers in a probe namespace, and restart the controller manager if it does not."""
+        probe = f"keyroute-probe-{secrets.token_hex(3)}"
+        self.request(
+            "POST",
+            "/api/v1/namespaces",
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": probe}},
+        )
+        try:
+            deadline = time.monotonic() + timeout
+            while not self._api_ok(f"/api/v1/namespaces/{probe}/serviceaccounts/default"):
+                if time.monotonic() > deadline:
+                    self.restart_controller_manager()
+                    self.wait_service_account(probe, timeout=30)
+                    break
+                time.sleep(0.1)
+        finally:
+            self.request("DELETE", f"/api/v1/namespaces/{probe}")
 
     def stop_apiserver(self) -> None:
         """Stop the API server only (an outage, done for real); :meth:`start_apiserver` brings it back.
@@ -461,7 +487,12 @@ class ControlPlane:
         return status == 200
 
     def request(
-        self, method: str, url_path: str, body: Any = None, *, content_type: str = "application/json",
+        self,
+        method: str,
+        url_path: str,
+        body: Any = None,
+        *,
+        content_type: str = "application/json",
         timeout: float = 10,
     ) -> tuple[int, Any]:
         """One synchronous admin request: ``(status, decoded body)``; no exception on 4xx/5xx."""
@@ -552,7 +583,9 @@ class ControlPlane:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
         return result
 
-    def apply(self, manifest: str | Mapping[str, Any] | Sequence[Mapping[str, Any]], *, namespace: str | None = None) -> None:
+    def apply(
+        self, manifest: str | Mapping[str, Any] | Sequence[Mapping[str, Any]], *, namespace: str | None = None
+    ) -> None:
         """``kubectl apply`` YAML text or objects as admin."""
         if not isinstance(manifest, str):
             docs = [manifest] if isinstance(manifest, Mapping) else list(manifest)
