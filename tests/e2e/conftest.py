@@ -106,6 +106,7 @@ from kopf.testing import KopfRunner
 
 import keyroute.controller.login
 from tests.polling import eventually
+from tests.realapi.client import api_path as _api_path  # one path builder for both tiers
 
 GROUP = "keyroute.dev"
 VERSION = "v1alpha1"
@@ -264,24 +265,6 @@ def _imitate_api_server(request: kmock.Request) -> None:
 
 def _now() -> str:
     return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _api_path(
-    api_version: str,
-    plural: str,
-    namespace: str | None = None,
-    name: str | None = None,
-    subresource: str | None = None,
-) -> str:
-    parts = ["/api/v1" if api_version == "v1" else f"/apis/{api_version}"]
-    if namespace is not None:
-        parts.append(f"namespaces/{namespace}")
-    parts.append(plural)
-    if name is not None:
-        parts.append(name)
-    if subresource is not None:
-        parts.append(subresource)
-    return "/".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------------
