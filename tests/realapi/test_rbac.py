@@ -79,3 +79,21 @@ def test_an_agents_account_bound_as_the_readme_says_can_report_and_read_pools_no
     assert not can(control_plane, who, "get", "secrets", namespace)
     assert not can(control_plane, who, "patch", "credentialpools.keyroute.dev/status", namespace)
     assert not can(control_plane, who, "create", "events", "default")  # bound in its namespace only
+
+
+def test_the_refusal_matcher_finds_refusals_and_nothing_else() -> None:
+    """A plain-function check of the log matcher every operator test here relies on: it failed tests
+    three times by reading a port, a timestamp and a config hash as a 403."""
+    refused = [
+        '{"msg": "reconcile failed", "error": "PATCH /api/v1/namespaces/ns/secrets/x: 403 Forbidden"}',
+        'kopf: APIForbiddenError: secrets is forbidden: User "system:serviceaccount:ns:op" cannot list',
+        '{"status": 403, "reason": "Forbidden"}',
+    ]
+    harmless = [
+        '{"msg": "listening", "url": "https://127.0.0.1:40339"}',
+        '{"ts": "2026-12-06T10:47:10.403Z", "msg": "config rendered"}',
+        '{"msg": "config rendered", "hash": "403ed60329812f97"}',
+        '{"msg": "config rendered", "hash": "9a403b"}',
+        '{"msg": "config rendered", "hash": "d1c2403"}',
+    ]
+    assert forbidden_lines("\n".join(refused + harmless)) == refused
