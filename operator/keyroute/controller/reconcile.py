@@ -221,12 +221,25 @@ class Reconciler:
 
     # --- pools -----------------------------------------------------------------------------------
 
-    async def pool(self, namespace: str, name: str) -> None:
-        """Reconcile one CredentialPool's status."""
+    async def pool(self, namespace: str, name: str, body: Mapping[str, Any] | None = None) -> None:
+        """Reconcile one CredentialPool's status. ``body``: the pool as its watch event just brought
+        it (the handler's own event), which spares a GET; otherwise it is read from the API."""
         async with self._lock("pool", namespace, name):
+            body = self._fresh(("pool", namespace, name), body)
             self._begin(("pool", namespace, name))
-            await self._measured("CredentialPool", self._pool(namespace, name))
+            await self._measured("CredentialPool", self._pool(namespace, name, body))
         self._arm("pool", namespace, name)
+
+    def _fresh(self, key: tuple[str, str, str], body: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+        """An event's body is used only for the object's first reconcile by this reconciler (in
+        practice: the start-up listing). Once this reconciler has written the object, an event
+        being handled may predate that write, and its old status would make the same status (and
+        its Events) be written twice: read it from the API then."""
+        return body if key not in self._began else None
+
+    def began(self, kind: str, namespace: str, name: str) -> bool:
+        """Whether this reconciler has started a reconcile of the object."""
+        return (kind, namespace, name) in self._began
 
     def _begin(self, key: tuple[str, str, str]) -> None:
         """Mark a reconcile's start, under the object's lock and before it reads anything."""
@@ -245,9 +258,10 @@ class Reconciler:
         finally:
             self.metrics.duration.labels(kind).observe(time.perf_counter() - started)
 
-    async def _pool(self, namespace: str, name: str) -> None:
+    async def _pool(self, namespace: str, name: str, body: Mapping[str, Any] | None) -> None:
         url = path(*KEYROUTE, "credentialpools", namespace, name)
-        body = await self.kube.get(url)
+        if body is None:
+            body = await self.kube.get(url)
         if body is None:
             self.metrics.pool_gone((namespace, name))
             return
@@ -277,16 +291,19 @@ class Reconciler:
 
     # --- chains ----------------------------------------------------------------------------------
 
-    async def chain(self, namespace: str, name: str) -> None:
-        """Render one ProviderChain's sidecar config Secret and write its status."""
+    async def chain(self, namespace: str, name: str, body: Mapping[str, Any] | None = None) -> None:
+        """Render one ProviderChain's sidecar config Secret and write its status (``body`` as for
+        :meth:`pool`)."""
         async with self._lock("chain", namespace, name):
+            body = self._fresh(("chain", namespace, name), body)
             self._begin(("chain", namespace, name))
-            await self._measured("ProviderChain", self._chain(namespace, name))
+            await self._measured("ProviderChain", self._chain(namespace, name, body))
         self._arm("chain", namespace, name)
 
-    async def _chain(self, namespace: str, name: str) -> None:
+    async def _chain(self, namespace: str, name: str, body: Mapping[str, Any] | None) -> None:
         url = path(*KEYROUTE, "providerchains", namespace, name)
-        body = await self.kube.get(url)
+        if body is None:
+            body = await self.kube.get(url)
         if body is None:
             self.metrics.chain_gone((namespace, name))
             return  # deleted: its config Secret goes with it (owner reference)
