@@ -312,9 +312,6 @@ async def one_run(scale: float, run: int, logs: Path) -> Json:
         ops.append(op2)
         wall1 = time.time()
         await op2.start()
-        await wait_audit(
-            op2, audit, wall1, {"get credentialpools": pools, "get providerchains": chains}, SYNC_TIMEOUT
-        )
         await wait_reconciled(op2, layout, SYNC_TIMEOUT)
         out["restart_reconciled_seconds"] = round(time.time() - wall1, 2)
         await asyncio.sleep(3.0)

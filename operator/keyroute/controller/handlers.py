@@ -66,6 +66,10 @@ CHAINS = (GROUP, VERSION, "providerchains")
 # A failed reconcile started by an event is tried again this much later (the periodic resync is
 # the net under that; kopf's own retries would need its progress annotations: writes).
 RETRY_DELAY = 5.0
+# Reconciles started by events at once, at most: at start-up every listed object's handler starts
+# one, and thousands in flight held their reads and half-built statuses in memory together while
+# waiting for one of the client's connections (issue 11). The rest wait, holding their event only.
+MAX_RECONCILES = 16
 # Shutdown must end well within Kubernetes' 30 s grace period, and the whole operator within 5 s.
 SHUTDOWN_TIMEOUT = 2.0
 
@@ -90,6 +94,21 @@ class FencedKube(Kube):
         if method != "GET" and not self.fence():
             raise NotLeader(f"{method} {url_path}: not the leader")
         return await super().request(method, url_path, body, content_type=content_type)
+
+
+class _NoDiffBase(kopf.DiffBaseStorage):
+    """kopf's "essence" of an object, for on.create/on.update handlers and daemons: keyroute has
+    neither, yet kopf deep-copied every object of every event to build one (a sixth of the operator's
+    CPU at start-up, issue 11). An empty essence: nothing to copy, no diff, nothing stored."""
+
+    def build(self, *, body: Any, extra_fields: Any = None) -> Any:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: Any) -> Any:
+        return None
+
+    def store(self, *, body: Any, patch: Any, essence: Any) -> None:
+        return None
 
 
 class RefIndex:
@@ -173,6 +192,7 @@ class Operator:
         self._leader_tasks: list[asyncio.Task[None]] = []
         self._retries: dict[tuple[str, str, str], asyncio.TimerHandle] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self.reconciles = asyncio.Semaphore(MAX_RECONCILES)
 
     # --- leadership ----------------------------------------------------------------------------
 
@@ -375,11 +395,22 @@ async def _close(kube: Kube) -> None:
         await kube.close()
 
 
+def _strip(event: Any) -> None:
+    """Drop ``metadata.managedFields`` from an event's object, in place, on entry: nothing here
+    reads it, and it is often the larger part of a small object. The object stays in memory while
+    its reconcile waits for a free slot (thousands of them at start-up)."""
+    obj = event.get("object") if isinstance(event, dict) else None
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    if isinstance(meta, dict):
+        meta.pop("managedFields", None)
+
+
 async def _guarded(op: Operator, kind: str, namespace: str, name: str, work: Coroutine[Any, Any, None]) -> None:
-    """Run an event's reconcile: a standby's or a deposed leader's attempt ends quietly; a failure
-    is logged and tried again soon."""
+    """Run an event's reconcile, at most :data:`MAX_RECONCILES` at once: a standby's or a deposed
+    leader's attempt ends quietly; a failure is logged and tried again soon."""
     try:
-        await work
+        async with op.reconciles:
+            await work
     except NotLeader:
         log.debug("not the leader: reconcile skipped", extra={"kr": {"kind": kind, "namespace": namespace, "name": name}})
     except (kopf.TemporaryError, asyncio.CancelledError):
@@ -424,6 +455,7 @@ def register(op: Operator, registry: kopf.OperatorRegistry, *, start_on_startup:
     @kopf.on.startup(registry=registry, id="configure")
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.level = logging.WARNING  # kopf's own log lines are not Events; ours are explicit
+        settings.persistence.diffbase_storage = _NoDiffBase()
         if start_on_startup:
             op.start()
 
@@ -441,6 +473,7 @@ def register(op: Operator, registry: kopf.OperatorRegistry, *, start_on_startup:
     async def pool_event(
         type: str | None, name: str, namespace: str | None, meta: Any, spec: Any, event: Any, **_: Any
     ) -> None:
+        _strip(event)
         ns = namespace or "default"
         if type == "DELETED":
             op.known["pools"].discard((ns, name))
@@ -464,6 +497,7 @@ def register(op: Operator, registry: kopf.OperatorRegistry, *, start_on_startup:
     async def chain_event(
         type: str | None, name: str, namespace: str | None, meta: Any, spec: Any, event: Any, **_: Any
     ) -> None:
+        _strip(event)
         ns = namespace or "default"
         if type == "DELETED":
             op.known["chains"].discard((ns, name))
