@@ -55,7 +55,7 @@ import kopf
 from keyroute.controller import login as _login
 from keyroute.controller.election import ElectionConfig, LeaderElector
 from keyroute.controller.metrics import OperatorMetrics
-from keyroute.controller.reconcile import Reconciler
+from keyroute.controller.reconcile import ObjectCache, Reconciler
 from keyroute.controller.settings import OperatorConfig
 from keyroute.core.reports import REPORT_LABEL, REPORT_LABEL_VALUE
 from keyroute.kube import CORE, Kube, path, watch_forever
@@ -182,6 +182,8 @@ class Operator:
         # Secret → pools that reference it, pool → chains that use it (from the specs seen).
         self.pools_by_secret = RefIndex()
         self.chains_by_pool = RefIndex()
+        # Pools and referenced Secrets as last seen, for the reconciles' reads.
+        self.cache = ObjectCache()
         # Last seen resourceVersion of every Secret, to tell a re-listed changed Secret from an old one
         # (every one: at start-up a Secret may be listed before the pool that references it).
         self.secret_versions: dict[tuple[str, str], Any] = {}
@@ -220,7 +222,7 @@ class Operator:
         term = self._term
         kube = _login.client(FencedKube)
         kube.fence = lambda: self._term == term and self.is_leader()
-        return Reconciler(kube, self.metrics)
+        return Reconciler(kube, self.metrics, cache=self.cache)
 
     def _started_leading(self) -> None:
         """The Lease is ours: fresh state, then reconcile everything known (the standby's cache)."""
@@ -479,11 +481,13 @@ def register(op: Operator, registry: kopf.OperatorRegistry, *, start_on_startup:
             op.known["pools"].discard((ns, name))
             op.generations.pop(("pool", ns, name), None)
             op.pools_by_secret.drop(ns, name)
+            op.cache.drop("pool", ns, name)
             if op.is_leader():
                 await _guarded(op, "pool", ns, name, _pool_deleted(op, ns, name))
             return
         op.known["pools"].add((ns, name))
         op.pools_by_secret.set(ns, name, _secret_refs(spec))
+        op.cache.put("pool", event["object"])
         changed = op.seen("pool", ns, name, meta)
         if not changed or not op.is_leader():
             return
@@ -513,7 +517,9 @@ def register(op: Operator, registry: kopf.OperatorRegistry, *, start_on_startup:
     # --- secrets --------------------------------------------------------------------------------
 
     @kopf.on.event("", "v1", "secrets", registry=registry, id="secret_event")
-    async def secret_event(type: str | None, name: str, namespace: str | None, meta: Any, **_: Any) -> None:
+    async def secret_event(
+        type: str | None, name: str, namespace: str | None, meta: Any, event: Any, **_: Any
+    ) -> None:
         ns = namespace or "default"
         if type == "DELETED":
             previous = op.secret_versions.pop((ns, name), None)
@@ -523,6 +529,10 @@ def register(op: Operator, registry: kopf.OperatorRegistry, *, start_on_startup:
             previous = op.secret_versions.get((ns, name))
             op.secret_versions[(ns, name)] = version
         pools = op.pools_by_secret.referrers(ns, name)
+        if type == "DELETED" or not pools:
+            op.cache.drop("secret", ns, name)
+        else:
+            op.cache.put("secret", event["object"])
         if not pools:
             return  # not a credential Secret (most Secrets of a cluster), or its pools not listed yet
         if type is None and (previous is None or previous == version):

@@ -36,6 +36,44 @@ Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
 
+class ObjectCache:
+    """The CredentialPools and credential Secrets as the watch streams last brought them, for the
+    reads of a reconcile (a chain reads 2-3 pools and their Secrets; a pool its Secrets): the
+    informer cache of controller-runtime, reduced to what keyroute reads. Kept by the handlers
+    (every replica); ``managedFields`` and ``status`` are not kept. A miss (a Secret listed before
+    the pool that references it, at start-up) is read from the API server and kept, unless an event
+    brought the object meanwhile (events win: they are never older than what a GET returned before
+    them). Only Secrets some pool references are kept."""
+
+    def __init__(self) -> None:
+        self._objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+
+    def put(self, kind: str, body: Mapping[str, Any]) -> None:
+        """Keep ``body`` (a pool or Secret from a watch event)."""
+        meta = body.get("metadata") or {}
+        key = (kind, str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+        self._objects[key] = _slim(body)
+
+    def drop(self, kind: str, namespace: str, name: str) -> None:
+        self._objects.pop((kind, namespace, name), None)
+
+    async def read(self, kube: Kube, kind: str, url: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The kept object, or a GET of ``url`` (kept if no event brought it meanwhile)."""
+        key = (kind, namespace, name)
+        body = self._objects.get(key)
+        if body is not None:
+            return body
+        body = await kube.get(url)
+        if body is not None:
+            body = self._objects.setdefault(key, _slim(body))
+        return body
+
+
+def _slim(body: Mapping[str, Any]) -> dict[str, Any]:
+    meta = {k: v for k, v in (body.get("metadata") or {}).items() if k != "managedFields"}
+    return {**{k: v for k, v in body.items() if k != "status"}, "metadata": meta}
+
+
 class Reconciler:
     """Holds the API client, the metrics and the per-object locks."""
 
@@ -49,8 +87,11 @@ class Reconciler:
         # Slightly over 0.5 s: starts 0.5 s apart could put three writes in one sliding second.
         min_interval: float = 0.55,
         sleep: Sleep = asyncio.sleep,
+        cache: ObjectCache | None = None,
     ):
         self.kube = kube
+        # Reads of pools and Secrets for renders; without one (tests), every read is a GET.
+        self.cache = cache
         self.metrics = metrics
         # Events are posted through keyroute's own client, not kopf.event(): kopf's poster exists only
         # inside kopf's handler context, and reports and expiry timers change status outside it.
@@ -207,10 +248,15 @@ class Reconciler:
 
     # --- reads -----------------------------------------------------------------------------------
 
+    async def _read(self, kind: str, url: str, namespace: str, name: str) -> dict[str, Any] | None:
+        if self.cache is None:
+            return await self.kube.get(url)
+        return await self.cache.read(self.kube, kind, url, namespace, name)
+
     async def _secrets(self, namespace: str, names: Iterable[str]) -> dict[str, Secret]:
         out: dict[str, Secret] = {}
         for name in sorted(set(names)):
-            body = await self.kube.get(path(*CORE, "secrets", namespace, name))
+            body = await self._read("secret", path(*CORE, "secrets", namespace, name), namespace, name)
             if body is None:
                 continue
             try:
@@ -316,7 +362,7 @@ class Reconciler:
             return
         pools: dict[str, CredentialPool] = {}
         for ref in sorted({p.credential_pool_ref.name for p in chain.spec.providers}):
-            pool_body = await self.kube.get(path(*KEYROUTE, "credentialpools", namespace, ref))
+            pool_body = await self._read("pool", path(*KEYROUTE, "credentialpools", namespace, ref), namespace, ref)
             if pool_body is None:
                 continue
             try:
