@@ -71,7 +71,12 @@ AUDIT_POLICY: Json = {
                 {"group": "", "resources": ["secrets", "events", "namespaces"]},
                 {
                     "group": "keyroute.dev",
-                    "resources": ["credentialpools", "credentialpools/status", "providerchains", "providerchains/status"],
+                    "resources": [
+                        "credentialpools",
+                        "credentialpools/status",
+                        "providerchains",
+                        "providerchains/status",
+                    ],
                 },
                 {"group": "coordination.k8s.io", "resources": ["leases"]},
             ],

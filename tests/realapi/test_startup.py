@@ -19,7 +19,11 @@ from tests.realapi.objects import API, chain, pool, secret
 from tests.realapi.processes import KeyrouteProcess, Processes
 
 POOLS = [f"pool-{i}" for i in range(4)]
-CHAINS = {"chain-a": ["pool-0", "pool-1"], "chain-b": ["pool-1", "pool-2"], "chain-c": ["pool-2", "pool-3", "pool-0"]}
+CHAINS = {
+    "chain-a": ["pool-0", "pool-1"],
+    "chain-b": ["pool-1", "pool-2"],
+    "chain-c": ["pool-2", "pool-3", "pool-0"],
+}
 
 
 def metric(port: int, name: str, **labels: str) -> float:
@@ -100,7 +104,9 @@ async def test_each_chain_is_rendered_once_at_start_up_and_a_restart_writes_noth
 
     async def reconciled_all() -> bool:
         try:
-            return reconciles(port2, "ProviderChain") >= len(CHAINS) and reconciles(port2, "CredentialPool") >= len(POOLS)
+            return reconciles(port2, "ProviderChain") >= len(CHAINS) and reconciles(
+                port2, "CredentialPool"
+            ) >= len(POOLS)
         except OSError:
             return False
 
