@@ -88,3 +88,31 @@ def pin(cores: set[int] | None) -> None:
     """Pin the calling process (used as a ``preexec_fn``) to ``cores``; no-op for ``None``."""
     if cores:
         os.sched_setaffinity(0, cores)
+
+
+def audited_control_plane(policy: dict[str, Any]) -> Any:
+    """The realapi tier's ``ControlPlane`` (``tests/realapi/controlplane.py``) with the API server
+    writing an audit log (``cp.audit_log``) under ``policy``: the benches' request record. Needs the
+    repository root on ``sys.path``."""
+    import json
+    from pathlib import Path
+
+    from tests.realapi.controlplane import ControlPlane
+
+    class AuditedControlPlane(ControlPlane):
+        @property
+        def audit_log(self) -> Path:
+            return Path(self.workdir) / "audit.log"
+
+        def _apiserver_argv(self, etcd_url: str, port: int) -> list[str]:
+            path = Path(self.workdir) / "audit-policy.yaml"
+            path.write_text(json.dumps(policy))  # JSON is YAML
+            return [
+                *super()._apiserver_argv(etcd_url, port),
+                "--audit-policy-file", str(path),
+                "--audit-log-path", str(self.audit_log),
+                "--audit-log-mode", "blocking",  # written as each request completes: nothing left buffered
+                "--audit-log-maxsize", "0",
+            ]  # fmt: skip
+
+    return AuditedControlPlane

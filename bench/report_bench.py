@@ -83,7 +83,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
 import aiohttp.web
@@ -92,7 +92,7 @@ SELF = Path(__file__).resolve()
 BENCH = SELF.parent
 sys.path.insert(0, str(BENCH))
 import operator_bench as ob  # noqa: E402  (adds the repository root to sys.path: tests.e2e.conftest)
-from benchlib import cpu_seconds, percentiles  # noqa: E402
+from benchlib import audited_control_plane, cpu_seconds, percentiles  # noqa: E402
 
 if TYPE_CHECKING:
     import kmock
@@ -253,26 +253,7 @@ _VERBS = {"create": "POST", "patch": "PATCH", "update": "PUT", "get": "GET", "de
 
 def control_plane_class() -> type[ControlPlane]:
     """The test tier's ``ControlPlane`` with the API server writing the audit log above."""
-    import yaml
-    from tests.realapi.controlplane import ControlPlane
-
-    class AuditedControlPlane(ControlPlane):
-        @property
-        def audit_log(self) -> Path:
-            return self.workdir / "audit.log"
-
-        def _apiserver_argv(self, etcd_url: str, port: int) -> list[str]:
-            policy = self.workdir / "audit-policy.yaml"
-            policy.write_text(yaml.safe_dump(AUDIT_POLICY))
-            return [
-                *super()._apiserver_argv(etcd_url, port),
-                "--audit-policy-file", str(policy),
-                "--audit-log-path", str(self.audit_log),
-                "--audit-log-mode", "blocking",  # written as each request completes: nothing left buffered
-                "--audit-log-maxsize", "0",
-            ]  # fmt: skip
-
-    return AuditedControlPlane
+    return cast("type[ControlPlane]", audited_control_plane(AUDIT_POLICY))
 
 
 def sidecar_rbac() -> list[Json]:

@@ -18,7 +18,7 @@ operators in one process.
   missed events. Not kopf timers: kopf puts a finalizer on every object that has a timer, and a
   finalizer is a way for a broken operator to block deletions.
 
-Only ``kopf.on.event`` handlers and indexes: kopf writes nothing itself then (no progress or
+Only ``kopf.on.event`` handlers: kopf writes nothing itself then (no progress or
 "last handled" annotations, no finalizers), so a standby replica, which runs the same handlers to
 keep its caches warm, writes nothing at all. Changes are told from status writes by the
 ``metadata.generation`` the API server bumps on spec changes only.
@@ -30,8 +30,15 @@ Gaining the Lease builds a fresh reconciler (state rebuilt from the objects' sta
 report Events, not carried over) and resyncs every known object; losing it cancels everything the
 reconciler scheduled, at once.
 
-Which pools reference a Secret and which chains use a pool come from kopf indexes, kept in memory
-from the watch streams; no handler lists the cluster. No finalizers: deleting a chain lets garbage
+Which pools reference a Secret and which chains use a pool come from keyroute's own reference
+indexes (:class:`RefIndex`), fed by the pool and chain handlers from the watch streams; no handler
+lists the cluster. Not kopf indexes: with any kopf index, every kopf handler waits until every
+indexed kind is fully listed, and on a real API server with 2,300 objects that barrier alone (each
+waiting object's worker woken on every toggle) cost more than the whole sync (issue 11). Without the
+barrier a handler may run before the objects it refers to are listed; that is harmless, because each
+listed pool and chain is reconciled by its own listing event, reading its inputs from the API.
+
+No finalizers: deleting a chain lets garbage
 collection remove its config Secret (owner reference), and nothing else needs cleaning up.
 """
 
@@ -40,7 +47,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 import kopf
@@ -48,7 +55,7 @@ import kopf
 from keyroute.controller import login as _login
 from keyroute.controller.election import ElectionConfig, LeaderElector
 from keyroute.controller.metrics import OperatorMetrics
-from keyroute.controller.reconcile import Reconciler
+from keyroute.controller.reconcile import ObjectCache, Reconciler
 from keyroute.controller.settings import OperatorConfig
 from keyroute.core.reports import REPORT_LABEL, REPORT_LABEL_VALUE
 from keyroute.kube import CORE, Kube, path, watch_forever
@@ -59,6 +66,10 @@ CHAINS = (GROUP, VERSION, "providerchains")
 # A failed reconcile started by an event is tried again this much later (the periodic resync is
 # the net under that; kopf's own retries would need its progress annotations: writes).
 RETRY_DELAY = 5.0
+# Reconciles started by events at once, at most: at start-up every listed object's handler starts
+# one, and thousands in flight held their reads and half-built statuses in memory together while
+# waiting for one of the client's connections (issue 11). The rest wait, holding their event only.
+MAX_RECONCILES = 16
 # Shutdown must end well within Kubernetes' 30 s grace period, and the whole operator within 5 s.
 SHUTDOWN_TIMEOUT = 2.0
 
@@ -85,6 +96,78 @@ class FencedKube(Kube):
         return await super().request(method, url_path, body, content_type=content_type)
 
 
+class _NoDiffBase(kopf.DiffBaseStorage):
+    """kopf's "essence" of an object, for on.create/on.update handlers and daemons: keyroute has
+    neither, yet kopf deep-copied every object of every event to build one (a sixth of the operator's
+    CPU at start-up, issue 11). An empty essence: nothing to copy, no diff, nothing stored."""
+
+    def build(self, *, body: Any, extra_fields: Any = None) -> Any:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: Any) -> Any:
+        return None
+
+    def store(self, *, body: Any, patch: Any, essence: Any) -> None:
+        return None
+
+
+class RefIndex:
+    """Who refers to what, by namespace: ``(namespace, target) → {referrers}``, kept with its reverse
+    so that a referrer's new spec replaces its old references (names only: a few strings per object)."""
+
+    def __init__(self) -> None:
+        self._by_target: dict[tuple[str, str], set[str]] = {}
+        self._of: dict[tuple[str, str], frozenset[str]] = {}
+
+    def set(self, namespace: str, referrer: str, targets: Iterable[str]) -> None:
+        """``referrer`` refers to ``targets`` now (and to nothing else)."""
+        new = frozenset(targets)
+        key = (namespace, referrer)
+        old = self._of.get(key, frozenset())
+        if new == old:
+            return
+        for target in old - new:
+            referrers = self._by_target.get((namespace, target))
+            if referrers is not None:
+                referrers.discard(referrer)
+                if not referrers:
+                    del self._by_target[(namespace, target)]
+        for target in new - old:
+            self._by_target.setdefault((namespace, target), set()).add(referrer)
+        if new:
+            self._of[key] = new
+        else:
+            self._of.pop(key, None)
+
+    def drop(self, namespace: str, referrer: str) -> None:
+        """``referrer`` is gone."""
+        self.set(namespace, referrer, ())
+
+    def referrers(self, namespace: str, target: str) -> list[str]:
+        """Who refers to ``target``, sorted."""
+        return sorted(self._by_target.get((namespace, target), ()))
+
+
+def _secret_refs(spec: Any) -> list[str]:
+    """The Secret names a CredentialPool's spec references (as given: validation is the reconciler's)."""
+    out: list[str] = []
+    for cred in (spec or {}).get("credentials") or []:
+        ref = cred.get("secretRef") if isinstance(cred, dict) else None
+        if isinstance(ref, dict) and isinstance(ref.get("name"), str):
+            out.append(ref["name"])
+    return out
+
+
+def _pool_refs(spec: Any) -> list[str]:
+    """The CredentialPool names a ProviderChain's spec references."""
+    out: list[str] = []
+    for entry in (spec or {}).get("providers") or []:
+        ref = entry.get("credentialPoolRef") if isinstance(entry, dict) else None
+        if isinstance(ref, dict) and isinstance(ref.get("name"), str):
+            out.append(ref["name"])
+    return out
+
+
 class Operator:
     """One operator's state: caches any replica keeps, and the leader's reconciler and tasks."""
 
@@ -96,7 +179,13 @@ class Operator:
         self.known: dict[str, set[tuple[str, str]]] = {"pools": set(), "chains": set()}
         # Last seen generation per (kind, namespace, name): a new one is a spec change.
         self.generations: dict[tuple[str, str, str], Any] = {}
-        # Last seen resourceVersion of credential Secrets, to tell a re-listed changed Secret from an old one.
+        # Secret → pools that reference it, pool → chains that use it (from the specs seen).
+        self.pools_by_secret = RefIndex()
+        self.chains_by_pool = RefIndex()
+        # Pools and referenced Secrets as last seen, for the reconciles' reads.
+        self.cache = ObjectCache()
+        # Last seen resourceVersion of every Secret, to tell a re-listed changed Secret from an old one
+        # (every one: at start-up a Secret may be listed before the pool that references it).
         self.secret_versions: dict[tuple[str, str], Any] = {}
         # Leader state: built on gaining leadership, dropped on losing it.
         self.elector: LeaderElector | None = None
@@ -105,6 +194,7 @@ class Operator:
         self._leader_tasks: list[asyncio.Task[None]] = []
         self._retries: dict[tuple[str, str, str], asyncio.TimerHandle] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self.reconciles = asyncio.Semaphore(MAX_RECONCILES)
 
     # --- leadership ----------------------------------------------------------------------------
 
@@ -132,7 +222,7 @@ class Operator:
         term = self._term
         kube = _login.client(FencedKube)
         kube.fence = lambda: self._term == term and self.is_leader()
-        return Reconciler(kube, self.metrics)
+        return Reconciler(kube, self.metrics, cache=self.cache)
 
     def _started_leading(self) -> None:
         """The Lease is ours: fresh state, then reconcile everything known (the standby's cache)."""
@@ -243,11 +333,16 @@ class Operator:
     async def _resync_forever(self, *, at_once: bool) -> None:
         if not at_once:
             await asyncio.sleep(self.config.resync)
+        first = at_once
         while True:
             r = self.reconciler()
             r.book.prune(r.clock())
             for kind, fn in (("pools", r.pool), ("chains", r.chain)):
                 for namespace, name in sorted(self.known[kind]):
+                    if first and r.began(kind[:-1], namespace, name):
+                        # The term's first pass runs while the handlers still reconcile what is
+                        # being listed: an object they already did this term needs no second render.
+                        continue
                     try:
                         await fn(namespace, name)
                     except NotLeader:
@@ -257,6 +352,7 @@ class Operator:
                             "resync failed",
                             extra={"kr": {"kind": kind, "namespace": namespace, "name": name, "error": str(e)}},
                         )
+            first = False
             await asyncio.sleep(self.config.resync)
 
     async def _watch_reports(self) -> None:
@@ -301,11 +397,22 @@ async def _close(kube: Kube) -> None:
         await kube.close()
 
 
+def _strip(event: Any) -> None:
+    """Drop ``metadata.managedFields`` from an event's object, in place, on entry: nothing here
+    reads it, and it is often the larger part of a small object. The object stays in memory while
+    its reconcile waits for a free slot (thousands of them at start-up)."""
+    obj = event.get("object") if isinstance(event, dict) else None
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    if isinstance(meta, dict):
+        meta.pop("managedFields", None)
+
+
 async def _guarded(op: Operator, kind: str, namespace: str, name: str, work: Coroutine[Any, Any, None]) -> None:
-    """Run an event's reconcile: a standby's or a deposed leader's attempt ends quietly; a failure
-    is logged and tried again soon."""
+    """Run an event's reconcile, at most :data:`MAX_RECONCILES` at once: a standby's or a deposed
+    leader's attempt ends quietly; a failure is logged and tried again soon."""
     try:
-        await work
+        async with op.reconciles:
+            await work
     except NotLeader:
         log.debug("not the leader: reconcile skipped", extra={"kr": {"kind": kind, "namespace": namespace, "name": name}})
     except (kopf.TemporaryError, asyncio.CancelledError):
@@ -316,10 +423,6 @@ async def _guarded(op: Operator, kind: str, namespace: str, name: str, work: Cor
             extra={"kr": {"namespace": namespace, kind: name, "error": str(e) or type(e).__name__}},
         )
         op.retry_later(kind, namespace, name)
-
-
-def _chains_of(namespace: str, pool: str, chains_by_pool: kopf.Index[Any, Any]) -> list[str]:
-    return sorted(set(chains_by_pool.get((namespace, pool), [])))
 
 
 async def operate(op: Operator, registry: kopf.OperatorRegistry, **kopf_options: Any) -> None:
@@ -354,6 +457,7 @@ def register(op: Operator, registry: kopf.OperatorRegistry, *, start_on_startup:
     @kopf.on.startup(registry=registry, id="configure")
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.level = logging.WARNING  # kopf's own log lines are not Events; ours are explicit
+        settings.persistence.diffbase_storage = _NoDiffBase()
         if start_on_startup:
             op.start()
 
@@ -365,76 +469,72 @@ def register(op: Operator, registry: kopf.OperatorRegistry, *, start_on_startup:
     async def cleanup(**_: Any) -> None:
         await op.shutdown()
 
-    # --- indexes (a standby keeps them too) -----------------------------------------------------
-
-    @kopf.index(*POOLS, registry=registry, id="pools_by_secret")
-    def pools_by_secret(
-        name: str, namespace: str | None, spec: Any, **_: Any
-    ) -> dict[tuple[str | None, str], str]:
-        """(namespace, Secret name) → names of the pools that reference it."""
-        out: dict[tuple[str | None, str], str] = {}
-        for cred in spec.get("credentials") or []:
-            ref = cred.get("secretRef") if isinstance(cred, dict) else None
-            if isinstance(ref, dict) and isinstance(ref.get("name"), str):
-                out[(namespace, ref["name"])] = name
-        return out
-
-    @kopf.index(*CHAINS, registry=registry, id="chains_by_pool")
-    def chains_by_pool(
-        name: str, namespace: str | None, spec: Any, **_: Any
-    ) -> dict[tuple[str | None, str], str]:
-        """(namespace, pool name) → names of the chains that use it."""
-        out: dict[tuple[str | None, str], str] = {}
-        for entry in spec.get("providers") or []:
-            ref = entry.get("credentialPoolRef") if isinstance(entry, dict) else None
-            if isinstance(ref, dict) and isinstance(ref.get("name"), str):
-                out[(namespace, ref["name"])] = name
-        return out
-
     # --- pools ----------------------------------------------------------------------------------
 
     @kopf.on.event(*POOLS, registry=registry, id="pool_event")
-    async def pool_event(type: str | None, name: str, namespace: str | None, meta: Any, **kwargs: Any) -> None:
+    async def pool_event(
+        type: str | None, name: str, namespace: str | None, meta: Any, spec: Any, event: Any, **_: Any
+    ) -> None:
+        _strip(event)
         ns = namespace or "default"
         if type == "DELETED":
             op.known["pools"].discard((ns, name))
             op.generations.pop(("pool", ns, name), None)
+            op.pools_by_secret.drop(ns, name)
+            op.cache.drop("pool", ns, name)
             if op.is_leader():
-                await _guarded(op, "pool", ns, name, _pool_deleted(op, ns, name, kwargs["chains_by_pool"]))
+                await _guarded(op, "pool", ns, name, _pool_deleted(op, ns, name))
             return
         op.known["pools"].add((ns, name))
+        op.pools_by_secret.set(ns, name, _secret_refs(spec))
+        op.cache.put("pool", event["object"])
         changed = op.seen("pool", ns, name, meta)
         if not changed or not op.is_leader():
             return
         # A listing (start-up, re-list): the pool only; its chains are listed and rendered on their own.
         fan_out = type is not None
-        await _guarded(op, "pool", ns, name, _pool_changed(op, ns, name, kwargs["chains_by_pool"], fan_out))
+        await _guarded(op, "pool", ns, name, _pool_changed(op, ns, name, fan_out, event.get("object")))
 
     # --- chains ---------------------------------------------------------------------------------
 
     @kopf.on.event(*CHAINS, registry=registry, id="chain_event")
-    async def chain_event(type: str | None, name: str, namespace: str | None, meta: Any, **_: Any) -> None:
+    async def chain_event(
+        type: str | None, name: str, namespace: str | None, meta: Any, spec: Any, event: Any, **_: Any
+    ) -> None:
+        _strip(event)
         ns = namespace or "default"
         if type == "DELETED":
             op.known["chains"].discard((ns, name))
+            op.chains_by_pool.drop(ns, name)
             op.generations.pop(("chain", ns, name), None)
             op.forget("chain", ns, name)
             return
         op.known["chains"].add((ns, name))
+        op.chains_by_pool.set(ns, name, _pool_refs(spec))
         if op.seen("chain", ns, name, meta) and op.is_leader():
-            await _guarded(op, "chain", ns, name, _chain_changed(op, ns, name))
+            await _guarded(op, "chain", ns, name, _chain_changed(op, ns, name, event.get("object")))
 
     # --- secrets --------------------------------------------------------------------------------
 
     @kopf.on.event("", "v1", "secrets", registry=registry, id="secret_event")
-    async def secret_event(type: str | None, name: str, namespace: str | None, **kwargs: Any) -> None:
+    async def secret_event(
+        type: str | None, name: str, namespace: str | None, meta: Any, event: Any, **_: Any
+    ) -> None:
         ns = namespace or "default"
-        pools = sorted(set(kwargs["pools_by_secret"].get((ns, name), [])))
+        if type == "DELETED":
+            previous = op.secret_versions.pop((ns, name), None)
+            version = None
+        else:
+            version = (meta or {}).get("resourceVersion")
+            previous = op.secret_versions.get((ns, name))
+            op.secret_versions[(ns, name)] = version
+        pools = op.pools_by_secret.referrers(ns, name)
+        if type == "DELETED" or not pools:
+            op.cache.drop("secret", ns, name)
+        else:
+            op.cache.put("secret", event["object"])
         if not pools:
-            return  # not a credential Secret (most Secrets of a cluster)
-        version = (kwargs.get("meta") or {}).get("resourceVersion")
-        previous = op.secret_versions.get((ns, name))
-        op.secret_versions[(ns, name)] = version
+            return  # not a credential Secret (most Secrets of a cluster), or its pools not listed yet
         if type is None and (previous is None or previous == version):
             # A listing: at start-up pools and chains reconcile on their own listing; after a broken
             # watch, kopf re-lists too, and only a Secret that changed meanwhile needs a reconcile.
@@ -442,24 +542,24 @@ def register(op: Operator, registry: kopf.OperatorRegistry, *, start_on_startup:
         if not op.is_leader():
             return
         for pool in pools:
-            await _guarded(op, "pool", ns, pool, _pool_changed(op, ns, pool, kwargs["chains_by_pool"], True))
+            await _guarded(op, "pool", ns, pool, _pool_changed(op, ns, pool, True))
 
 
-async def _pool_changed(op: Operator, ns: str, name: str, chains_by_pool: Any, fan_out: bool) -> None:
+async def _pool_changed(op: Operator, ns: str, name: str, fan_out: bool, body: Any = None) -> None:
     r = op.reconciler()
-    await r.pool(ns, name)
+    await r.pool(ns, name, body)
     if fan_out:
-        for chain in _chains_of(ns, name, chains_by_pool):
+        for chain in op.chains_by_pool.referrers(ns, name):
             r.schedule_chain(ns, chain)
 
 
-async def _pool_deleted(op: Operator, ns: str, name: str, chains_by_pool: Any) -> None:
+async def _pool_deleted(op: Operator, ns: str, name: str) -> None:
     r = op.reconciler()
     r.forget("pool", ns, name)
     op.metrics.pool_gone((ns, name))
-    for chain in _chains_of(ns, name, chains_by_pool):
+    for chain in op.chains_by_pool.referrers(ns, name):
         r.schedule_chain(ns, chain)
 
 
-async def _chain_changed(op: Operator, ns: str, name: str) -> None:
-    await op.reconciler().chain(ns, name)
+async def _chain_changed(op: Operator, ns: str, name: str, body: Any = None) -> None:
+    await op.reconciler().chain(ns, name, body)

@@ -36,6 +36,44 @@ Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
 
+class ObjectCache:
+    """The CredentialPools and credential Secrets as the watch streams last brought them, for the
+    reads of a reconcile (a chain reads 2-3 pools and their Secrets; a pool its Secrets): the
+    informer cache of controller-runtime, reduced to what keyroute reads. Kept by the handlers
+    (every replica); ``managedFields`` and ``status`` are not kept. A miss (a Secret listed before
+    the pool that references it, at start-up) is read from the API server and kept, unless an event
+    brought the object meanwhile (events win: they are never older than what a GET returned before
+    them). Only Secrets some pool references are kept."""
+
+    def __init__(self) -> None:
+        self._objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+
+    def put(self, kind: str, body: Mapping[str, Any]) -> None:
+        """Keep ``body`` (a pool or Secret from a watch event)."""
+        meta = body.get("metadata") or {}
+        key = (kind, str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+        self._objects[key] = _slim(body)
+
+    def drop(self, kind: str, namespace: str, name: str) -> None:
+        self._objects.pop((kind, namespace, name), None)
+
+    async def read(self, kube: Kube, kind: str, url: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The kept object, or a GET of ``url`` (kept if no event brought it meanwhile)."""
+        key = (kind, namespace, name)
+        body = self._objects.get(key)
+        if body is not None:
+            return body
+        body = await kube.get(url)
+        if body is not None:
+            body = self._objects.setdefault(key, _slim(body))
+        return body
+
+
+def _slim(body: Mapping[str, Any]) -> dict[str, Any]:
+    meta = {k: v for k, v in (body.get("metadata") or {}).items() if k != "managedFields"}
+    return {**{k: v for k, v in body.items() if k != "status"}, "metadata": meta}
+
+
 class Reconciler:
     """Holds the API client, the metrics and the per-object locks."""
 
@@ -49,8 +87,11 @@ class Reconciler:
         # Slightly over 0.5 s: starts 0.5 s apart could put three writes in one sliding second.
         min_interval: float = 0.55,
         sleep: Sleep = asyncio.sleep,
+        cache: ObjectCache | None = None,
     ):
         self.kube = kube
+        # Reads of pools and Secrets for renders; without one (tests), every read is a GET.
+        self.cache = cache
         self.metrics = metrics
         # Events are posted through keyroute's own client, not kopf.event(): kopf's poster exists only
         # inside kopf's handler context, and reports and expiry timers change status outside it.
@@ -207,10 +248,15 @@ class Reconciler:
 
     # --- reads -----------------------------------------------------------------------------------
 
+    async def _read(self, kind: str, url: str, namespace: str, name: str) -> dict[str, Any] | None:
+        if self.cache is None:
+            return await self.kube.get(url)
+        return await self.cache.read(self.kube, kind, url, namespace, name)
+
     async def _secrets(self, namespace: str, names: Iterable[str]) -> dict[str, Secret]:
         out: dict[str, Secret] = {}
         for name in sorted(set(names)):
-            body = await self.kube.get(path(*CORE, "secrets", namespace, name))
+            body = await self._read("secret", path(*CORE, "secrets", namespace, name), namespace, name)
             if body is None:
                 continue
             try:
@@ -221,12 +267,25 @@ class Reconciler:
 
     # --- pools -----------------------------------------------------------------------------------
 
-    async def pool(self, namespace: str, name: str) -> None:
-        """Reconcile one CredentialPool's status."""
+    async def pool(self, namespace: str, name: str, body: Mapping[str, Any] | None = None) -> None:
+        """Reconcile one CredentialPool's status. ``body``: the pool as its watch event just brought
+        it (the handler's own event), which spares a GET; otherwise it is read from the API."""
         async with self._lock("pool", namespace, name):
+            body = self._fresh(("pool", namespace, name), body)
             self._begin(("pool", namespace, name))
-            await self._measured("CredentialPool", self._pool(namespace, name))
+            await self._measured("CredentialPool", self._pool(namespace, name, body))
         self._arm("pool", namespace, name)
+
+    def _fresh(self, key: tuple[str, str, str], body: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+        """An event's body is used only for the object's first reconcile by this reconciler (in
+        practice: the start-up listing). Once this reconciler has written the object, an event
+        being handled may predate that write, and its old status would make the same status (and
+        its Events) be written twice: read it from the API then."""
+        return body if key not in self._began else None
+
+    def began(self, kind: str, namespace: str, name: str) -> bool:
+        """Whether this reconciler has started a reconcile of the object."""
+        return (kind, namespace, name) in self._began
 
     def _begin(self, key: tuple[str, str, str]) -> None:
         """Mark a reconcile's start, under the object's lock and before it reads anything."""
@@ -245,9 +304,10 @@ class Reconciler:
         finally:
             self.metrics.duration.labels(kind).observe(time.perf_counter() - started)
 
-    async def _pool(self, namespace: str, name: str) -> None:
+    async def _pool(self, namespace: str, name: str, body: Mapping[str, Any] | None) -> None:
         url = path(*KEYROUTE, "credentialpools", namespace, name)
-        body = await self.kube.get(url)
+        if body is None:
+            body = await self.kube.get(url)
         if body is None:
             self.metrics.pool_gone((namespace, name))
             return
@@ -277,16 +337,19 @@ class Reconciler:
 
     # --- chains ----------------------------------------------------------------------------------
 
-    async def chain(self, namespace: str, name: str) -> None:
-        """Render one ProviderChain's sidecar config Secret and write its status."""
+    async def chain(self, namespace: str, name: str, body: Mapping[str, Any] | None = None) -> None:
+        """Render one ProviderChain's sidecar config Secret and write its status (``body`` as for
+        :meth:`pool`)."""
         async with self._lock("chain", namespace, name):
+            body = self._fresh(("chain", namespace, name), body)
             self._begin(("chain", namespace, name))
-            await self._measured("ProviderChain", self._chain(namespace, name))
+            await self._measured("ProviderChain", self._chain(namespace, name, body))
         self._arm("chain", namespace, name)
 
-    async def _chain(self, namespace: str, name: str) -> None:
+    async def _chain(self, namespace: str, name: str, body: Mapping[str, Any] | None) -> None:
         url = path(*KEYROUTE, "providerchains", namespace, name)
-        body = await self.kube.get(url)
+        if body is None:
+            body = await self.kube.get(url)
         if body is None:
             self.metrics.chain_gone((namespace, name))
             return  # deleted: its config Secret goes with it (owner reference)
@@ -299,7 +362,7 @@ class Reconciler:
             return
         pools: dict[str, CredentialPool] = {}
         for ref in sorted({p.credential_pool_ref.name for p in chain.spec.providers}):
-            pool_body = await self.kube.get(path(*KEYROUTE, "credentialpools", namespace, ref))
+            pool_body = await self._read("pool", path(*KEYROUTE, "credentialpools", namespace, ref), namespace, ref)
             if pool_body is None:
                 continue
             try:

@@ -1,0 +1,387 @@
+"""keyroute operator start-up on a real kube-apiserver (issue #11): initial sync and restart.
+
+    python bench/startup_bench.py                       # 1,000 pools / 1,000 Secrets / 300 chains, then twice as many
+    python bench/startup_bench.py --sizes 1 --runs 2    # the 1,000-pool size only, twice
+    python bench/startup_bench.py --sizes 0.1           # 100 / 100 / 30: a quick check (~1 minute)
+
+Processes (2 cores, as ``operator_bench.py``): etcd, kube-apiserver and kube-controller-manager v1.28
+(``tests/realapi/controlplane.py``'s ``ControlPlane``, binaries from ``KUBEBUILDER_ASSETS``) on core 1
+with this orchestrator, the API server writing a metadata-level audit log of the keyroute kinds,
+Secrets, Events and Leases (the request record: never a body); ``keyroute operator -n default
+--leader-elect=false`` alone on core 0 (operator_bench's ``Operator``: RSS sampled every 0.1 s, VmHWM
+at the end) with the admin's static-token kubeconfig. The objects are operator_bench's ``Layout``
+(``pools`` CredentialPools with one 3-key Secret each, ``chains`` ProviderChains of 2-3 entries),
+created by this process before the operator starts. One fresh control plane per size and run.
+
+Figures per run:
+
+- **initial sync**: from the operator's start to its last write of the first sync (the audit log's
+  ``requestReceivedTimestamp``), once its metrics count a reconcile of every pool and chain and a
+  listing confirms every pool's and chain's ``status.observedGeneration`` and every chain's config
+  Secret; also the first write's time;
+- **renders per chain**: ``keyroute_operator_reconciles_total{kind="ProviderChain"}`` / chains (every
+  chain reconcile renders the chain) after the sync and a quiet second;
+- **peak RSS**: the operator's VmHWM;
+- **requests** by verb and resource from the operator (user agents ``keyroute-operator`` and kopf's);
+- **restart**: SIGTERM, start again, wait for a reconcile of every pool and chain and a quiet 3 s:
+  the writes of that second operator (goal: 0) and how long its sync took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+SELF = Path(__file__).resolve()
+BENCH = SELF.parent
+sys.path.insert(0, str(BENCH))
+import operator_bench as ob  # noqa: E402  (adds the repository root to sys.path)
+from benchlib import audited_control_plane, cpu_seconds  # noqa: E402
+
+Json = dict[str, Any]
+ROOT = ob.ROOT
+NS = ob.NAMESPACE
+BENCH_AGENT = "keyroute-startup-bench"
+OPERATOR_AGENTS = (
+    "keyroute-operator",
+    "kopf",
+)  # keyroute's client, kopf's (the controller manager's are not counted)
+WRITES = {"create", "patch", "update", "delete", "deletecollection"}
+SYNC_TIMEOUT = 300.0
+
+#: Metadata only (no bodies: Secrets' data never reaches the log), for what the operator touches.
+AUDIT_POLICY: Json = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived", "ResponseStarted"],
+    "rules": [
+        {"level": "None", "verbs": ["watch"]},
+        {
+            "level": "Metadata",
+            "resources": [
+                {"group": "", "resources": ["secrets", "events", "namespaces"]},
+                {
+                    "group": "keyroute.dev",
+                    "resources": [
+                        "credentialpools",
+                        "credentialpools/status",
+                        "providerchains",
+                        "providerchains/status",
+                    ],
+                },
+                {"group": "coordination.k8s.io", "resources": ["leases"]},
+            ],
+        },
+        {"level": "None"},
+    ],
+}
+
+
+def log(msg: str) -> None:
+    ob.log(msg)
+
+
+class AuditLog:
+    """The API server's audit log, read incrementally: the operator's requests, wall-clock seconds."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.rows: list[tuple[float, str, str, str]] = []  # (wall time, verb, resource[/sub], name)
+
+    def read(self) -> None:
+        with contextlib.suppress(FileNotFoundError), self.path.open("rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+            end = data.rfind(b"\n") + 1
+            self.offset += end
+            for line in data[:end].splitlines():
+                e = json.loads(line)
+                agent = str(e.get("userAgent") or "")
+                if e.get("stage") != "ResponseComplete" or not agent.startswith(OPERATOR_AGENTS):
+                    continue
+                ref = e.get("objectRef") or {}
+                res = str(ref.get("resource") or "?") + (
+                    f"/{ref['subresource']}" if ref.get("subresource") else ""
+                )
+                at = datetime.datetime.fromisoformat(
+                    str(e["requestReceivedTimestamp"]).replace("Z", "+00:00")
+                )
+                self.rows.append((at.timestamp(), str(e.get("verb")), res, str(ref.get("name") or "")))
+
+    def since(self, wall: float) -> list[tuple[float, str, str, str]]:
+        self.read()
+        return [r for r in self.rows if r[0] >= wall]
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+async def seed(kube: Any, layout: ob.Layout, concurrency: int = 16) -> None:
+    from keyroute.kube import path
+
+    limit = asyncio.Semaphore(concurrency)
+
+    async def create(url: str, body: Json) -> None:
+        async with limit:
+            await kube.create(url, body)
+
+    for url, bodies in (
+        (path("", "v1", "secrets", NS), [layout.secret(i) for i in range(layout.pools)]),
+        (
+            path("keyroute.dev", "v1alpha1", "credentialpools", NS),
+            [layout.pool(i) for i in range(layout.pools)],
+        ),
+        (
+            path("keyroute.dev", "v1alpha1", "providerchains", NS),
+            [layout.chain(j) for j in range(layout.chains)],
+        ),
+    ):
+        await asyncio.gather(*(create(url, b) for b in bodies))
+
+
+async def synced(kube: Any, layout: ob.Layout) -> bool:
+    """Every pool's and chain's status is current and every chain has its config Secret (one listing each)."""
+    from keyroute.kube import path
+
+    pools = await kube.request("GET", path("keyroute.dev", "v1alpha1", "credentialpools", NS))
+    chains = await kube.request("GET", path("keyroute.dev", "v1alpha1", "providerchains", NS))
+    secrets = await kube.request(
+        "GET", path("", "v1", "secrets", NS) + "?labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkeyroute"
+    )
+    items = [*pools.get("items", []), *chains.get("items", [])]
+    current = sum(1 for o in items if ob._status_current(o))
+    configs = {o["metadata"]["name"] for o in secrets.get("items", [])}
+    want = {layout.chain_name(j) + ob.CONFIG_SUFFIX for j in range(layout.chains)}
+    return current == layout.pools + layout.chains and want <= configs
+
+
+def reconciles(m: dict[str, float], kind: str) -> float:
+    return sum(
+        v
+        for k, v in m.items()
+        if k.startswith("keyroute_operator_reconciles_total{") and f'kind="{kind}"' in k
+    )
+
+
+async def metrics(op: ob.Operator) -> dict[str, float]:
+    import aiohttp
+
+    # Uncompressed: gzip of a 1,000-pool exposition costs the operator's core ~0.1 s.
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            f"http://127.0.0.1:{op.metrics_port}/metrics", headers={"Accept-Encoding": "identity"}
+        ) as resp,
+    ):
+        return ob.parse_metrics(await resp.text())
+
+
+async def wait_audit(
+    op: ob.Operator,
+    audit: AuditLog,
+    wall0: float,
+    want: dict[str, set[str]],
+    timeout: float,  # noqa: ASYNC109
+) -> None:
+    """Until the audit log shows, since ``wall0``, a request ``verb resource`` for every name in ``want``
+    (polling the log, not the operator: a metrics scrape costs the operator's core)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        op.check_alive()
+        got: dict[str, set[str]] = {}
+        for _, verb, res, name in audit.since(wall0):
+            got.setdefault(f"{verb} {res}", set()).add(name)
+        if all(names <= got.get(k, set()) for k, names in want.items()):
+            return
+        if time.monotonic() > deadline:
+            missing = {k: len(names - got.get(k, set())) for k, names in want.items()}
+            raise RuntimeError(f"no full sync after {timeout:.0f} s (missing {missing}); see {op.log_path}")
+        await asyncio.sleep(0.2)
+
+
+async def wait_reconciled(op: ob.Operator, layout: ob.Layout, timeout: float) -> dict[str, float]:  # noqa: ASYNC109
+    """Until the operator's metrics count a reconcile of every pool and chain (scraped once a second)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        op.check_alive()
+        with contextlib.suppress(Exception):
+            m = await metrics(op)
+            if (
+                reconciles(m, "CredentialPool") >= layout.pools
+                and reconciles(m, "ProviderChain") >= layout.chains
+            ):
+                return m
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no full sync after {timeout:.0f} s; see {op.log_path}")
+        await asyncio.sleep(1.0)
+
+
+def counts(rows: list[tuple[float, str, str, str]]) -> Json:
+    return dict(sorted(Counter(f"{verb} {res}" for _, verb, res, _ in rows).items()))
+
+
+async def one_run(scale: float, run: int, logs: Path) -> Json:
+    from tests.realapi.controlplane import HOW_TO_GET_ASSETS, find_assets
+
+    from keyroute.kube import Kube, from_kubeconfig
+
+    layout = ob.Layout(round(1000 * scale), round(300 * scale))
+    out: Json = {"pools": layout.pools, "secrets": layout.pools, "chains": layout.chains, "run": run}
+    assets = find_assets()
+    if assets is None:
+        raise RuntimeError(f"needs the control-plane binaries: {HOW_TO_GET_ASSETS}")
+    cp = await asyncio.to_thread(audited_control_plane(AUDIT_POLICY).start, assets)
+    ops: list[ob.Operator] = []
+    kube: Any = None
+    try:
+        for name in ("kube-apiserver", "etcd", "kube-controller-manager"):
+            p = cp.processes.get(name)
+            if p is not None and p.popen is not None:
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(p.popen.pid, (ob.CORE_REST & ob.CORES) or ob.CORES)
+        crds = str(ROOT / "crds")
+        await asyncio.to_thread(cp.kubectl, "apply", "--server-side", "-f", crds)
+        await asyncio.to_thread(
+            cp.kubectl, "wait", "--for=condition=Established", "--timeout=30s", "-f", crds
+        )
+        kubeconfig = Path(cp.admin_token_kubeconfig)
+        kube = Kube.from_connection(from_kubeconfig(kubeconfig), user_agent=BENCH_AGENT)
+        began = time.monotonic()
+        await seed(kube, layout)
+        out["seed_seconds"] = round(time.monotonic() - began, 1)
+        audit = AuditLog(cp.audit_log)
+        audit.read()
+        await asyncio.sleep(1.0)
+
+        # --- initial sync ---------------------------------------------------------------------------
+        out["load_before"] = loadavg()
+        op = ob.Operator(
+            kubeconfig, logs / f"operator-{layout.pools}-{run}.log", {"KEYROUTE_RESYNC_SECONDS": "3600"}
+        )
+        ops.append(op)
+        wall0 = time.time()
+        await op.start()
+        log(f"{layout.pools} pools run {run}: operator started (load {out['load_before']})")
+        pools = {layout.pool_name(i) for i in range(layout.pools)}
+        chains = {layout.chain_name(j) for j in range(layout.chains)}
+        want = {
+            "patch credentialpools/status": pools,
+            "patch providerchains/status": chains,
+            "create secrets": {c + ob.CONFIG_SUFFIX for c in chains},
+        }
+        await wait_audit(op, audit, wall0, want, SYNC_TIMEOUT)
+        seen = time.time() - wall0
+        while not await synced(kube, layout):
+            op.check_alive()
+            if time.time() - wall0 > SYNC_TIMEOUT:
+                raise RuntimeError("reconciled but not synced")
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(1.0)
+        m = await metrics(op)
+        rows = audit.since(wall0)
+        writes = [r for r in rows if r[1] in WRITES]
+        out["sync_seconds"] = round(max(r[0] for r in writes) - wall0, 2) if writes else None
+        out["first_write_seconds"] = round(min(r[0] for r in writes) - wall0, 2) if writes else None
+        out["reconciled_seen_seconds"] = round(seen, 2)
+        out["renders_per_chain"] = round(reconciles(m, "ProviderChain") / layout.chains, 2)
+        out["pool_reconciles_per_pool"] = round(reconciles(m, "CredentialPool") / layout.pools, 2)
+        out["requests"] = counts(rows)
+        out["writes"] = len(writes)
+        out["operator_cpu_seconds"] = round(cpu_seconds(op.pid), 2)
+        out["rss_now_mib"] = op.rss_mib()
+        out["peak_rss_mib"] = op.rss_mib("VmHWM")
+        out["load_after"] = loadavg()
+        await op.stop()
+        log(
+            f"{layout.pools} pools run {run}: sync {out['sync_seconds']} s (first write {out['first_write_seconds']} s),"
+            f" {out['renders_per_chain']} renders/chain, peak RSS {out['peak_rss_mib']} MiB, cpu {out['operator_cpu_seconds']} s"
+        )
+
+        # --- restart --------------------------------------------------------------------------------
+        op2 = ob.Operator(
+            kubeconfig,
+            logs / f"operator-{layout.pools}-{run}-restart.log",
+            {"KEYROUTE_RESYNC_SECONDS": "3600"},
+        )
+        ops.append(op2)
+        wall1 = time.time()
+        await op2.start()
+        await wait_reconciled(op2, layout, SYNC_TIMEOUT)
+        out["restart_reconciled_seconds"] = round(time.time() - wall1, 2)
+        await asyncio.sleep(3.0)
+        rows = audit.since(wall1)
+        out["restart_writes"] = counts([r for r in rows if r[1] in WRITES])
+        out["restart_peak_rss_mib"] = op2.rss_mib("VmHWM")
+        await op2.stop()
+        log(
+            f"{layout.pools} pools run {run}: restart reconciled in {out['restart_reconciled_seconds']} s, writes {out['restart_writes']}"
+        )
+        return out
+    finally:
+        for o in ops:
+            if o.proc is not None and o.proc.returncode is None:
+                await o.stop(timeout=5)
+        if kube is not None:
+            await kube.close()
+        await asyncio.to_thread(cp.close)
+
+
+async def main_async(args: argparse.Namespace) -> Json:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    logs = ob.RESULTS / f"{stamp}-startup-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(0, (ob.CORE_REST & ob.CORES) or ob.CORES)
+    result: Json = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpus": os.cpu_count(),
+        "runs": [],
+    }
+    for run in range(1, args.runs + 1):
+        for scale in args.sizes:
+            result["runs"].append(await one_run(scale, run, logs))
+            (ob.RESULTS / f"{stamp}-startup.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--sizes", type=float, nargs="+", default=[1.0, 2.0], help="multiples of 1,000 pools / 300 chains"
+    )
+    parser.add_argument("--runs", type=int, default=2, help="runs of each size (alternating)")
+    args = parser.parse_args(argv)
+    result = asyncio.run(main_async(args))
+    for r in result["runs"]:
+        print(
+            f"{r['pools']:>5} pools {r['chains']:>4} chains run {r['run']}: sync {r['sync_seconds']} s"
+            f" (first write {r['first_write_seconds']} s), renders/chain {r['renders_per_chain']},"
+            f" peak RSS {r['peak_rss_mib']} MiB, cpu {r['operator_cpu_seconds']} s, load {r['load_before']},"
+            f" restart writes {sum(r['restart_writes'].values())}"
+        )
+    by_size: dict[int, list[float]] = {}
+    for r in result["runs"]:
+        if r["sync_seconds"] is not None:
+            by_size.setdefault(r["pools"], []).append(r["sync_seconds"])
+    sizes = sorted(by_size)
+    if len(sizes) >= 2:
+        a, b = min(by_size[sizes[0]]), min(by_size[sizes[-1]])
+        print(f"ratio {sizes[-1]}/{sizes[0]} pools (best runs): {b / a:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
