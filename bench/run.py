@@ -258,7 +258,7 @@ def sidecar_config(
             {"name": "backup-keys", "provider": "backup", "credentials": creds("backup", fallback_keys)},
         ],
     }
-    return SidecarConfig.model_validate(data).to_json()
+    return SidecarConfig.parse(data).to_json()
 
 
 # --- the bench --------------------------------------------------------------------------------------

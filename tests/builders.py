@@ -33,7 +33,7 @@ def config(entries: list[dict[str, Any]], pools: list[dict[str, Any]], **extra: 
         "pools": pools,
     }
     data.update(extra)
-    return SidecarConfig.model_validate(data)
+    return SidecarConfig.parse(data)
 
 
 def two_providers(

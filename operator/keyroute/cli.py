@@ -19,11 +19,14 @@ import signal
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keyroute import __version__
-from keyroute.core.render import RenderResult
 from keyroute.logs import setup_logging
+
+if TYPE_CHECKING:  # the renderer brings pydantic, which `keyroute sidecar --config` never needs
+    from keyroute.core.render import RenderResult
+    from keyroute.kube import Credentials
 
 log = logging.getLogger("keyroute")
 
@@ -96,19 +99,21 @@ async def _serve_sidecar(args: argparse.Namespace) -> int:
 def _setup_reporting(sidecar: Any, args: argparse.Namespace) -> None:
     """``--report auto``: report when running in a cluster (a ServiceAccount token is mounted) or
     when ``--kubeconfig`` is given; ``on``: the same, but failing if neither is available."""
-    import socket
-
-    from keyroute.core.reports import Origin
-    from keyroute.kube import SIDECAR_AGENT, Credentials, Kube, in_cluster
-
     if args.report == "off":
         return
     creds: Credentials | None = None
     if args.kubeconfig:  # loaded by the kubernetes client (exec plugins too): a bad one stops us here
+        from keyroute.kube import Credentials
+
         creds = Credentials.kubeconfig(args.kubeconfig, args.context)
     elif args.context:
         raise ValueError("--context needs --kubeconfig")
-    else:  # a pod's ServiceAccount: read here, without importing the kubernetes client
+    elif os.environ.get("KUBERNETES_SERVICE_HOST"):
+        # A pod's ServiceAccount: read here, without importing the kubernetes client. Outside a
+        # cluster (no such variable: in_cluster() would say None) keyroute's API client is not even
+        # imported, so a sidecar that only logs carries none of it (idle memory, issue 13).
+        from keyroute.kube import Credentials, in_cluster
+
         conn = in_cluster()
         creds = Credentials.token_file(conn) if conn is not None else None
     if creds is None:
@@ -116,6 +121,11 @@ def _setup_reporting(sidecar: Any, args: argparse.Namespace) -> None:
             raise ValueError("--report on needs a ServiceAccount token (in a pod) or --kubeconfig")
         log.info("not in a cluster and no --kubeconfig: recovery actions are logged, not reported")
         return
+    import socket
+
+    from keyroute.core.reports import Origin
+    from keyroute.kube import SIDECAR_AGENT, Kube
+
     conn = creds.connection()
     pod = args.pod_name or os.environ.get("POD_NAME") or socket.gethostname()
     namespace = args.pod_namespace or os.environ.get("POD_NAMESPACE") or conn.namespace or "default"

@@ -31,7 +31,6 @@ from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
-import yaml
 
 from keyroute import __version__
 
@@ -653,6 +652,9 @@ def from_kubeconfig(path: str | Path, context: str | None = None) -> Connection:
     if not existing:
         raise KubeconfigError(f"kubeconfig {where}: no such file: {', '.join(files) or where}")
     try:
+        # Here, not at the top: only a kubeconfig needs YAML (the kubernetes client imports it
+        # anyway), and a sidecar in a pod reads a token file (its idle memory, issue 13).
+        import yaml
         from kubernetes.client import Configuration
         from kubernetes.config.config_exception import ConfigException
         from kubernetes.config.kube_config import KubeConfigLoader, KubeConfigMerger

@@ -43,7 +43,7 @@ async def test_metrics_health_and_readiness(fake_provider, start_sidecar, agent)
 async def test_readyz_is_503_when_no_entry_is_routable(start_sidecar, agent):
     from keyroute.core.config import SidecarConfig
 
-    cfg = SidecarConfig.model_validate(
+    cfg = SidecarConfig.parse(
         {
             "chain": {"name": "empty"},
             "entries": [],

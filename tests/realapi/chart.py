@@ -285,8 +285,8 @@ def forbidden_lines(output: str, namespace: str | None = None) -> list[str]:
     With ``namespace``, lines about other namespaces are left out: a namespace being deleted refuses
     every create with a 403 too (its Secrets go, the operator re-renders into it), which is no RBAC."""
     # A 403 standing alone as a status, not digits inside a port (40339), a timestamp's milliseconds
-    # (.403Z) or a config hash ("403ed603...").
-    refused = re.compile(r"forbidden|(?<![\w.])403(?!\w)", re.IGNORECASE)
+    # (.403Z), a config hash ("403ed603...") or a random name suffix (the Lease keyroute-operator-403f4f).
+    refused = re.compile(r"forbidden|(?<![\w.-])403(?!\w)", re.IGNORECASE)
     lines = [line for line in output.splitlines() if refused.search(line)]
     if namespace is not None:
         lines = [line for line in lines if namespace in line or "/namespaces/" not in line]

@@ -83,7 +83,7 @@ def test_an_agents_account_bound_as_the_readme_says_can_report_and_read_pools_no
 
 def test_the_refusal_matcher_finds_refusals_and_nothing_else() -> None:
     """A plain-function check of the log matcher every operator test here relies on: it failed tests
-    three times by reading a port, a timestamp and a config hash as a 403."""
+    four times by reading a port, a timestamp, a config hash and a name suffix as a 403."""
     refused = [
         '{"msg": "reconcile failed", "error": "PATCH /api/v1/namespaces/ns/secrets/x: 403 Forbidden"}',
         'kopf: APIForbiddenError: secrets is forbidden: User "system:serviceaccount:ns:op" cannot list',
@@ -95,5 +95,7 @@ def test_the_refusal_matcher_finds_refusals_and_nothing_else() -> None:
         '{"msg": "config rendered", "hash": "403ed60329812f97"}',
         '{"msg": "config rendered", "hash": "9a403b"}',
         '{"msg": "config rendered", "hash": "d1c2403"}',
+        '{"msg": "lease acquired", "lease": "keyroute-operator-403f4f"}',
+        '{"msg": "lease acquired", "lease": "keyroute-operator-403"}',
     ]
     assert forbidden_lines("\n".join(refused + harmless)) == refused

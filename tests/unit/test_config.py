@@ -7,6 +7,8 @@ message that names what is wrong but never a key value (docs/sidecar.md and secr
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -16,6 +18,7 @@ from keyroute.core.config import (
     CONFIG_VERSION,
     ConfigError,
     CredentialConfig,
+    FallbackConfig,
     PoolConfig,
     SidecarConfig,
     describe_validation_error,
@@ -209,11 +212,100 @@ def _broken(mutate: Any) -> dict[str, Any]:
         (_broken(lambda d: d.update(requestTimeout=-1)), "requestTimeout"),
         (_broken(lambda d: d.update(extra=True)), "<key>: Extra inputs are not permitted"),
         (_broken(lambda d: d.pop("chain")), "chain: Field required"),
+        # The same wording as the pydantic models this validator replaced (issue 13).
+        (
+            _broken(lambda d: d["pools"][0]["credentials"][0].update(priority="1")),
+            "pools.0.credentials.0.priority: Input should be a valid integer, unable to parse string",
+        ),
+        (
+            _broken(lambda d: d["entries"][0].update(timeouts={"idle": "30s"})),
+            "entries.0.timeouts.idle: Input should be a valid number, unable to parse string as a number",
+        ),
+        (
+            _broken(lambda d: d["pools"][0].update(shareCooldowns="yes")),
+            "pools.0.shareCooldowns: Input should be a valid boolean, unable to interpret input",
+        ),
+        (
+            _broken(lambda d: d["fallback"].update(restoreAfter=True)),
+            "fallback.restoreAfter: Input should be a valid number",
+        ),
+        (
+            _broken(lambda d: d["pools"][0].update(strategy="Sticky")),
+            "pools.0.strategy: Input should be 'FillFirst', 'RoundRobin', 'LeastUsed' or 'Random'",
+        ),
+        (
+            _broken(lambda d: d["fallback"].update(triggers=["Nope"])),
+            "fallback.triggers.0: Input should be 'RateLimited', ",
+        ),
+        (_broken(lambda d: d["fallback"].update(maxAttempts=0)), "greater than or equal to 1"),
+        (_broken(lambda d: d["entries"][0].pop("pool")), "entries.0.pool: Field required"),
+        (_broken(lambda d: d.update(entries={})), "entries: Input should be a valid list"),
+        (_broken(lambda d: d.update(chain=[])), "chain: Input should be a valid dictionary"),
+        (_broken(lambda d: d["entries"][0].update(models={"m": 5})), "entries.0.models.<key>: Input should be"),
+        (
+            _broken(lambda d: d["pools"][0]["credentials"].append(d["pools"][0]["credentials"][0])),
+            "pools.0: Value error, pool openai: duplicate credential names",
+        ),
+        (_broken(lambda d: d.update(version=2)), "\\(root\\): Value error, unsupported config version 2"),
     ],
 )
 def test_invalid_config_is_rejected(doc: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         parse_config(as_text(doc))
+
+
+def test_every_invalid_place_is_named_in_one_error() -> None:
+    doc = _broken(lambda d: d.update(requestTimeout=0))
+    doc["pools"][1]["credentials"][0]["priority"] = None
+    with pytest.raises(ConfigError) as info:
+        parse_config(as_text(doc))
+    assert str(info.value) == (
+        "config is invalid: pools.1.credentials.0.priority: Input should be a valid integer; "
+        "requestTimeout: Input should be greater than 0"
+    )
+
+
+def test_fields_are_read_by_their_json_names_or_their_own() -> None:
+    by_alias = parse_config(as_text(_broken(lambda d: d["fallback"].update(maxAttempts=3))))
+    by_name = parse_config(as_text(_broken(lambda d: d["fallback"].update(max_attempts=3))))
+    assert by_alias == by_name
+    assert by_name.fallback.max_attempts == 3
+
+
+def test_whole_numbers_are_held_as_floats_however_the_config_was_made() -> None:
+    cfg = parse_config(as_text(config_dict()))
+    assert type(cfg.fallback.restore_after) is float
+    built = SidecarConfig(
+        chain=cfg.chain, entries=cfg.entries, pools=cfg.pools, fallback=FallbackConfig(max_wait=5)
+    )
+    assert type(built.fallback.max_wait) is float
+    assert '"maxWait": 5.0' in built.to_json()
+
+
+def test_the_content_hash_is_the_one_the_pydantic_models_gave() -> None:
+    # Issue 13 replaced the config's pydantic models; the canonical JSON, and so the hash the
+    # operator annotates each rendered Secret with, stayed byte for byte the same: an upgrade
+    # rewrites no Secret and restarts no sidecar. (Computed with the models of commit 541db3d.)
+    assert parse_config(as_text(config_dict())).content_hash() == "19aec9bdbee45a39"
+
+
+def test_a_config_built_in_code_is_checked_too() -> None:
+    cfg = parse_config(as_text(config_dict()))
+    with pytest.raises(ValueError, match="duplicate entry names"):
+        SidecarConfig(chain=cfg.chain, entries=[*cfg.entries, cfg.entries[0]], pools=cfg.pools)
+    with pytest.raises(ValueError, match="duplicate credential names"):
+        PoolConfig(name="p", provider="x", credentials=[cfg.pools[0].credentials[0]] * 2)
+
+
+def test_the_sidecar_imports_no_pydantic() -> None:
+    # Its idle memory (issue 13): pydantic and the resource models are ~11 MiB, and a sidecar
+    # reading the operator's rendered config never needs them (local mode imports them on load).
+    code = (
+        "import sys, keyroute.cli, keyroute.sidecar.app, keyroute.sidecar.sources; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pydantic', 'kubernetes', 'kopf')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_config_error_is_a_value_error() -> None:
@@ -273,13 +365,14 @@ def test_config_errors_never_echo_a_key_written_as_a_map_key(mutate: Any) -> Non
 
 
 def test_describe_validation_error_drops_the_input() -> None:
-    doc = _broken(lambda d: d["pools"][0]["credentials"][0].update(priority=KEY_1))
+    # The resources are still pydantic models; a Secret's data is key material.
+    doc = {"metadata": {"name": "s"}, "stringData": {"k": [KEY_1]}}
     with pytest.raises(ValidationError) as info:
-        SidecarConfig.model_validate(doc)
+        Secret.model_validate(doc)
     assert KEY_1 in str(info.value)  # why describe_validation_error exists
     text = describe_validation_error(info.value)
     assert KEY_1 not in text
-    assert "pools.0.credentials.0.priority" in text
+    assert "stringData.<key>" in text
 
 
 def test_reprs_never_contain_a_key() -> None:

@@ -22,7 +22,7 @@ def make(n: int = 3, strategy: str = "FillFirst", **cooldowns: float) -> Pool:
     cfg = pool("p", "acme", *[cred(f"k{i}", priority=i) for i in range(1, n + 1)], strategy=strategy)
     if cooldowns:
         cfg["cooldowns"] = cooldowns
-    return Pool(PoolConfig.model_validate(cfg), rng=random.Random(7))
+    return Pool(PoolConfig.parse(cfg), rng=random.Random(7))
 
 
 def fail(
@@ -216,7 +216,7 @@ def test_reload_keeps_state_of_unchanged_keys_and_resets_changed_ones():
     fail(old, ErrorClass.REVOKED, status=401)  # k1 rejected
     fail(old, ErrorClass.BILLING, status=402)  # k2 exhausted
     cfg = pool("p", "acme", cred("k1", key="sk-test-k1-ROTATED-0000000000"), cred("k2", priority=2))
-    new = Pool(PoolConfig.model_validate(cfg), previous=old)
+    new = Pool(PoolConfig.parse(cfg), previous=old)
     assert new.state("k1", T0)[0] is CredentialState.AVAILABLE  # new key value starts healthy
     assert new.state("k2", T0)[0] is CredentialState.EXHAUSTED  # same key keeps its state
 
@@ -224,7 +224,7 @@ def test_reload_keeps_state_of_unchanged_keys_and_resets_changed_ones():
 def test_lease_from_a_replaced_pool_does_not_touch_the_new_one():
     old = make()
     lease = old.acquire(M, T0)
-    new = Pool(PoolConfig.model_validate(pool("p", "acme", cred("k1", priority=1))), previous=old)
+    new = Pool(PoolConfig.parse(pool("p", "acme", cred("k1", priority=1))), previous=old)
     assert new.record_failure(lease, Classification(ErrorClass.REVOKED, status=401), T0) == []  # type: ignore[arg-type]
     assert new.state("k1", T0)[0] is CredentialState.AVAILABLE
 

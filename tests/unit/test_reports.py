@@ -1576,9 +1576,9 @@ def test_fleet_ignores_objects_with_another_name():
 
 def test_fleet_ignores_pools_without_shared_cooldowns():
     cfg = two_providers()
-    data = cfg.model_dump(by_alias=True)
+    data = cfg.dump()
     data["pools"][0]["shareCooldowns"] = False
-    chain = Chain(type(cfg).model_validate(data))
+    chain = Chain(type(cfg).parse(data))
     assert chain.pools["acme-keys"].share_cooldowns is False
     metrics = Metrics()
     assert fleet(chain, metrics).apply("acme-keys", "MODIFIED", acme_status(acme_row(chain, 0))) == 0

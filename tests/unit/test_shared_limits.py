@@ -51,7 +51,7 @@ def make_pool(scope: str = "Pool", n: int = 3, **cooldowns: float) -> Pool:
     cfg = pool("p", "acme", *[cred(f"k{i}", priority=i) for i in range(1, n + 1)], rateLimitScope=scope)
     if cooldowns:
         cfg["cooldowns"] = cooldowns
-    return Pool(PoolConfig.model_validate(cfg), rng=random.Random(1))
+    return Pool(PoolConfig.parse(cfg), rng=random.Random(1))
 
 
 def fail(p: Pool, now: float, verdict: Classification, model: str = M):
@@ -77,7 +77,7 @@ def test_a_429_cools_that_model_on_every_key_with_one_action():
 
 
 def test_credential_scope_is_the_default_and_benches_only_the_key_that_was_sent():
-    p = Pool(PoolConfig.model_validate(pool("p", "acme", cred("k1"), cred("k2", priority=1))))
+    p = Pool(PoolConfig.parse(pool("p", "acme", cred("k1"), cred("k2", priority=1))))
     assert p.rate_limit_scope is RateLimitScope.CREDENTIAL
     _, actions = fail(p, T0, limited(T0 + 2))
     assert actions[0].scope is None

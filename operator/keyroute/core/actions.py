@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from keyroute.core.classes import ErrorClass
-from keyroute.core.resources import RateLimitScope
+from keyroute.core.enums import RateLimitScope
 
 
 class ActionKind(enum.StrEnum):

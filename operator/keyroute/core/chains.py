@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 from keyroute.core.actions import Action, ActionKind
 from keyroute.core.classes import ErrorClass
 from keyroute.core.config import SidecarConfig
+from keyroute.core.enums import ApiStyle
 from keyroute.core.pools import Credential, Pool
-from keyroute.core.resources import ApiStyle
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,7 @@ from keyroute.core.actions import Action, ActionKind
 from keyroute.core.classes import ErrorClass
 from keyroute.core.classify import Classification
 from keyroute.core.config import CooldownConfig, PoolConfig
-from keyroute.core.resources import CredentialState, RateLimitScope, Strategy
+from keyroute.core.enums import CredentialState, RateLimitScope, Strategy
 
 SOLE_KEY_CAP = 60.0
 #: Model scope key for blocks that apply to every model.

@@ -44,8 +44,8 @@ from typing import Any
 
 from keyroute.core.actions import POOL_ACTIONS, Action, ActionKind, rfc3339
 from keyroute.core.classes import ErrorClass
+from keyroute.core.enums import API_VERSION, CredentialState, RateLimitScope
 from keyroute.core.pools import Block
-from keyroute.core.resources import API_VERSION, CredentialState, RateLimitScope
 
 REPORT_LABEL = "keyroute.dev/report"
 REPORT_LABEL_VALUE = "sidecar"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import enum
 import re
 from typing import Annotated, Any, Literal
 
@@ -19,9 +18,15 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from keyroute.core.classes import ErrorClass
 from keyroute.core.durations import DURATION_PATTERN, parse_duration
 
-GROUP = "keyroute.dev"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
+# The enums and API names live in a module without pydantic, so the sidecar imports them without it;
+# re-exported here, where the resources that use them are.
+from keyroute.core.enums import API_VERSION as API_VERSION
+from keyroute.core.enums import GROUP as GROUP
+from keyroute.core.enums import VERSION as VERSION
+from keyroute.core.enums import ApiStyle as ApiStyle
+from keyroute.core.enums import CredentialState as CredentialState
+from keyroute.core.enums import RateLimitScope as RateLimitScope
+from keyroute.core.enums import Strategy as Strategy
 
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 _NAME = re.compile(NAME_PATTERN)
@@ -53,38 +58,6 @@ class _Spec(BaseModel):
 class _Status(BaseModel):
     # Status is written by the operator; tolerate fields from newer versions rather than fail a read.
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
-
-
-class Strategy(enum.StrEnum):
-    """How a pool picks among its healthy credentials."""
-
-    FILL_FIRST = "FillFirst"
-    ROUND_ROBIN = "RoundRobin"
-    LEAST_USED = "LeastUsed"
-    RANDOM = "Random"
-
-
-class ApiStyle(enum.StrEnum):
-    """How the key is presented upstream: ``openai`` = ``Authorization: Bearer``, ``anthropic`` = ``x-api-key``."""
-
-    OPENAI = "openai"
-    ANTHROPIC = "anthropic"
-
-
-class RateLimitScope(enum.StrEnum):
-    """What one rate limit covers: one key (``Credential``), or every key of the pool (``Pool``: keys of
-    one organization or project, which OpenAI and Anthropic meter together)."""
-
-    CREDENTIAL = "Credential"
-    POOL = "Pool"
-
-
-class CredentialState(enum.StrEnum):
-    AVAILABLE = "Available"
-    COOLING_DOWN = "CoolingDown"
-    EXHAUSTED = "Exhausted"
-    REJECTED = "Rejected"
-    MISSING = "Missing"
 
 
 # --- CredentialPool ---------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -25,14 +25,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from keyroute.core.actions import Action
 from keyroute.core.chains import Chain
 from keyroute.core.config import ConfigError, SidecarConfig
-from keyroute.core.reports import Origin
-from keyroute.kube import Kube
 from keyroute.logs import REDACTOR
-from keyroute.sidecar.fleet import FleetCooldowns
 from keyroute.sidecar.metrics import Metrics
 from keyroute.sidecar.proxy import Proxy
-from keyroute.sidecar.reporter import Reporter
 from keyroute.sidecar.sources import ConfigSource, signature
+
+if TYPE_CHECKING:
+    # Reporting (the API client, the reporter, the fleet's cooldowns) is imported when it is
+    # enabled: a sidecar that only logs its actions does not carry it (idle memory, issue 13).
+    from keyroute.core.reports import Origin
+    from keyroute.kube import Kube
+    from keyroute.sidecar.fleet import FleetCooldowns
+    from keyroute.sidecar.reporter import Reporter
 
 log = logging.getLogger("keyroute.sidecar")
 
@@ -98,6 +102,9 @@ class Sidecar:
     ) -> Reporter:
         """Report recovery actions as Events through ``kube`` and (``share_cooldowns``) honour the
         cooldowns other pods reported. Call before :meth:`start`; :meth:`stop` closes ``kube``."""
+        from keyroute.sidecar.fleet import FleetCooldowns
+        from keyroute.sidecar.reporter import Reporter
+
         self._kube = kube
         self.reporter = Reporter(kube, origin, lambda: self._config, self.metrics, **reporter)
         self.listeners.append(self.reporter.offer)

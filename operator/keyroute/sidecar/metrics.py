@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from keyroute.core.actions import POOL_ACTIONS, Action, ActionKind
 from keyroute.core.chains import Chain
-from keyroute.core.resources import CredentialState, RateLimitScope
+from keyroute.core.enums import CredentialState, RateLimitScope
 
 OK = "OK"  # the class label of a successful request or attempt
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Protocol
 
 from keyroute.core.config import ConfigError, SidecarConfig, parse_config
-from keyroute.core.manifests import parse_manifests, render_manifests
 
 
 class ConfigSource(Protocol):
@@ -63,6 +62,9 @@ class ManifestSource:
         return manifest_files(self.path)
 
     def load(self) -> SidecarConfig:
+        # Imported here: manifests are validated with pydantic, which a sidecar reading the
+        # operator's rendered file never loads (its idle memory, issue 13).
+        from keyroute.core.manifests import parse_manifests, render_manifests
         from keyroute.sidecar.manifest_files import read_manifest_texts
 
         manifests = parse_manifests(read_manifest_texts(self.path))

@@ -13,7 +13,7 @@ from multidict import CIMultiDict
 
 from keyroute.core.classes import ErrorClass
 from keyroute.core.classify import Classification
-from keyroute.core.resources import ApiStyle
+from keyroute.core.enums import ApiStyle
 from keyroute.core.routing import Attempt
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) and lengths aiohttp recomputes: never forwarded either way.
