@@ -9,6 +9,7 @@ the upstream did send (a malformed chunk inside a complete answer, a finished an
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 from keyroute.fakeprovider import Behaviour, FakeProvider
@@ -133,11 +134,15 @@ async def test_a_stream_that_keeps_trickling_outlives_idle(fake_provider, start_
     assert b"event: error" not in body and body.rstrip().endswith(b"data: [DONE]")
 
 
-async def test_unfinished_end_gets_an_error_event(fake_provider, start_sidecar, agent):
+async def test_unfinished_end_gets_an_error_event(fake_provider, start_sidecar, agent, caplog):
+    caplog.set_level(logging.WARNING, logger="keyroute")
     primary, _, sidecar = await setup(fake_provider, start_sidecar)
     primary.set(Behaviour.stream(3, finish=False, done=False))
     _, _, body = await stream(agent, sidecar)
     last_is_error(body, "ConnectionError")
+    # The log line says why, for whoever reads it without the agent's answer at hand.
+    [record] = [r for r in caplog.records if r.getMessage() == "stream ended abnormally"]
+    assert record.kr["reason"] == "upstream stream ended without a finish reason or [DONE]"  # type: ignore[attr-defined]
 
 
 async def test_finished_answer_without_done_passes_as_sent(fake_provider, start_sidecar, agent):

@@ -78,7 +78,9 @@ class Proxy:
         if checked is None:
             # Before routing: a dot-segment could carry an entry's key out of its base path.
             self._metrics.request(self._chain().name, "", "InvalidPath")
-            log.warning("request path refused", extra={"kr": {"method": request.method, "path": raw_path[:200]}})
+            log.warning(
+                "request path refused", extra={"kr": {"method": request.method, "path": raw_path[:200]}}
+            )
             return _json_error(400, "invalid_path", PATH_RULE, None)
         path = checked
         if path != "/v1" and not path.startswith("/v1/"):
@@ -327,6 +329,7 @@ class Proxy:
         watch.feed(buf)
         await out.write(buf)
         ending: bytes | None = None
+        reason = ""
         loop = asyncio.get_running_loop()
         deadline = route.deadline - _clock() + loop.time()
         timer = _IdleTimer(loop, attempt.idle, deadline)
@@ -346,24 +349,19 @@ class Proxy:
                 timer.close()
         except TimeoutError:
             why = "request deadline reached" if loop.time() >= deadline else f"no data for {attempt.idle:g}s"
-            ending = error_event(ErrorClass.TIMEOUT, f"upstream stream stalled: {why}", attempt.entry.name)
+            reason = f"upstream stream stalled: {why}"
+            ending = error_event(ErrorClass.TIMEOUT, reason, attempt.entry.name)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             if request.transport is None or request.transport.is_closing():
                 return out  # the agent went away; nothing to tell it
-            ending = error_event(
-                ErrorClass.CONNECTION_ERROR,
-                f"upstream connection dropped mid-stream ({type(exc).__name__})",
-                attempt.entry.name,
-            )
+            reason = f"upstream connection dropped mid-stream ({type(exc).__name__})"
+            ending = error_event(ErrorClass.CONNECTION_ERROR, reason, attempt.entry.name)
         except (ConnectionResetError, ConnectionError):
             return out  # the agent went away
         else:
             if not watch.complete:
-                ending = error_event(
-                    ErrorClass.CONNECTION_ERROR,
-                    "upstream stream ended without a finish reason or [DONE]",
-                    attempt.entry.name,
-                )
+                reason = "upstream stream ended without a finish reason or [DONE]"
+                ending = error_event(ErrorClass.CONNECTION_ERROR, reason, attempt.entry.name)
         if ending is not None:
             log.warning(
                 "stream ended abnormally",
@@ -372,6 +370,7 @@ class Proxy:
                         "chain": route.chain.name,
                         "provider": attempt.entry.name,
                         "credential": attempt.credential_name,
+                        "reason": reason,
                     }
                 },
             )
