@@ -191,7 +191,10 @@ async def test_sigterm_the_leader_stops_within_5s_and_the_standby_takes_over_wit
     async def b_holds() -> bool:
         return await holder(api, namespace) == "op-b"
 
-    await eventually(b_holds, timeout=10, interval=0.05)
+    try:
+        await eventually(b_holds, timeout=10, interval=0.05)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n--- op-a:\n{a.process.output[-4000:]}\n--- op-b:\n{b.process.output[-4000:]}") from None
     took = time.monotonic() - began
     stopped = await stop
     print(f"takeover after SIGTERM: {took:.2f}s; the leader stopped in {stopped:.2f}s")

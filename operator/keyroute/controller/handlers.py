@@ -71,7 +71,11 @@ RETRY_DELAY = 5.0
 # waiting for one of the client's connections (issue 11). The rest wait, holding their event only.
 MAX_RECONCILES = 16
 # Shutdown must end well within Kubernetes' 30 s grace period, and the whole operator within 5 s.
-SHUTDOWN_TIMEOUT = 2.0
+SHUTDOWN_TIMEOUT = 3.0
+# Of which the Lease's release may take this much: a release that times out leaves the standby
+# waiting for the Lease to expire (15 s by default), and one PUT can take over a second on a loaded
+# node, whereas a second more of shutdown costs nothing.
+RELEASE_TIMEOUT = 2.0
 
 log = logging.getLogger("keyroute.operator")
 _MISSING = object()
@@ -291,7 +295,7 @@ class Operator:
     async def _shutdown(self) -> None:
         elector = self.elector
         if elector is not None:
-            await elector.release(within=SHUTDOWN_TIMEOUT / 2)
+            await elector.release(within=RELEASE_TIMEOUT)
         r = self._reconciler
         if r is not None and self.config.election is None:
             # Without an election, let the reconciles in flight finish (bounded by the timeout).
