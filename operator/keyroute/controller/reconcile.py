@@ -47,6 +47,23 @@ class ObjectCache:
 
     def __init__(self) -> None:
         self._objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        # The rendered config Secrets' hashes by (namespace, name) ("" for a Secret without one), from
+        # the Secret watch. Trusted once the Secrets were listed (``configs_listed``): a reconcile then
+        # compares the hash instead of reading the Secret, and creates a Secret it has no entry for.
+        self.configs: dict[tuple[str, str], str] = {}
+        self.configs_listed = False
+
+    def config_seen(self, namespace: str, name: str, config_hash: str | None) -> None:
+        """A config Secret's hash as last seen or written (None: it is gone)."""
+        if config_hash is None:
+            self.configs.pop((namespace, name), None)
+        else:
+            self.configs[(namespace, name)] = config_hash
+
+    def configs_gone(self, gone: Callable[[str, str], bool]) -> None:
+        """Forget the config Secrets for which ``gone(namespace, name)`` says so (not re-listed)."""
+        for key in [k for k in self.configs if gone(*k)]:
+            del self.configs[key]
 
     def put(self, kind: str, body: Mapping[str, Any]) -> None:
         """Keep ``body`` (a pool or Secret from a watch event)."""
@@ -388,17 +405,30 @@ class Reconciler:
         )
 
     async def _write_config(self, chain: ProviderChain, config: Any) -> None:
-        url = path(*CORE, "secrets", chain.namespace, config_secret_name(chain.name))
-        current = await self.kube.get(url)
+        name = config_secret_name(chain.name)
+        url = path(*CORE, "secrets", chain.namespace, name)
+        cache = self.cache
         wanted = config_secret(chain, config)
-        if current is None:
+        wanted_hash = secret_hash(wanted)
+        exists: bool
+        current_hash: str | None
+        if cache is not None and cache.configs_listed:
+            # The Secret watch's word: no GET (a stale "missing" ends in a 409 and a GET below).
+            known = cache.configs.get((chain.namespace, name))
+            exists, current_hash = known is not None, known
+        else:
+            current = await self.kube.get(url)
+            exists, current_hash = current is not None, secret_hash(current)
+        if not exists:
             try:
                 await self.kube.create(path(*CORE, "secrets", chain.namespace), wanted)
             except ApiError as e:
                 if e.status != 409:
                     raise
-                current = await self.kube.get(url)
+                current_hash = secret_hash(await self.kube.get(url))
             else:
+                if cache is not None:
+                    cache.config_seen(chain.namespace, name, wanted_hash)
                 self.metrics.writes.labels("config").inc()
                 log.info(
                     "config rendered",
@@ -406,12 +436,12 @@ class Reconciler:
                         "kr": {
                             "chain": chain.name,
                             "namespace": chain.namespace,
-                            "hash": config.content_hash(),
+                            "hash": wanted_hash,
                         }
                     },
                 )
                 return
-        if secret_hash(current) == config.content_hash():
+        if current_hash == wanted_hash:
             return
         await self.kube.merge_patch(
             url,
@@ -423,10 +453,12 @@ class Reconciler:
                 "data": wanted["data"],
             },
         )
+        if cache is not None:
+            cache.config_seen(chain.namespace, name, wanted_hash)
         self.metrics.writes.labels("config").inc()
         log.info(
             "config rendered",
-            extra={"kr": {"chain": chain.name, "namespace": chain.namespace, "hash": config.content_hash()}},
+            extra={"kr": {"chain": chain.name, "namespace": chain.namespace, "hash": wanted_hash}},
         )
 
     async def _write_invalid(
