@@ -194,9 +194,17 @@ class Kube:
             return resp.status, resp.reason or "", await resp.read()
 
     async def request(
-        self, method: str, url_path: str, body: Any = None, *, content_type: str = "application/json"
+        self,
+        method: str,
+        url_path: str,
+        body: Any = None,
+        *,
+        content_type: str = "application/json",
+        read: bool = True,
     ) -> dict[str, Any]:
-        """Send one request; raise :class:`ApiError` on a non-2xx answer."""
+        """Send one request; raise :class:`ApiError` on a non-2xx answer. ``read=False``: the answer's
+        object is not parsed (``{}`` is returned), for writes whose answer nobody reads (a status
+        patch, an Event: parsing the object the API server sends back was a tenth of a start-up)."""
         data = json.dumps(body).encode() if body is not None else None
         await self._refresh()
         status, reason, payload = await self._send(method, url_path, data, content_type)
@@ -207,7 +215,7 @@ class Kube:
             with contextlib.suppress(ValueError, AttributeError):
                 reason = str(json.loads(payload).get("reason") or reason)
             raise ApiError(method, url_path, status, reason)
-        if not payload:
+        if not payload or not read:
             return {}
         result = json.loads(payload)
         return result if isinstance(result, dict) else {}
@@ -221,11 +229,11 @@ class Kube:
                 return None
             raise
 
-    async def create(self, url_path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return await self.request("POST", url_path, body)
+    async def create(self, url_path: str, body: dict[str, Any], *, read: bool = True) -> dict[str, Any]:
+        return await self.request("POST", url_path, body, read=read)
 
-    async def merge_patch(self, url_path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return await self.request("PATCH", url_path, body, content_type="application/merge-patch+json")
+    async def merge_patch(self, url_path: str, body: dict[str, Any], *, read: bool = True) -> dict[str, Any]:
+        return await self.request("PATCH", url_path, body, content_type="application/merge-patch+json", read=read)
 
     async def watch(
         self,

@@ -95,11 +95,17 @@ class FencedKube(Kube):
         self.fence: Callable[[], bool] = lambda: True
 
     async def request(
-        self, method: str, url_path: str, body: Any = None, *, content_type: str = "application/json"
+        self,
+        method: str,
+        url_path: str,
+        body: Any = None,
+        *,
+        content_type: str = "application/json",
+        read: bool = True,
     ) -> dict[str, Any]:
         if method != "GET" and not self.fence():
             raise NotLeader(f"{method} {url_path}: not the leader")
-        return await super().request(method, url_path, body, content_type=content_type)
+        return await super().request(method, url_path, body, content_type=content_type, read=read)
 
 
 class _NoDiffBase(kopf.DiffBaseStorage):

@@ -207,7 +207,7 @@ class Reconciler:
 
         async def send() -> None:
             try:
-                await self.kube.create(path(*CORE, "events", meta.get("namespace")), event)
+                await self.kube.create(path(*CORE, "events", meta.get("namespace")), event, read=False)
             except Exception as e:  # an Event is worth a log line, never a failed reconcile
                 log.warning("cannot post an Event", extra={"kr": {"reason": note.reason, "error": str(e)}})
 
@@ -421,7 +421,7 @@ class Reconciler:
             exists, current_hash = current is not None, secret_hash(current)
         if not exists:
             try:
-                await self.kube.create(path(*CORE, "secrets", chain.namespace), wanted)
+                await self.kube.create(path(*CORE, "secrets", chain.namespace), wanted, read=False)
             except ApiError as e:
                 if e.status != 409:
                     raise
@@ -452,6 +452,7 @@ class Reconciler:
                 },
                 "data": wanted["data"],
             },
+            read=False,
         )
         if cache is not None:
             cache.config_seen(chain.namespace, name, wanted_hash)
@@ -478,7 +479,7 @@ class Reconciler:
             return
         # Merge patch: keys present in the old status but gone from the new one are removed.
         patch = {**{k: None for k in old if k not in new}, **new}
-        await self.kube.merge_patch(url + "/status", {"status": patch})
+        await self.kube.merge_patch(url + "/status", {"status": patch}, read=False)
         self.metrics.writes.labels("status").inc()
         meta = body.get("metadata") or {}
         for note in transitions(old, new):
