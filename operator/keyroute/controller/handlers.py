@@ -543,8 +543,9 @@ class Operator:
         reading the Secret); one deleted by someone is rendered again."""
         if type == "DELETED":
             self.cache.config_seen(ns, name, None)
-            if (ns, chain) in self.known["chains"] and self.is_leader() and self._reconciler is not None:
-                self._reconciler.schedule_chain(ns, chain)
+            if (ns, chain) in self.known["chains"] and self.is_leader():
+                with contextlib.suppress(NotLeader, kopf.TemporaryError):
+                    self.reconciler().schedule_chain(ns, chain)
             return
         self.cache.config_seen(ns, name, secret_hash(body) or "")
         if type == "LISTED":

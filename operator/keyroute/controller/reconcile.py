@@ -390,12 +390,12 @@ class Reconciler:
             namespace, (c.secret_ref.name for p in pools.values() for c in p.spec.credentials)
         )
         result = render(chain, pools, secrets)
-        await self._write_config(chain, result.config)
+        config_hash = await self._write_config(chain, result.config)
         if ("chain", namespace, name) not in self._seeded:
             self._seeded.add(("chain", namespace, name))
             self.book.seed_chain(namespace, name, old)
         summary = self.book.chain_summary(namespace, name, now)
-        new = chain_status(chain, result, old=old, now=now, summary=summary)
+        new = chain_status(chain, result, old=old, now=now, summary=summary, config_hash=config_hash)
         await self._write_status(url, body, old, new, "ProviderChain")
         fallback = next((c for c in new["conditions"] if c["type"] == "FallbackActive"), None)
         self.metrics.chain_seen(
@@ -404,7 +404,9 @@ class Reconciler:
             int(new.get("sidecars") or 0),
         )
 
-    async def _write_config(self, chain: ProviderChain, config: Any) -> None:
+    async def _write_config(self, chain: ProviderChain, config: Any) -> str | None:
+        """Create or update the chain's config Secret unless it holds ``config`` already; the
+        config's hash."""
         name = config_secret_name(chain.name)
         url = path(*CORE, "secrets", chain.namespace, name)
         cache = self.cache
@@ -440,9 +442,9 @@ class Reconciler:
                         }
                     },
                 )
-                return
+                return wanted_hash
         if current_hash == wanted_hash:
-            return
+            return wanted_hash
         await self.kube.merge_patch(
             url,
             {
@@ -461,6 +463,7 @@ class Reconciler:
             "config rendered",
             extra={"kr": {"chain": chain.name, "namespace": chain.namespace, "hash": wanted_hash}},
         )
+        return wanted_hash
 
     async def _write_invalid(
         self, url: str, body: Mapping[str, Any], err: ValidationError, now: float, kind: str
