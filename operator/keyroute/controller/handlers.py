@@ -1,8 +1,11 @@
-"""kopf handlers: what the operator reacts to. Each one is a line or two that calls the reconciler.
+"""What the operator reacts to. Each handler is a few lines that start a reconcile.
 
 All state lives in one :class:`Operator` (built from the CLI's arguments; :func:`register` binds
-the handlers to it on a kopf registry), so a leadership change can drop it and a test can run two
-operators in one process.
+its lifecycle to a kopf registry), so a leadership change can drop it and a test can run two
+operators in one process. kopf runs the lifecycle (login, start-up, cleanup); pools, chains and
+Secrets come from keyroute's own list-and-watch streams (:meth:`Operator._watch_objects`), whose
+handlers (:meth:`Operator.on_pool`, :meth:`~Operator.on_chain`, :meth:`~Operator.on_secret`) return
+at once and start reconciles as tasks:
 
 - a CredentialPool created or changed (a new ``metadata.generation``) → its status, then (coalesced,
   ~0.1 s later) every chain that uses it; listed at start-up → its status only (each chain is listed
@@ -11,6 +14,8 @@ operators in one process.
 - a ProviderChain created, changed or listed → its config Secret and status;
 - a Secret added, changed or deleted → the pools that reference it, then their chains (a rotated key
   reaches the sidecars within seconds); the initial listing of Secrets is skipped for the same reason;
+- a chain's config Secret listed or changed → its hash noted (a render compares it, no GET); deleted
+  → the chain rendered again;
 - sidecar reports (Events labelled ``keyroute.dev/report=sidecar``, watched by an operator-level
   task with that label selector) → the status of the pool or chain they concern, at most one
   reconcile per object every 0.5 s, and again when a reported ``until`` passes;
@@ -18,10 +23,13 @@ operators in one process.
   missed events. Not kopf timers: kopf puts a finalizer on every object that has a timer, and a
   finalizer is a way for a broken operator to block deletions.
 
-Only ``kopf.on.event`` handlers: kopf writes nothing itself then (no progress or
-"last handled" annotations, no finalizers), so a standby replica, which runs the same handlers to
-keep its caches warm, writes nothing at all. Changes are told from status writes by the
-``metadata.generation`` the API server bumps on spec changes only.
+No kopf resource handlers: kopf ran every event, the operator's own status writes coming back
+included, through its per-object workers and handler machinery (a quarter of the operator's CPU at
+start-up, issue 11), and nothing but the reconciler writes (no progress or "last handled"
+annotations, no finalizers), so a standby replica, which runs the same watches to keep its caches
+warm, writes nothing at all. Changes are told from status writes by the ``metadata.generation`` the
+API server bumps on spec changes only. At start-up pools are listed first, then Secrets, then
+chains, and reconciles start once the Secrets are listed: every input is in the cache by then.
 
 **Leader election** (:mod:`keyroute.controller.election`): only the leader reconciles, folds
 reports and writes. Every write of the reconciler goes through a :class:`FencedKube` that refuses
@@ -35,8 +43,8 @@ indexes (:class:`RefIndex`), fed by the pool and chain handlers from the watch s
 lists the cluster. Not kopf indexes: with any kopf index, every kopf handler waits until every
 indexed kind is fully listed, and on a real API server with 2,300 objects that barrier alone (each
 waiting object's worker woken on every toggle) cost more than the whole sync (issue 11). Without the
-barrier a handler may run before the objects it refers to are listed; that is harmless, because each
-listed pool and chain is reconciled by its own listing event, reading its inputs from the API.
+barrier, a reference may name an object not listed yet; that is harmless, because each listed pool
+and chain is reconciled after its own listing, and a cache miss is read from the API.
 
 No finalizers: deleting a chain lets garbage
 collection remove its config Secret (owner reference), and nothing else needs cleaning up.
