@@ -231,7 +231,33 @@ def counts(rows: list[tuple[float, str, str, str]]) -> Json:
     return dict(sorted(Counter(f"{verb} {res}" for _, verb, res, _ in rows).items()))
 
 
-async def one_run(scale: float, run: int, logs: Path) -> Json:
+async def start_profiler(pid: int, out: Path) -> asyncio.subprocess.Process | None:
+    """py-spy (``pip install py-spy`` into the venv) sampling ``pid`` into ``out`` (raw, collapsed
+    stacks); None without py-spy. Sampling costs the profiled process little (no instrumentation),
+    but py-spy itself needs CPU: it runs on the orchestrator's core."""
+    spy = Path(ob.PY).parent / "py-spy"
+    if not spy.exists():
+        log("no py-spy in the venv: not profiling")
+        return None
+    return await asyncio.create_subprocess_exec(
+        str(spy), "record", "--format", "raw", "-r", "200", "-o", str(out), "-p", str(pid),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL, preexec_fn=ob.child_setup(ob.CORE_REST),
+    )
+
+
+async def stop_profiler(proc: asyncio.subprocess.Process | None) -> None:
+    if proc is None or proc.returncode is not None:
+        return
+    proc.send_signal(2)  # SIGINT: py-spy writes what it sampled
+    try:
+        await asyncio.wait_for(proc.wait(), timeout=20)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
+async def one_run(scale: float, run: int, logs: Path, profile: bool = False) -> Json:
     from tests.realapi.controlplane import HOW_TO_GET_ASSETS, find_assets
 
     from keyroute.kube import Kube, from_kubeconfig
@@ -272,6 +298,7 @@ async def one_run(scale: float, run: int, logs: Path) -> Json:
         ops.append(op)
         wall0 = time.time()
         await op.start()
+        spy = await start_profiler(op.pid, logs / f"profile-{layout.pools}-{run}.txt") if profile else None
         log(f"{layout.pools} pools run {run}: operator started (load {out['load_before']})")
         pools = {layout.pool_name(i) for i in range(layout.pools)}
         chains = {layout.chain_name(j) for j in range(layout.chains)}
@@ -280,7 +307,10 @@ async def one_run(scale: float, run: int, logs: Path) -> Json:
             "patch providerchains/status": chains,
             "create secrets": {c + ob.CONFIG_SUFFIX for c in chains},
         }
-        await wait_audit(op, audit, wall0, want, SYNC_TIMEOUT)
+        try:
+            await wait_audit(op, audit, wall0, want, SYNC_TIMEOUT)
+        finally:
+            await stop_profiler(spy)
         seen = time.time() - wall0
         while not await synced(kube, layout):
             op.check_alive()
@@ -350,7 +380,7 @@ async def main_async(args: argparse.Namespace) -> Json:
     }
     for run in range(1, args.runs + 1):
         for scale in args.sizes:
-            result["runs"].append(await one_run(scale, run, logs))
+            result["runs"].append(await one_run(scale, run, logs, args.profile))
             (ob.RESULTS / f"{stamp}-startup.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -363,6 +393,11 @@ def main(argv: list[str] | None = None) -> int:
         "--sizes", type=float, nargs="+", default=[1.0, 2.0], help="multiples of 1,000 pools / 300 chains"
     )
     parser.add_argument("--runs", type=int, default=2, help="runs of each size (alternating)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the first operator's initial sync (raw collapsed stacks next to the logs)",
+    )
     args = parser.parse_args(argv)
     result = asyncio.run(main_async(args))
     for r in result["runs"]:

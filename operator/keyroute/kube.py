@@ -194,9 +194,17 @@ class Kube:
             return resp.status, resp.reason or "", await resp.read()
 
     async def request(
-        self, method: str, url_path: str, body: Any = None, *, content_type: str = "application/json"
+        self,
+        method: str,
+        url_path: str,
+        body: Any = None,
+        *,
+        content_type: str = "application/json",
+        read: bool = True,
     ) -> dict[str, Any]:
-        """Send one request; raise :class:`ApiError` on a non-2xx answer."""
+        """Send one request; raise :class:`ApiError` on a non-2xx answer. ``read=False``: the answer's
+        object is not parsed (``{}`` is returned), for writes whose answer nobody reads (a status
+        patch, an Event: parsing the object the API server sends back was a tenth of a start-up)."""
         data = json.dumps(body).encode() if body is not None else None
         await self._refresh()
         status, reason, payload = await self._send(method, url_path, data, content_type)
@@ -207,7 +215,7 @@ class Kube:
             with contextlib.suppress(ValueError, AttributeError):
                 reason = str(json.loads(payload).get("reason") or reason)
             raise ApiError(method, url_path, status, reason)
-        if not payload:
+        if not payload or not read:
             return {}
         result = json.loads(payload)
         return result if isinstance(result, dict) else {}
@@ -221,24 +229,32 @@ class Kube:
                 return None
             raise
 
-    async def create(self, url_path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return await self.request("POST", url_path, body)
+    async def create(self, url_path: str, body: dict[str, Any], *, read: bool = True) -> dict[str, Any]:
+        return await self.request("POST", url_path, body, read=read)
 
-    async def merge_patch(self, url_path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return await self.request("PATCH", url_path, body, content_type="application/merge-patch+json")
+    async def merge_patch(self, url_path: str, body: dict[str, Any], *, read: bool = True) -> dict[str, Any]:
+        return await self.request("PATCH", url_path, body, content_type="application/merge-patch+json", read=read)
 
     async def watch(
-        self, url_path: str, params: Mapping[str, str] | None = None, *, server_timeout: int = 290
+        self,
+        url_path: str,
+        params: Mapping[str, str] | None = None,
+        *,
+        server_timeout: int = 290,
+        on_listed: Callable[[], None] | None = None,
     ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """List, then watch from the listing's resourceVersion: ``(type, object)`` pairs, ``type`` being
-        ``LISTED`` for the listing, then ``ADDED`` / ``MODIFIED`` / ``DELETED``. Returns when the server
-        ends the stream; raises :class:`ApiError` (410 when the version expired) or a connection error.
-        Callers loop over it (:func:`watch_forever`)."""
+        ``LISTED`` for the listing, then ``ADDED`` / ``MODIFIED`` / ``DELETED``; ``on_listed`` is called
+        once the listing's last object was handled. Returns when the server ends the stream; raises
+        :class:`ApiError` (410 when the version expired) or a connection error. Callers loop over it
+        (:func:`watch_forever`)."""
         query = dict(params or {})
         listing = await self.request("GET", url_path + ("?" + urlencode(query) if query else ""))
         for item in listing.get("items") or []:
             if isinstance(item, dict):
                 yield "LISTED", item
+        if on_listed is not None:
+            on_listed()
         version = (listing.get("metadata") or {}).get("resourceVersion")
         query.update(watch="true", timeoutSeconds=str(server_timeout), allowWatchBookmarks="true")
         if version:
@@ -291,15 +307,17 @@ async def watch_forever(
     params: Mapping[str, str] | None = None,
     backoff: tuple[float, float] = (0.5, 30.0),
     what: str = "",
+    on_listed: Callable[[], None] | None = None,
 ) -> None:
     """Keep a list-and-watch of ``url_path`` going until cancelled, re-listing after every break
     (a watch that ended, expired or failed): ``handle`` gets every object of each listing and every
-    change. Failures are logged once per streak and retried with a doubling backoff."""
+    change; ``on_listed`` is called after each listing. Failures are logged once per streak and
+    retried with a doubling backoff."""
     delay = backoff[0]
     failing = False
     while True:
         try:
-            async for kind, obj in kube.watch(url_path, params):
+            async for kind, obj in kube.watch(url_path, params, on_listed=on_listed):
                 result = handle(kind, obj)
                 if result is not None:
                     await result

@@ -250,6 +250,35 @@ async def test_deleting_the_chain_garbage_collects_its_config_secret(
     no_forbidden(operator, namespace)
 
 
+async def test_a_deleted_config_secret_is_rendered_again_within_seconds(
+    control_plane: ControlPlane, api: Api, namespace: str, operator: KeyrouteProcess
+) -> None:
+    # The operator knows its config Secrets from its Secret watch (it compares their hashes instead
+    # of reading them): a deletion there renders the chain again, not the next periodic resync.
+    control_plane.apply(
+        [
+            secret("openai-keys", k1=KEY1),
+            pool("openai", "openai", ("k1", "openai-keys", "k1")),
+            chain("agents", ("openai", "openai", "https://api.openai.com/v1", "openai")),
+        ],
+        namespace=namespace,
+    )
+    first = await eventually(lambda: api.get("v1", "secrets", namespace, "agents-keyroute"), timeout=20)
+    began = time.monotonic()
+    await api.delete("v1", "secrets", namespace, "agents-keyroute")
+
+    async def again() -> dict | None:
+        s = await api.get("v1", "secrets", namespace, "agents-keyroute")
+        return s if s is not None and s["metadata"]["uid"] != first["metadata"]["uid"] else None
+
+    second = await eventually(again, timeout=10, interval=0.05)
+    took = time.monotonic() - began
+    print(f"deleted config Secret rendered again in {took:.2f}s")
+    assert took < 5  # the Secret watch, not the 5-minute resync
+    assert config_of(second) == config_of(first)
+    no_forbidden(operator, namespace)
+
+
 async def _equals(value, expected) -> bool:  # type: ignore[no-untyped-def]
     return bool(await value == expected)
 

@@ -1,8 +1,11 @@
-"""kopf handlers: what the operator reacts to. Each one is a line or two that calls the reconciler.
+"""What the operator reacts to. Each handler is a few lines that start a reconcile.
 
 All state lives in one :class:`Operator` (built from the CLI's arguments; :func:`register` binds
-the handlers to it on a kopf registry), so a leadership change can drop it and a test can run two
-operators in one process.
+its lifecycle to a kopf registry), so a leadership change can drop it and a test can run two
+operators in one process. kopf runs the lifecycle (login, start-up, cleanup); pools, chains and
+Secrets come from keyroute's own list-and-watch streams (:meth:`Operator._watch_objects`), whose
+handlers (:meth:`Operator.on_pool`, :meth:`~Operator.on_chain`, :meth:`~Operator.on_secret`) return
+at once and start reconciles as tasks:
 
 - a CredentialPool created or changed (a new ``metadata.generation``) → its status, then (coalesced,
   ~0.1 s later) every chain that uses it; listed at start-up → its status only (each chain is listed
@@ -11,6 +14,8 @@ operators in one process.
 - a ProviderChain created, changed or listed → its config Secret and status;
 - a Secret added, changed or deleted → the pools that reference it, then their chains (a rotated key
   reaches the sidecars within seconds); the initial listing of Secrets is skipped for the same reason;
+- a chain's config Secret listed or changed → its hash noted (a render compares it, no GET); deleted
+  → the chain rendered again;
 - sidecar reports (Events labelled ``keyroute.dev/report=sidecar``, watched by an operator-level
   task with that label selector) → the status of the pool or chain they concern, at most one
   reconcile per object every 0.5 s, and again when a reported ``until`` passes;
@@ -18,10 +23,13 @@ operators in one process.
   missed events. Not kopf timers: kopf puts a finalizer on every object that has a timer, and a
   finalizer is a way for a broken operator to block deletions.
 
-Only ``kopf.on.event`` handlers: kopf writes nothing itself then (no progress or
-"last handled" annotations, no finalizers), so a standby replica, which runs the same handlers to
-keep its caches warm, writes nothing at all. Changes are told from status writes by the
-``metadata.generation`` the API server bumps on spec changes only.
+No kopf resource handlers: kopf ran every event, the operator's own status writes coming back
+included, through its per-object workers and handler machinery (a quarter of the operator's CPU at
+start-up, issue 11), and nothing but the reconciler writes (no progress or "last handled"
+annotations, no finalizers), so a standby replica, which runs the same watches to keep its caches
+warm, writes nothing at all. Changes are told from status writes by the ``metadata.generation`` the
+API server bumps on spec changes only. At start-up pools are listed first, then Secrets, then
+chains, and reconciles start once the Secrets are listed: every input is in the cache by then.
 
 **Leader election** (:mod:`keyroute.controller.election`): only the leader reconciles, folds
 reports and writes. Every write of the reconciler goes through a :class:`FencedKube` that refuses
@@ -35,8 +43,8 @@ indexes (:class:`RefIndex`), fed by the pool and chain handlers from the watch s
 lists the cluster. Not kopf indexes: with any kopf index, every kopf handler waits until every
 indexed kind is fully listed, and on a real API server with 2,300 objects that barrier alone (each
 waiting object's worker woken on every toggle) cost more than the whole sync (issue 11). Without the
-barrier a handler may run before the objects it refers to are listed; that is harmless, because each
-listed pool and chain is reconciled by its own listing event, reading its inputs from the API.
+barrier, a reference may name an object not listed yet; that is harmless, because each listed pool
+and chain is reconciled after its own listing, and a cache miss is read from the API.
 
 No finalizers: deleting a chain lets garbage
 collection remove its config Secret (owner reference), and nothing else needs cleaning up.
@@ -57,7 +65,9 @@ from keyroute.controller.election import ElectionConfig, LeaderElector
 from keyroute.controller.metrics import OperatorMetrics
 from keyroute.controller.reconcile import ObjectCache, Reconciler
 from keyroute.controller.settings import OperatorConfig
+from keyroute.core.objects import CHAIN_LABEL, MANAGED_BY, secret_hash
 from keyroute.core.reports import REPORT_LABEL, REPORT_LABEL_VALUE
+from keyroute.core.status import config_secret_name
 from keyroute.kube import CORE, Kube, path, watch_forever
 
 GROUP, VERSION = "keyroute.dev", "v1alpha1"
@@ -70,6 +80,10 @@ RETRY_DELAY = 5.0
 # one, and thousands in flight held their reads and half-built statuses in memory together while
 # waiting for one of the client's connections (issue 11). The rest wait, holding their event only.
 MAX_RECONCILES = 16
+# At start-up each kind's first listing is awaited before the next kind is listed (pools, then
+# Secrets, then chains: every reconcile then finds its inputs in the cache), at most this long: a
+# kind that cannot be listed (RBAC, a missing CRD) must not keep the others from being watched.
+LISTING_WAIT = 30.0
 # Shutdown must end well within Kubernetes' 30 s grace period, and the whole operator within 5 s.
 SHUTDOWN_TIMEOUT = 3.0
 # Of which the Lease's release may take this much: a release that times out leaves the standby
@@ -93,11 +107,17 @@ class FencedKube(Kube):
         self.fence: Callable[[], bool] = lambda: True
 
     async def request(
-        self, method: str, url_path: str, body: Any = None, *, content_type: str = "application/json"
+        self,
+        method: str,
+        url_path: str,
+        body: Any = None,
+        *,
+        content_type: str = "application/json",
+        read: bool = True,
     ) -> dict[str, Any]:
         if method != "GET" and not self.fence():
             raise NotLeader(f"{method} {url_path}: not the leader")
-        return await super().request(method, url_path, body, content_type=content_type)
+        return await super().request(method, url_path, body, content_type=content_type, read=read)
 
 
 class _NoDiffBase(kopf.DiffBaseStorage):
@@ -199,6 +219,13 @@ class Operator:
         self._retries: dict[tuple[str, str, str], asyncio.TimerHandle] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.reconciles = asyncio.Semaphore(MAX_RECONCILES)
+        # Reconciles started by watch events, waiting for a slot or running (cancelled at shutdown).
+        self._event_tasks: set[asyncio.Task[None]] = set()
+        # Set once pools and Secrets were listed (each namespace): the reconciles of listed objects
+        # wait for it, so that they read every credential Secret from the cache, none from the API.
+        self.inputs_listed = asyncio.Event()
+        # Config Secrets seen in the current listing of each watched scope (to drop the vanished ones).
+        self._listing: dict[str | None, set[tuple[str, str]]] = {}
 
     # --- leadership ----------------------------------------------------------------------------
 
@@ -265,7 +292,8 @@ class Operator:
             )
 
     def start(self) -> None:
-        """Start the election (or, without one, lead at once). Called by kopf's startup."""
+        """Start the watches and the election (or, without one, lead at once). Called by kopf's startup."""
+        self._spawn(self._watch_objects(), "keyroute-watch")
         if self.config.election is None:
             self._leader_tasks = [
                 asyncio.create_task(self._resync_forever(at_once=False), name="keyroute-resync"),
@@ -289,7 +317,7 @@ class Operator:
                 await self._shutdown()
         except Exception as e:  # shutting down anyway: say what did not stop cleanly
             log.warning("unclean shutdown", extra={"kr": {"error": str(e) or type(e).__name__}})
-        for task in [*self._tasks, *self._leader_tasks]:
+        for task in [*self._tasks, *self._leader_tasks, *self._event_tasks]:
             task.cancel()
 
     async def _shutdown(self) -> None:
@@ -302,7 +330,9 @@ class Operator:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(SHUTDOWN_TIMEOUT / 2):
                     await r.drain()
-        leader_tasks = [*self._leader_tasks]
+        for task in self._event_tasks:  # reconciles not started yet (or not finished in time)
+            task.cancel()
+        leader_tasks = [*self._leader_tasks, *self._event_tasks]
         self._stopped_leading()
         for task in [*self._tasks]:
             if task.get_name() != "keyroute-close":
@@ -379,6 +409,160 @@ class Operator:
             )
         )
 
+    # --- the watch streams (every replica: a standby keeps its caches warm) ---------------------
+
+    async def _watch_objects(self) -> None:
+        """List and watch CredentialPools, then Secrets, then ProviderChains, each kind's first listing
+        done before the next starts, and hand every object to :meth:`on_pool`, :meth:`on_secret`,
+        :meth:`on_chain`. keyroute's own list-and-watch, not kopf's handlers: kopf ran every event,
+        the operator's own status writes coming back included, through its per-object workers,
+        cause detection and handler invocation, a quarter of the operator's CPU at start-up (issue
+        11); these handlers are plain functions that return at once, and reconciles run as tasks."""
+        await _logged_in()
+        kube = _login.kube()
+        scopes: list[str | None] = [*self.config.namespaces] or [None]  # None: every namespace
+        streams: list[asyncio.Task[None]] = []
+        kinds: tuple[tuple[str, tuple[str, str, str], Callable[[str | None], Callable[[str, dict[str, Any]], None]]], ...] = (
+            ("pools", POOLS, lambda scope: self.on_pool),
+            ("secrets", (*CORE, "secrets"), lambda scope: lambda kind, obj: self.on_secret(kind, obj, scope)),
+            ("chains", CHAINS, lambda scope: self.on_chain),
+        )
+        try:
+            for kind, (group, version, plural), handler in kinds:
+                listed: list[asyncio.Event] = []
+                for scope in scopes:
+                    done = asyncio.Event()
+                    listed.append(done)
+                    on_listed = done.set
+                    if kind == "secrets":
+                        on_listed = _both(done.set, lambda scope=scope: self._secrets_listed(scope))  # type: ignore[misc]
+                    streams.append(
+                        asyncio.create_task(
+                            watch_forever(
+                                kube,
+                                path(group, version, plural, scope),
+                                handler(scope),
+                                what=kind,
+                                on_listed=on_listed,
+                            ),
+                            name=f"keyroute-watch-{kind}",
+                        )
+                    )
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(LISTING_WAIT):
+                        await asyncio.gather(*(done.wait() for done in listed))
+                if kind == "secrets":
+                    # Every config Secret is known now (not after a timeout: then they are read).
+                    self.cache.configs_listed = all(done.is_set() for done in listed)
+                    # Even after a timeout: the reconciles then read what is missing from the API.
+                    self.inputs_listed.set()
+            await asyncio.gather(*streams)
+        finally:
+            for task in streams:
+                task.cancel()
+            await asyncio.gather(*streams, return_exceptions=True)
+            await _close(kube)
+
+    def _secrets_listed(self, scope: str | None) -> None:
+        """A listing of Secrets ended: config Secrets it did not bring are gone (deleted while the
+        watch was down); from now on the cache's word on config Secrets is complete."""
+        seen = self._listing.pop(scope, set())
+        self.cache.configs_gone(lambda ns, name: (scope is None or ns == scope) and (ns, name) not in seen)
+
+    def _reconcile(self, kind: str, namespace: str, name: str, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run ``work()`` (a reconcile for a watch event) as a task: after the inputs' first listing,
+        at most :data:`MAX_RECONCILES` at once. The watch stream never waits for a reconcile."""
+
+        async def run() -> None:
+            if not self.inputs_listed.is_set():
+                await self.inputs_listed.wait()
+            await _guarded(self, kind, namespace, name, work())
+
+        task = asyncio.create_task(run(), name=f"keyroute-{kind}-event")
+        self._event_tasks.add(task)
+        task.add_done_callback(self._event_tasks.discard)
+
+    def on_pool(self, type: str, body: dict[str, Any]) -> None:
+        """A CredentialPool listed (``LISTED``), added, changed or deleted."""
+        meta = _meta(body)
+        ns, name = str(meta.get("namespace") or "default"), str(meta.get("name") or "")
+        if type == "DELETED":
+            self.known["pools"].discard((ns, name))
+            self.generations.pop(("pool", ns, name), None)
+            self.pools_by_secret.drop(ns, name)
+            self.cache.drop("pool", ns, name)
+            if self.is_leader():
+                self._reconcile("pool", ns, name, lambda: _pool_deleted(self, ns, name))
+            return
+        self.known["pools"].add((ns, name))
+        self.pools_by_secret.set(ns, name, _secret_refs(body.get("spec")))
+        self.cache.put("pool", body)
+        if not self.seen("pool", ns, name, meta) or not self.is_leader():
+            return  # unchanged (its own status write coming back, mostly), or a standby
+        # A listing (start-up, re-list): the pool only; its chains are listed and rendered on their own.
+        fan_out = type != "LISTED"
+        self._reconcile("pool", ns, name, lambda: _pool_changed(self, ns, name, fan_out, body))
+
+    def on_chain(self, type: str, body: dict[str, Any]) -> None:
+        """A ProviderChain listed, added, changed or deleted."""
+        meta = _meta(body)
+        ns, name = str(meta.get("namespace") or "default"), str(meta.get("name") or "")
+        if type == "DELETED":
+            self.known["chains"].discard((ns, name))
+            self.chains_by_pool.drop(ns, name)
+            self.generations.pop(("chain", ns, name), None)
+            self.forget("chain", ns, name)
+            return
+        self.known["chains"].add((ns, name))
+        self.chains_by_pool.set(ns, name, _pool_refs(body.get("spec")))
+        if self.seen("chain", ns, name, meta) and self.is_leader():
+            self._reconcile("chain", ns, name, lambda: _chain_changed(self, ns, name, body))
+
+    def on_secret(self, type: str, body: dict[str, Any], scope: str | None = None) -> None:
+        """A Secret listed, added, changed or deleted: a credential Secret reconciles the pools that
+        reference it (then their chains); a config Secret is noted (its hash), and re-rendered if deleted."""
+        meta = _meta(body)
+        ns, name = str(meta.get("namespace") or "default"), str(meta.get("name") or "")
+        if type == "DELETED":
+            previous = self.secret_versions.pop((ns, name), None)
+            version = None
+        else:
+            version = meta.get("resourceVersion")
+            previous = self.secret_versions.get((ns, name))
+            self.secret_versions[(ns, name)] = version
+        chain = _config_of(meta, name)
+        if chain is not None:
+            self._config_secret(type, body, ns, name, chain, scope)
+            return
+        pools = self.pools_by_secret.referrers(ns, name)
+        if type == "DELETED" or not pools:
+            self.cache.drop("secret", ns, name)
+        else:
+            self.cache.put("secret", body)
+        if not pools:
+            return  # not a credential Secret (most Secrets of a cluster), or its pools not listed yet
+        if type == "LISTED" and (previous is None or previous == version):
+            # A listing: at start-up pools and chains reconcile on their own listing; after a broken
+            # watch, the re-listing brings every Secret again, and only one that changed needs a reconcile.
+            return
+        if not self.is_leader():
+            return
+        for pool in pools:
+            self._reconcile("pool", ns, pool, lambda pool=pool: _pool_changed(self, ns, pool, True))  # type: ignore[misc]
+
+    def _config_secret(self, type: str, body: dict[str, Any], ns: str, name: str, chain: str, scope: str | None) -> None:
+        """A chain's rendered config Secret: its hash is kept (a reconcile compares it instead of
+        reading the Secret); one deleted by someone is rendered again."""
+        if type == "DELETED":
+            self.cache.config_seen(ns, name, None)
+            if (ns, chain) in self.known["chains"] and self.is_leader():
+                with contextlib.suppress(NotLeader, kopf.TemporaryError):
+                    self.reconciler().schedule_chain(ns, chain)
+            return
+        self.cache.config_seen(ns, name, secret_hash(body) or "")
+        if type == "LISTED":
+            self._listing.setdefault(scope, set()).add((ns, name))
+
     # --- what the handlers do ------------------------------------------------------------------
 
     def seen(self, kind: str, namespace: str, name: str, meta: Any) -> bool:
@@ -401,14 +585,32 @@ async def _close(kube: Kube) -> None:
         await kube.close()
 
 
-def _strip(event: Any) -> None:
-    """Drop ``metadata.managedFields`` from an event's object, in place, on entry: nothing here
-    reads it, and it is often the larger part of a small object. The object stays in memory while
+def _meta(body: dict[str, Any]) -> dict[str, Any]:
+    """An object's metadata, its ``managedFields`` dropped in place on entry: nothing here reads
+    them, and they are often the larger part of a small object. The object stays in memory while
     its reconcile waits for a free slot (thousands of them at start-up)."""
-    obj = event.get("object") if isinstance(event, dict) else None
-    meta = obj.get("metadata") if isinstance(obj, dict) else None
-    if isinstance(meta, dict):
-        meta.pop("managedFields", None)
+    meta = body.get("metadata")
+    if not isinstance(meta, dict):
+        return {}
+    meta.pop("managedFields", None)
+    return meta
+
+
+def _config_of(meta: dict[str, Any], name: str) -> str | None:
+    """The chain whose rendered config Secret this is (by its labels and name), or None."""
+    labels = meta.get("labels") or {}
+    chain = labels.get(CHAIN_LABEL)
+    if not isinstance(chain, str) or any(labels.get(k) != v for k, v in MANAGED_BY.items()):
+        return None
+    return chain if name == config_secret_name(chain) else None
+
+
+def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    def call() -> None:
+        first()
+        second()
+
+    return call
 
 
 async def _guarded(op: Operator, kind: str, namespace: str, name: str, work: Coroutine[Any, Any, None]) -> None:
@@ -419,8 +621,10 @@ async def _guarded(op: Operator, kind: str, namespace: str, name: str, work: Cor
             await work
     except NotLeader:
         log.debug("not the leader: reconcile skipped", extra={"kr": {"kind": kind, "namespace": namespace, "name": name}})
-    except (kopf.TemporaryError, asyncio.CancelledError):
+    except asyncio.CancelledError:
         raise
+    except kopf.TemporaryError:  # not logged in yet
+        op.retry_later(kind, namespace, name)
     except Exception as e:
         log.error(
             f"{kind} reconcile failed; retrying in {RETRY_DELAY:g}s",
@@ -472,81 +676,6 @@ def register(op: Operator, registry: kopf.OperatorRegistry, *, start_on_startup:
     @kopf.on.cleanup(registry=registry, id="cleanup")
     async def cleanup(**_: Any) -> None:
         await op.shutdown()
-
-    # --- pools ----------------------------------------------------------------------------------
-
-    @kopf.on.event(*POOLS, registry=registry, id="pool_event")
-    async def pool_event(
-        type: str | None, name: str, namespace: str | None, meta: Any, spec: Any, event: Any, **_: Any
-    ) -> None:
-        _strip(event)
-        ns = namespace or "default"
-        if type == "DELETED":
-            op.known["pools"].discard((ns, name))
-            op.generations.pop(("pool", ns, name), None)
-            op.pools_by_secret.drop(ns, name)
-            op.cache.drop("pool", ns, name)
-            if op.is_leader():
-                await _guarded(op, "pool", ns, name, _pool_deleted(op, ns, name))
-            return
-        op.known["pools"].add((ns, name))
-        op.pools_by_secret.set(ns, name, _secret_refs(spec))
-        op.cache.put("pool", event["object"])
-        changed = op.seen("pool", ns, name, meta)
-        if not changed or not op.is_leader():
-            return
-        # A listing (start-up, re-list): the pool only; its chains are listed and rendered on their own.
-        fan_out = type is not None
-        await _guarded(op, "pool", ns, name, _pool_changed(op, ns, name, fan_out, event.get("object")))
-
-    # --- chains ---------------------------------------------------------------------------------
-
-    @kopf.on.event(*CHAINS, registry=registry, id="chain_event")
-    async def chain_event(
-        type: str | None, name: str, namespace: str | None, meta: Any, spec: Any, event: Any, **_: Any
-    ) -> None:
-        _strip(event)
-        ns = namespace or "default"
-        if type == "DELETED":
-            op.known["chains"].discard((ns, name))
-            op.chains_by_pool.drop(ns, name)
-            op.generations.pop(("chain", ns, name), None)
-            op.forget("chain", ns, name)
-            return
-        op.known["chains"].add((ns, name))
-        op.chains_by_pool.set(ns, name, _pool_refs(spec))
-        if op.seen("chain", ns, name, meta) and op.is_leader():
-            await _guarded(op, "chain", ns, name, _chain_changed(op, ns, name, event.get("object")))
-
-    # --- secrets --------------------------------------------------------------------------------
-
-    @kopf.on.event("", "v1", "secrets", registry=registry, id="secret_event")
-    async def secret_event(
-        type: str | None, name: str, namespace: str | None, meta: Any, event: Any, **_: Any
-    ) -> None:
-        ns = namespace or "default"
-        if type == "DELETED":
-            previous = op.secret_versions.pop((ns, name), None)
-            version = None
-        else:
-            version = (meta or {}).get("resourceVersion")
-            previous = op.secret_versions.get((ns, name))
-            op.secret_versions[(ns, name)] = version
-        pools = op.pools_by_secret.referrers(ns, name)
-        if type == "DELETED" or not pools:
-            op.cache.drop("secret", ns, name)
-        else:
-            op.cache.put("secret", event["object"])
-        if not pools:
-            return  # not a credential Secret (most Secrets of a cluster), or its pools not listed yet
-        if type is None and (previous is None or previous == version):
-            # A listing: at start-up pools and chains reconcile on their own listing; after a broken
-            # watch, kopf re-lists too, and only a Secret that changed meanwhile needs a reconcile.
-            return
-        if not op.is_leader():
-            return
-        for pool in pools:
-            await _guarded(op, "pool", ns, pool, _pool_changed(op, ns, pool, True))
 
 
 async def _pool_changed(op: Operator, ns: str, name: str, fan_out: bool, body: Any = None) -> None:

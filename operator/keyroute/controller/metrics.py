@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 from collections.abc import Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -70,6 +71,7 @@ class OperatorMetrics:
         self._pool_credentials: dict[tuple[str, str], Mapping[str, str]] = {}
         self._ready_totals: collections.Counter[str] = collections.Counter()
         self._state_totals: collections.Counter[str] = collections.Counter()
+        self._totals: list[tuple[Any, collections.Counter[str], str]] = []
 
     def pool_seen(
         self,
@@ -120,16 +122,22 @@ class OperatorMetrics:
             for state in STATES:
                 self.credential_state.remove(*key, name, state)
         for name, current in credentials.items():
+            if before.get(name) == current:
+                continue  # its five series say so already (most reconciles change nothing)
             for state in STATES:
                 self.credential_state.labels(*key, name, state).set(1 if state == current else 0)
         if credentials:
             self._pool_credentials[key] = dict(credentials)
 
     def _refresh(self) -> None:
-        for value in ("True", "False", "Unknown"):
-            self.pools.labels(value).set(self._ready_totals[value])
-        for state in STATES:
-            self.credentials.labels(state).set(self._state_totals[state])
+        # The children looked up once: ``labels()`` checks and locks on every call (once per reconcile).
+        if not self._totals:
+            self._totals = [
+                *((self.pools.labels(v), self._ready_totals, v) for v in ("True", "False", "Unknown")),
+                *((self.credentials.labels(s), self._state_totals, s) for s in STATES),
+            ]
+        for child, totals, value in self._totals:
+            child.set(totals[value])
 
 
 _SHARED: list[OperatorMetrics] = []

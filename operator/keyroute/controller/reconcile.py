@@ -47,6 +47,23 @@ class ObjectCache:
 
     def __init__(self) -> None:
         self._objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        # The rendered config Secrets' hashes by (namespace, name) ("" for a Secret without one), from
+        # the Secret watch. Trusted once the Secrets were listed (``configs_listed``): a reconcile then
+        # compares the hash instead of reading the Secret, and creates a Secret it has no entry for.
+        self.configs: dict[tuple[str, str], str] = {}
+        self.configs_listed = False
+
+    def config_seen(self, namespace: str, name: str, config_hash: str | None) -> None:
+        """A config Secret's hash as last seen or written (None: it is gone)."""
+        if config_hash is None:
+            self.configs.pop((namespace, name), None)
+        else:
+            self.configs[(namespace, name)] = config_hash
+
+    def configs_gone(self, gone: Callable[[str, str], bool]) -> None:
+        """Forget the config Secrets for which ``gone(namespace, name)`` says so (not re-listed)."""
+        for key in [k for k in self.configs if gone(*k)]:
+            del self.configs[key]
 
     def put(self, kind: str, body: Mapping[str, Any]) -> None:
         """Keep ``body`` (a pool or Secret from a watch event)."""
@@ -190,7 +207,7 @@ class Reconciler:
 
         async def send() -> None:
             try:
-                await self.kube.create(path(*CORE, "events", meta.get("namespace")), event)
+                await self.kube.create(path(*CORE, "events", meta.get("namespace")), event, read=False)
             except Exception as e:  # an Event is worth a log line, never a failed reconcile
                 log.warning("cannot post an Event", extra={"kr": {"reason": note.reason, "error": str(e)}})
 
@@ -373,12 +390,12 @@ class Reconciler:
             namespace, (c.secret_ref.name for p in pools.values() for c in p.spec.credentials)
         )
         result = render(chain, pools, secrets)
-        await self._write_config(chain, result.config)
+        config_hash = await self._write_config(chain, result.config)
         if ("chain", namespace, name) not in self._seeded:
             self._seeded.add(("chain", namespace, name))
             self.book.seed_chain(namespace, name, old)
         summary = self.book.chain_summary(namespace, name, now)
-        new = chain_status(chain, result, old=old, now=now, summary=summary)
+        new = chain_status(chain, result, old=old, now=now, summary=summary, config_hash=config_hash)
         await self._write_status(url, body, old, new, "ProviderChain")
         fallback = next((c for c in new["conditions"] if c["type"] == "FallbackActive"), None)
         self.metrics.chain_seen(
@@ -387,18 +404,33 @@ class Reconciler:
             int(new.get("sidecars") or 0),
         )
 
-    async def _write_config(self, chain: ProviderChain, config: Any) -> None:
-        url = path(*CORE, "secrets", chain.namespace, config_secret_name(chain.name))
-        current = await self.kube.get(url)
+    async def _write_config(self, chain: ProviderChain, config: Any) -> str | None:
+        """Create or update the chain's config Secret unless it holds ``config`` already; the
+        config's hash."""
+        name = config_secret_name(chain.name)
+        url = path(*CORE, "secrets", chain.namespace, name)
+        cache = self.cache
         wanted = config_secret(chain, config)
-        if current is None:
+        wanted_hash = secret_hash(wanted)
+        exists: bool
+        current_hash: str | None
+        if cache is not None and cache.configs_listed:
+            # The Secret watch's word: no GET (a stale "missing" ends in a 409 and a GET below).
+            known = cache.configs.get((chain.namespace, name))
+            exists, current_hash = known is not None, known
+        else:
+            current = await self.kube.get(url)
+            exists, current_hash = current is not None, secret_hash(current)
+        if not exists:
             try:
-                await self.kube.create(path(*CORE, "secrets", chain.namespace), wanted)
+                await self.kube.create(path(*CORE, "secrets", chain.namespace), wanted, read=False)
             except ApiError as e:
                 if e.status != 409:
                     raise
-                current = await self.kube.get(url)
+                current_hash = secret_hash(await self.kube.get(url))
             else:
+                if cache is not None:
+                    cache.config_seen(chain.namespace, name, wanted_hash)
                 self.metrics.writes.labels("config").inc()
                 log.info(
                     "config rendered",
@@ -406,13 +438,13 @@ class Reconciler:
                         "kr": {
                             "chain": chain.name,
                             "namespace": chain.namespace,
-                            "hash": config.content_hash(),
+                            "hash": wanted_hash,
                         }
                     },
                 )
-                return
-        if secret_hash(current) == config.content_hash():
-            return
+                return wanted_hash
+        if current_hash == wanted_hash:
+            return wanted_hash
         await self.kube.merge_patch(
             url,
             {
@@ -422,12 +454,16 @@ class Reconciler:
                 },
                 "data": wanted["data"],
             },
+            read=False,
         )
+        if cache is not None:
+            cache.config_seen(chain.namespace, name, wanted_hash)
         self.metrics.writes.labels("config").inc()
         log.info(
             "config rendered",
-            extra={"kr": {"chain": chain.name, "namespace": chain.namespace, "hash": config.content_hash()}},
+            extra={"kr": {"chain": chain.name, "namespace": chain.namespace, "hash": wanted_hash}},
         )
+        return wanted_hash
 
     async def _write_invalid(
         self, url: str, body: Mapping[str, Any], err: ValidationError, now: float, kind: str
@@ -446,7 +482,7 @@ class Reconciler:
             return
         # Merge patch: keys present in the old status but gone from the new one are removed.
         patch = {**{k: None for k in old if k not in new}, **new}
-        await self.kube.merge_patch(url + "/status", {"status": patch})
+        await self.kube.merge_patch(url + "/status", {"status": patch}, read=False)
         self.metrics.writes.labels("status").inc()
         meta = body.get("metadata") or {}
         for note in transitions(old, new):

@@ -201,7 +201,12 @@ class SidecarConfig(_Config):
 
     def content_hash(self) -> str:
         """Short content hash; it covers key values, so a rotated key changes it."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+        return content_hash(self.to_json())
+
+
+def content_hash(text: str) -> str:
+    """The short hash of a config's canonical JSON (:meth:`SidecarConfig.to_json`)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # --- the validator ------------------------------------------------------------------------------------

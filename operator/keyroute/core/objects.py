@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from keyroute.core.config import CONFIG_FILENAME, SidecarConfig
+from keyroute.core.config import CONFIG_FILENAME, SidecarConfig, content_hash
 from keyroute.core.resources import API_VERSION, ProviderChain
 from keyroute.core.status import config_secret_name
 
@@ -27,6 +27,7 @@ def config_secret(chain: ProviderChain, config: SidecarConfig) -> dict[str, Any]
     }
     if chain.metadata.uid:
         owner["uid"] = chain.metadata.uid
+    text = config.to_json()  # once: the JSON and its hash (a config's dump is a render's largest cost)
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -35,10 +36,10 @@ def config_secret(chain: ProviderChain, config: SidecarConfig) -> dict[str, Any]
             "name": config_secret_name(chain.name),
             "namespace": chain.namespace,
             "labels": {**MANAGED_BY, CHAIN_LABEL: chain.name},
-            "annotations": {HASH_ANNOTATION: config.content_hash()},
+            "annotations": {HASH_ANNOTATION: content_hash(text)},
             "ownerReferences": [owner],
         },
-        "data": {CONFIG_FILENAME: base64.b64encode(config.to_json().encode()).decode()},
+        "data": {CONFIG_FILENAME: base64.b64encode(text.encode()).decode()},
     }
 
 

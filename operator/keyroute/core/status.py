@@ -166,10 +166,12 @@ def chain_status(
     old: Mapping[str, Any] | None,
     now: float,
     summary: ChainSummary | None = None,
+    config_hash: str | None = None,
 ) -> dict[str, Any]:
     """The chain's status: readiness and rendered config from the render, and what sidecars
     reported (``summary``, :meth:`~keyroute.core.reports.ReportBook.chain_summary`): how many report,
-    how many run on a fallback, the entry serving, the latest fallback."""
+    how many run on a fallback, the entry serving, the latest fallback. ``config_hash``: the
+    rendered config's :meth:`~keyroute.core.config.SidecarConfig.content_hash`, if the caller has it."""
     old = old or {}
     stamp = rfc3339(now)
     cfg = result.config
@@ -188,7 +190,7 @@ def chain_status(
     primary = cfg.entries[0].name if cfg.entries else None
     status: dict[str, Any] = {
         "observedGeneration": chain.metadata.generation,
-        "config": {"name": config_secret_name(chain.name), "hash": cfg.content_hash()},
+        "config": {"name": config_secret_name(chain.name), "hash": config_hash or cfg.content_hash()},
         "activeProvider": primary,
     }
     facts: list[Fact] = [ready]
