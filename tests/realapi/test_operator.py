@@ -13,6 +13,7 @@ import base64
 import json
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -40,6 +41,15 @@ def operator(chart_rbac: ChartRbac, module_processes: Processes) -> Iterator[Key
 def no_forbidden(operator: KeyrouteProcess, namespace: str) -> None:
     assert operator.running, operator.output[-3000:]
     assert forbidden_lines(operator.output, namespace) == []
+
+
+def one_chain() -> list[dict[str, Any]]:
+    """A key Secret, its pool and a chain ``agents`` of one entry: what a test about one chain needs."""
+    return [
+        secret("openai-keys", k1=KEY1),
+        pool("openai", "openai", ("k1", "openai-keys", "k1")),
+        chain("agents", ("openai", "openai", "https://api.openai.com/v1", "openai")),
+    ]
 
 
 async def ready(api: Api, plural: str, namespace: str, name: str) -> dict | None:
@@ -183,14 +193,7 @@ async def test_deleting_a_pool_takes_its_entry_out_of_the_config(
 async def test_a_rotated_key_is_re_rendered_within_a_second(
     control_plane: ControlPlane, api: Api, namespace: str, operator: KeyrouteProcess
 ) -> None:
-    control_plane.apply(
-        [
-            secret("openai-keys", k1=KEY1),
-            pool("openai", "openai", ("k1", "openai-keys", "k1")),
-            chain("agents", ("openai", "openai", "https://api.openai.com/v1", "openai")),
-        ],
-        namespace=namespace,
-    )
+    control_plane.apply(one_chain(), namespace=namespace)
     c = await eventually(lambda: ready(api, "providerchains", namespace, "agents"), timeout=20)
     old_hash = c["status"]["config"]["hash"]
 
@@ -225,14 +228,7 @@ async def test_a_rotated_key_is_re_rendered_within_a_second(
 async def test_deleting_the_chain_garbage_collects_its_config_secret(
     control_plane: ControlPlane, api: Api, namespace: str, operator: KeyrouteProcess
 ) -> None:
-    control_plane.apply(
-        [
-            secret("openai-keys", k1=KEY1),
-            pool("openai", "openai", ("k1", "openai-keys", "k1")),
-            chain("agents", ("openai", "openai", "https://api.openai.com/v1", "openai")),
-        ],
-        namespace=namespace,
-    )
+    control_plane.apply(one_chain(), namespace=namespace)
     await eventually(lambda: api.get("v1", "secrets", namespace, "agents-keyroute"), timeout=20)
     # As a user does it; no finalizer holds the chain, the controller manager's garbage collector
     # removes what it owns.
@@ -255,14 +251,7 @@ async def test_a_deleted_config_secret_is_rendered_again_within_seconds(
 ) -> None:
     # The operator knows its config Secrets from its Secret watch (it compares their hashes instead
     # of reading them): a deletion there renders the chain again, not the next periodic resync.
-    control_plane.apply(
-        [
-            secret("openai-keys", k1=KEY1),
-            pool("openai", "openai", ("k1", "openai-keys", "k1")),
-            chain("agents", ("openai", "openai", "https://api.openai.com/v1", "openai")),
-        ],
-        namespace=namespace,
-    )
+    control_plane.apply(one_chain(), namespace=namespace)
     first = await eventually(lambda: api.get("v1", "secrets", namespace, "agents-keyroute"), timeout=20)
     began = time.monotonic()
     await api.delete("v1", "secrets", namespace, "agents-keyroute")
