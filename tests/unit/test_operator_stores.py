@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from keyroute.controller.handlers import RefIndex
 from keyroute.controller.reconcile import ObjectCache
+from keyroute.core.references import RefIndex, referenced
 
 
 def test_a_referrers_new_spec_replaces_its_old_references() -> None:
@@ -68,3 +68,21 @@ async def test_the_cache_reads_a_miss_once_and_an_event_wins_over_a_get() -> Non
     cache.drop("secret", "ns", "keys")  # deleted, or no pool references it any more
     kube.objects.clear()
     assert await cache.read(kube, "secret", "/s/keys", "ns", "keys") is None  # type: ignore[arg-type]
+
+
+def test_referenced_names_skip_what_is_malformed() -> None:
+    spec = {
+        "credentials": [
+            {"name": "a", "secretRef": {"name": "keys-a", "key": "k"}},
+            {"name": "b", "secretRef": {"key": "k"}},  # no name
+            {"name": "c", "secretRef": "keys-c"},  # not an object
+            "garbage",
+            {"name": "d", "secretRef": {"name": "keys-d"}},
+        ]
+    }
+    assert referenced(spec, "credentials", "secretRef") == ["keys-a", "keys-d"]
+    assert referenced(
+        {"providers": [{"credentialPoolRef": {"name": "p"}}]}, "providers", "credentialPoolRef"
+    ) == ["p"]
+    assert referenced(None, "providers", "credentialPoolRef") == []
+    assert referenced({"providers": None}, "providers", "credentialPoolRef") == []

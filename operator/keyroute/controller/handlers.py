@@ -55,7 +55,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import kopf
@@ -66,6 +66,7 @@ from keyroute.controller.metrics import OperatorMetrics
 from keyroute.controller.reconcile import ObjectCache, Reconciler
 from keyroute.controller.settings import OperatorConfig
 from keyroute.core.objects import CHAIN_LABEL, MANAGED_BY, secret_hash
+from keyroute.core.references import RefIndex, referenced
 from keyroute.core.reports import REPORT_LABEL, REPORT_LABEL_VALUE
 from keyroute.core.status import config_secret_name
 from keyroute.kube import CORE, Kube, path, watch_forever
@@ -106,18 +107,11 @@ class FencedKube(Kube):
         super().__init__(*args, **kwargs)
         self.fence: Callable[[], bool] = lambda: True
 
-    async def request(
-        self,
-        method: str,
-        url_path: str,
-        body: Any = None,
-        *,
-        content_type: str = "application/json",
-        read: bool = True,
-    ) -> dict[str, Any]:
+    async def request(self, method: str, url_path: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if method != "GET" and not self.fence():
             raise NotLeader(f"{method} {url_path}: not the leader")
-        return await super().request(method, url_path, body, content_type=content_type, read=read)
+        # The rest as given: Kube.request's options are its own, not restated here.
+        return await super().request(method, url_path, *args, **kwargs)
 
 
 class _NoDiffBase(kopf.DiffBaseStorage):
@@ -133,63 +127,6 @@ class _NoDiffBase(kopf.DiffBaseStorage):
 
     def store(self, *, body: Any, patch: Any, essence: Any) -> None:
         return None
-
-
-class RefIndex:
-    """Who refers to what, by namespace: ``(namespace, target) → {referrers}``, kept with its reverse
-    so that a referrer's new spec replaces its old references (names only: a few strings per object)."""
-
-    def __init__(self) -> None:
-        self._by_target: dict[tuple[str, str], set[str]] = {}
-        self._of: dict[tuple[str, str], frozenset[str]] = {}
-
-    def set(self, namespace: str, referrer: str, targets: Iterable[str]) -> None:
-        """``referrer`` refers to ``targets`` now (and to nothing else)."""
-        new = frozenset(targets)
-        key = (namespace, referrer)
-        old = self._of.get(key, frozenset())
-        if new == old:
-            return
-        for target in old - new:
-            referrers = self._by_target.get((namespace, target))
-            if referrers is not None:
-                referrers.discard(referrer)
-                if not referrers:
-                    del self._by_target[(namespace, target)]
-        for target in new - old:
-            self._by_target.setdefault((namespace, target), set()).add(referrer)
-        if new:
-            self._of[key] = new
-        else:
-            self._of.pop(key, None)
-
-    def drop(self, namespace: str, referrer: str) -> None:
-        """``referrer`` is gone."""
-        self.set(namespace, referrer, ())
-
-    def referrers(self, namespace: str, target: str) -> list[str]:
-        """Who refers to ``target``, sorted."""
-        return sorted(self._by_target.get((namespace, target), ()))
-
-
-def _secret_refs(spec: Any) -> list[str]:
-    """The Secret names a CredentialPool's spec references (as given: validation is the reconciler's)."""
-    out: list[str] = []
-    for cred in (spec or {}).get("credentials") or []:
-        ref = cred.get("secretRef") if isinstance(cred, dict) else None
-        if isinstance(ref, dict) and isinstance(ref.get("name"), str):
-            out.append(ref["name"])
-    return out
-
-
-def _pool_refs(spec: Any) -> list[str]:
-    """The CredentialPool names a ProviderChain's spec references."""
-    out: list[str] = []
-    for entry in (spec or {}).get("providers") or []:
-        ref = entry.get("credentialPoolRef") if isinstance(entry, dict) else None
-        if isinstance(ref, dict) and isinstance(ref.get("name"), str):
-            out.append(ref["name"])
-    return out
 
 
 class Operator:
@@ -495,7 +432,7 @@ class Operator:
                 self._reconcile("pool", ns, name, lambda: _pool_deleted(self, ns, name))
             return
         self.known["pools"].add((ns, name))
-        self.pools_by_secret.set(ns, name, _secret_refs(body.get("spec")))
+        self.pools_by_secret.set(ns, name, referenced(body.get("spec"), "credentials", "secretRef"))
         self.cache.put("pool", body)
         if not self.seen("pool", ns, name, meta) or not self.is_leader():
             return  # unchanged (its own status write coming back, mostly), or a standby
@@ -514,7 +451,7 @@ class Operator:
             self.forget("chain", ns, name)
             return
         self.known["chains"].add((ns, name))
-        self.chains_by_pool.set(ns, name, _pool_refs(body.get("spec")))
+        self.chains_by_pool.set(ns, name, referenced(body.get("spec"), "providers", "credentialPoolRef"))
         if self.seen("chain", ns, name, meta) and self.is_leader():
             self._reconcile("chain", ns, name, lambda: _chain_changed(self, ns, name, body))
 
