@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from keyroute.controller.events import EventLane
 from keyroute.controller.metrics import OperatorMetrics
 from keyroute.core.actions import rfc3339
 from keyroute.core.config import describe_validation_error
@@ -114,6 +115,7 @@ class Reconciler:
         # inside kopf's handler context, and reports and expiry timers change status outside it.
         self.post = post or self._post_event
         self._event_seq = itertools.count()
+        self.events = EventLane(self._send_event, on_drop=metrics.events_dropped.inc)
         self.clock = clock
         self.coalesce = coalesce
         self.min_interval = min_interval
@@ -200,20 +202,15 @@ class Reconciler:
             self.schedule(kind, namespace, name)
 
     def _post_event(self, body: Mapping[str, Any], note: Note) -> None:
+        # Named and stamped now, when the change happened, however long the Event waits in the lane.
         now = self.clock()
         meta = body.get("metadata") or {}
         name = f"{meta.get('name')}.{int(now * 1000):x}{next(self._event_seq) % 4096:03x}"
-        event = note_event(body, note, now=rfc3339(now), name=name)
+        self.events.post(meta.get("namespace") or "", note_event(body, note, now=rfc3339(now), name=name), note.reason)
 
-        async def send() -> None:
-            try:
-                await self.kube.create(path(*CORE, "events", meta.get("namespace")), event, read=False)
-            except Exception as e:  # an Event is worth a log line, never a failed reconcile
-                log.warning("cannot post an Event", extra={"kr": {"reason": note.reason, "error": str(e)}})
-
-        task = asyncio.create_task(send(), name="keyroute-event")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    async def _send_event(self, namespace: str, event: dict[str, Any]) -> None:
+        await self.kube.create(path(*CORE, "events", namespace), event, read=False)
+        self.metrics.writes.labels("event").inc()
 
     def _arm(self, kind: str, namespace: str, name: str) -> None:
         """Wake up when the object's reported state ends by itself (``until``, a silent pod)."""
@@ -240,14 +237,16 @@ class Reconciler:
         self._timers.clear()
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.events.drain()
 
     def cancel(self) -> None:
-        """Stop at once: scheduled reconciles, Events being posted and expiry timers (leadership lost)."""
+        """Stop at once: scheduled reconciles, Events queued or being posted and expiry timers (leadership lost)."""
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
         for task in list(self._tasks):
             task.cancel()
+        self.events.cancel()
 
     def forget(self, kind: str, namespace: str, name: str) -> None:
         """The object was deleted: drop its reports and timers."""
