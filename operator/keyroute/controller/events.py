@@ -76,7 +76,9 @@ class EventLane:
             if self._dropped and len(self._queue) <= self._capacity // 2:
                 # The overflow is over once half the queue is free again (not at the first free
                 # slot, which a steady stream of new Events would fill at once: one line per Event).
-                log.warning("Events were dropped: the queue was full", extra={"kr": {"dropped": self._dropped}})
+                log.warning(
+                    "Events were dropped: the queue was full", extra={"kr": {"dropped": self._dropped}}
+                )
                 self._dropped = 0
             try:
                 await self._send(namespace, event)
