@@ -12,16 +12,22 @@ Secrets, Events and Leases (the request record: never a body); ``keyroute operat
 at the end) with the admin's static-token kubeconfig. The objects are operator_bench's ``Layout``
 (``pools`` CredentialPools with one 3-key Secret each, ``chains`` ProviderChains of 2-3 entries),
 created by this process before the operator starts. One fresh control plane per size and run.
+``--control-plane-cores all`` lets the control plane use both cores (the operator stays alone on
+core 0, so it then shares that core with the API server): closer to a cluster whose control plane runs
+on nodes of its own, where the API server is not confined to one core.
 
 Figures per run:
 
 - **initial sync**: from the operator's start to its last write of the first sync (the audit log's
-  ``requestReceivedTimestamp``), once its metrics count a reconcile of every pool and chain and a
+  ``requestReceivedTimestamp``), and separately to its last status or config write (what sidecars and
+  ``kubectl get`` read) and its last Event (posted behind them), once its metrics count a reconcile of every pool and chain and a
   listing confirms every pool's and chain's ``status.observedGeneration`` and every chain's config
   Secret; also the first write's time;
 - **renders per chain**: ``keyroute_operator_reconciles_total{kind="ProviderChain"}`` / chains (every
   chain reconcile renders the chain) after the sync and a quiet second;
 - **peak RSS**: the operator's VmHWM;
+- **control plane CPU**: the CPU seconds kube-apiserver, etcd and the controller manager used from the
+  operator's start until the sync was confirmed (is the API server the limit?);
 - **requests** by verb and resource from the operator (user agents ``keyroute-operator`` and kopf's);
 - **restart**: SIGTERM, start again, wait for a reconcile of every pool and chain and a quiet 3 s:
   the writes of that second operator (goal: 0) and how long its sync took.
@@ -210,6 +216,29 @@ async def wait_audit(
         await asyncio.sleep(0.2)
 
 
+async def wait_writes_settled(
+    op: ob.Operator,
+    audit: AuditLog,
+    wall0: float,
+    quiet: float,
+    timeout: float,  # noqa: ASYNC109
+) -> None:
+    """Until the audit log has shown no write since ``wall0`` for ``quiet`` seconds: the Events that
+    follow the status writes are posted too."""
+    deadline = time.monotonic() + timeout
+    seen, since = -1, time.monotonic()
+    while True:
+        op.check_alive()
+        n = sum(1 for r in audit.since(wall0) if r[1] in WRITES)
+        if n != seen:
+            seen, since = n, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"writes still coming after {timeout:.0f} s; see {op.log_path}")
+        await asyncio.sleep(0.2)
+
+
 async def wait_reconciled(op: ob.Operator, layout: ob.Layout, timeout: float) -> dict[str, float]:  # noqa: ASYNC109
     """Until the operator's metrics count a reconcile of every pool and chain (scraped once a second)."""
     deadline = time.monotonic() + timeout
@@ -225,6 +254,16 @@ async def wait_reconciled(op: ob.Operator, layout: ob.Layout, timeout: float) ->
         if time.monotonic() > deadline:
             raise RuntimeError(f"no full sync after {timeout:.0f} s; see {op.log_path}")
         await asyncio.sleep(1.0)
+
+
+def control_plane_cpu(cp: Any) -> dict[str, float]:
+    """CPU seconds so far of the control plane's processes, by name."""
+    out: dict[str, float] = {}
+    for name, p in cp.processes.items():
+        if p.popen is not None:
+            with contextlib.suppress(OSError):
+                out[name] = cpu_seconds(p.popen.pid)
+    return out
 
 
 def counts(rows: list[tuple[float, str, str, str]]) -> Json:
@@ -257,7 +296,7 @@ async def stop_profiler(proc: asyncio.subprocess.Process | None) -> None:
         await proc.wait()
 
 
-async def one_run(scale: float, run: int, logs: Path, profile: bool = False) -> Json:
+async def one_run(scale: float, run: int, logs: Path, profile: bool = False, cp_all_cores: bool = False) -> Json:
     from tests.realapi.controlplane import HOW_TO_GET_ASSETS, find_assets
 
     from keyroute.kube import Kube, from_kubeconfig
@@ -271,11 +310,15 @@ async def one_run(scale: float, run: int, logs: Path, profile: bool = False) -> 
     ops: list[ob.Operator] = []
     kube: Any = None
     try:
+        # Every thread: the control plane was started from this process, already pinned to the rest.
+        cp_cores = ob.CORES if cp_all_cores else (ob.CORE_REST & ob.CORES) or ob.CORES
         for name in ("kube-apiserver", "etcd", "kube-controller-manager"):
             p = cp.processes.get(name)
             if p is not None and p.popen is not None:
-                with contextlib.suppress(OSError):
-                    os.sched_setaffinity(p.popen.pid, (ob.CORE_REST & ob.CORES) or ob.CORES)
+                for tid in os.listdir(f"/proc/{p.popen.pid}/task"):
+                    with contextlib.suppress(OSError):
+                        os.sched_setaffinity(int(tid), cp_cores)
+        out["control_plane_cores"] = len(cp_cores)
         crds = str(ROOT / "crds")
         await asyncio.to_thread(cp.kubectl, "apply", "--server-side", "-f", crds)
         await asyncio.to_thread(
@@ -296,6 +339,7 @@ async def one_run(scale: float, run: int, logs: Path, profile: bool = False) -> 
             kubeconfig, logs / f"operator-{layout.pools}-{run}.log", {"KEYROUTE_RESYNC_SECONDS": "3600"}
         )
         ops.append(op)
+        cp_cpu0 = control_plane_cpu(cp)
         wall0 = time.time()
         await op.start()
         spy = await start_profiler(op.pid, logs / f"profile-{layout.pools}-{run}.txt") if profile else None
@@ -317,11 +361,15 @@ async def one_run(scale: float, run: int, logs: Path, profile: bool = False) -> 
             if time.time() - wall0 > SYNC_TIMEOUT:
                 raise RuntimeError("reconciled but not synced")
             await asyncio.sleep(0.5)
-        await asyncio.sleep(1.0)
+        await wait_writes_settled(op, audit, wall0, quiet=2.0, timeout=SYNC_TIMEOUT)
         m = await metrics(op)
         rows = audit.since(wall0)
         writes = [r for r in rows if r[1] in WRITES]
+        state = [r for r in writes if r[2] != "events"]
+        events = [r for r in writes if r[2] == "events"]
         out["sync_seconds"] = round(max(r[0] for r in writes) - wall0, 2) if writes else None
+        out["state_written_seconds"] = round(max(r[0] for r in state) - wall0, 2) if state else None
+        out["events_done_seconds"] = round(max(r[0] for r in events) - wall0, 2) if events else None
         out["first_write_seconds"] = round(min(r[0] for r in writes) - wall0, 2) if writes else None
         out["reconciled_seen_seconds"] = round(seen, 2)
         out["renders_per_chain"] = round(reconciles(m, "ProviderChain") / layout.chains, 2)
@@ -329,12 +377,17 @@ async def one_run(scale: float, run: int, logs: Path, profile: bool = False) -> 
         out["requests"] = counts(rows)
         out["writes"] = len(writes)
         out["operator_cpu_seconds"] = round(cpu_seconds(op.pid), 2)
+        # Until the sync was confirmed (a second or two past its last write): is the API server the limit?
+        out["control_plane_cpu_seconds"] = {
+            k: round(v - cp_cpu0.get(k, 0.0), 2) for k, v in control_plane_cpu(cp).items()
+        }
         out["rss_now_mib"] = op.rss_mib()
         out["peak_rss_mib"] = op.rss_mib("VmHWM")
         out["load_after"] = loadavg()
         await op.stop()
         log(
-            f"{layout.pools} pools run {run}: sync {out['sync_seconds']} s (first write {out['first_write_seconds']} s),"
+            f"{layout.pools} pools run {run}: sync {out['sync_seconds']} s (status and configs {out['state_written_seconds']} s,"
+            f" first write {out['first_write_seconds']} s), control plane cpu {out['control_plane_cpu_seconds']},"
             f" {out['renders_per_chain']} renders/chain, peak RSS {out['peak_rss_mib']} MiB, cpu {out['operator_cpu_seconds']} s"
         )
 
@@ -380,7 +433,7 @@ async def main_async(args: argparse.Namespace) -> Json:
     }
     for run in range(1, args.runs + 1):
         for scale in args.sizes:
-            result["runs"].append(await one_run(scale, run, logs, args.profile))
+            result["runs"].append(await one_run(scale, run, logs, args.profile, args.control_plane_cores == "all"))
             (ob.RESULTS / f"{stamp}-startup.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -398,11 +451,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="py-spy the first operator's initial sync (raw collapsed stacks next to the logs)",
     )
+    parser.add_argument(
+        "--control-plane-cores",
+        choices=["rest", "all"],
+        default="rest",
+        help="rest (default): the control plane shares the other core with this orchestrator; all: it may"
+        " use both cores, as a control plane on nodes of its own would not share the operator's",
+    )
     args = parser.parse_args(argv)
     result = asyncio.run(main_async(args))
     for r in result["runs"]:
         print(
             f"{r['pools']:>5} pools {r['chains']:>4} chains run {r['run']}: sync {r['sync_seconds']} s"
+            f" (status and configs {r['state_written_seconds']} s, Events {r['events_done_seconds']} s)"
             f" (first write {r['first_write_seconds']} s), renders/chain {r['renders_per_chain']},"
             f" peak RSS {r['peak_rss_mib']} MiB, cpu {r['operator_cpu_seconds']} s, load {r['load_before']},"
             f" restart writes {sum(r['restart_writes'].values())}"

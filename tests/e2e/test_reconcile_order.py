@@ -89,3 +89,35 @@ async def test_a_pool_deleted_after_another_reconcile_started_leaves_the_config(
         assert await entries() == ["openai"]
     finally:
         await client.close()
+
+
+async def test_status_writes_of_one_object_are_spaced_from_the_previous_reconcile_s_end(kube):
+    """Two reconciles of one pool back to back (a watch event's and a scheduled one's, say) write
+    status no closer than ``min_interval``: the second waits, counted from the first one's end."""
+    await kube.create(secret("s", k=KEY1))
+    await kube.create(pool("p", "openai", ("k", "s", "k")))
+    client = Kube.from_connection(kube.connection_info())
+    r = Reconciler(client, OperatorMetrics(), lambda body, note: None, min_interval=0.3)
+
+    def writes() -> int:
+        return sum(
+            1
+            for q in kube.requests()
+            if q.resource is not None and q.resource.plural == "credentialpools" and q.subresource == "status"
+        )
+
+    try:
+        await r.pool("default", "p")
+        first_ended = asyncio.get_running_loop().time()
+        assert writes() == 1
+        await kube.delete("v1", "secrets", "default", "s")  # the key goes Missing: a new status
+        await r.pool("default", "p")
+        assert asyncio.get_running_loop().time() - first_ended >= 0.3
+        assert writes() == 2
+        states = [
+            c["state"]
+            for c in (await kube.get(API, "credentialpools", "default", "p"))["status"]["credentials"]
+        ]
+        assert states == ["Missing"]
+    finally:
+        await client.close()

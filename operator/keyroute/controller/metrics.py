@@ -31,6 +31,11 @@ class OperatorMetrics:
         self.writes = Counter(
             "keyroute_operator_writes", "API writes by what was written.", ["what"], registry=r
         )
+        self.events_dropped = Counter(
+            "keyroute_operator_events_dropped",
+            "Events not posted because the operator's Event queue was full (status was written).",
+            registry=r,
+        )
         self.pools = Gauge("keyroute_operator_pools", "CredentialPools by readiness.", ["ready"], registry=r)
         self.credentials = Gauge(
             "keyroute_operator_credentials", "Credentials of all pools by state.", ["state"], registry=r

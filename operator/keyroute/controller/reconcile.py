@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from keyroute.controller.events import EventLane
 from keyroute.controller.metrics import OperatorMetrics
 from keyroute.core.actions import rfc3339
 from keyroute.core.config import describe_validation_error
@@ -114,6 +115,7 @@ class Reconciler:
         # inside kopf's handler context, and reports and expiry timers change status outside it.
         self.post = post or self._post_event
         self._event_seq = itertools.count()
+        self.events = EventLane(self._send_event, on_drop=metrics.events_dropped.inc)
         self.clock = clock
         self.coalesce = coalesce
         self.min_interval = min_interval
@@ -123,6 +125,7 @@ class Reconciler:
         self._pending: set[tuple[str, str, str]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._started: dict[tuple[str, str, str], float] = {}  # monotonic start of the last reconcile
+        self._ended: dict[tuple[str, str, str], float] = {}  # and its end
         # Ordering, not timing, decides whether a scheduled reconcile is moot: one counter ticks for
         # every request (``schedule``, folded ones included) and every reconcile start.
         self._seq = itertools.count(1)
@@ -200,20 +203,15 @@ class Reconciler:
             self.schedule(kind, namespace, name)
 
     def _post_event(self, body: Mapping[str, Any], note: Note) -> None:
+        # Named and stamped now, when the change happened, however long the Event waits in the lane.
         now = self.clock()
         meta = body.get("metadata") or {}
         name = f"{meta.get('name')}.{int(now * 1000):x}{next(self._event_seq) % 4096:03x}"
-        event = note_event(body, note, now=rfc3339(now), name=name)
+        self.events.post(meta.get("namespace") or "", note_event(body, note, now=rfc3339(now), name=name), note.reason)
 
-        async def send() -> None:
-            try:
-                await self.kube.create(path(*CORE, "events", meta.get("namespace")), event, read=False)
-            except Exception as e:  # an Event is worth a log line, never a failed reconcile
-                log.warning("cannot post an Event", extra={"kr": {"reason": note.reason, "error": str(e)}})
-
-        task = asyncio.create_task(send(), name="keyroute-event")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    async def _send_event(self, namespace: str, event: dict[str, Any]) -> None:
+        await self.kube.create(path(*CORE, "events", namespace), event, read=False)
+        self.metrics.writes.labels("event").inc()
 
     def _arm(self, kind: str, namespace: str, name: str) -> None:
         """Wake up when the object's reported state ends by itself (``until``, a silent pod)."""
@@ -240,18 +238,21 @@ class Reconciler:
         self._timers.clear()
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.events.drain()
 
     def cancel(self) -> None:
-        """Stop at once: scheduled reconciles, Events being posted and expiry timers (leadership lost)."""
+        """Stop at once: scheduled reconciles, Events queued or being posted and expiry timers (leadership lost)."""
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
         for task in list(self._tasks):
             task.cancel()
+        self.events.cancel()
 
     def forget(self, kind: str, namespace: str, name: str) -> None:
         """The object was deleted: drop its reports and timers."""
         self.book.forget(kind, namespace, name)
+        self._ended.pop((kind, namespace, name), None)
         timer = self._timers.pop((kind, namespace, name), None)
         if timer is not None:
             timer.cancel()
@@ -287,11 +288,16 @@ class Reconciler:
     async def pool(self, namespace: str, name: str, body: Mapping[str, Any] | None = None) -> None:
         """Reconcile one CredentialPool's status. ``body``: the pool as its watch event just brought
         it (the handler's own event), which spares a GET; otherwise it is read from the API."""
-        async with self._lock("pool", namespace, name):
-            body = self._fresh(("pool", namespace, name), body)
-            self._begin(("pool", namespace, name))
-            await self._measured("CredentialPool", self._pool(namespace, name, body))
-        self._arm("pool", namespace, name)
+        key = ("pool", namespace, name)
+        async with self._lock(*key):
+            await self._spaced(key)
+            body = self._fresh(key, body)
+            self._begin(key)
+            try:
+                await self._measured("CredentialPool", self._pool(namespace, name, body))
+            finally:
+                self._ended[key] = time.monotonic()
+        self._arm(*key)
 
     def _fresh(self, key: tuple[str, str, str], body: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
         """An event's body is used only for the object's first reconcile by this reconciler (in
@@ -303,6 +309,17 @@ class Reconciler:
     def began(self, kind: str, namespace: str, name: str) -> bool:
         """Whether this reconciler has started a reconcile of the object."""
         return (kind, namespace, name) in self._began
+
+    async def _spaced(self, key: tuple[str, str, str]) -> None:
+        """Under the object's lock: wait until ``min_interval`` after its previous reconcile ended.
+
+        Scheduled reconciles are spaced from each other's starts already; this also spaces a
+        reconcile started by a watch event (a spec or Secret change) from a scheduled one, and
+        measures from the end, so that a slow write followed by a quick one cannot land two status
+        writes closer than ``min_interval`` (three in one second were seen under load)."""
+        wait = self._ended.get(key, float("-inf")) + self.min_interval - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     def _begin(self, key: tuple[str, str, str]) -> None:
         """Mark a reconcile's start, under the object's lock and before it reads anything."""
@@ -357,11 +374,16 @@ class Reconciler:
     async def chain(self, namespace: str, name: str, body: Mapping[str, Any] | None = None) -> None:
         """Render one ProviderChain's sidecar config Secret and write its status (``body`` as for
         :meth:`pool`)."""
-        async with self._lock("chain", namespace, name):
-            body = self._fresh(("chain", namespace, name), body)
-            self._begin(("chain", namespace, name))
-            await self._measured("ProviderChain", self._chain(namespace, name, body))
-        self._arm("chain", namespace, name)
+        key = ("chain", namespace, name)
+        async with self._lock(*key):
+            await self._spaced(key)
+            body = self._fresh(key, body)
+            self._begin(key)
+            try:
+                await self._measured("ProviderChain", self._chain(namespace, name, body))
+            finally:
+                self._ended[key] = time.monotonic()
+        self._arm(*key)
 
     async def _chain(self, namespace: str, name: str, body: Mapping[str, Any] | None) -> None:
         url = path(*KEYROUTE, "providerchains", namespace, name)

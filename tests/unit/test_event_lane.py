@@ -1,0 +1,107 @@
+"""The operator's Event lane (keyroute.controller.events): bounded, a few senders, never blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+from keyroute.controller.events import EventLane
+
+
+class Sink:
+    """A send() that records what it got and waits on a gate while the gate is closed."""
+
+    def __init__(self, fail: set[str] | None = None):
+        self.started: list[str] = []
+        self.sent: list[tuple[str, str]] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.fail = fail or set()
+
+    async def __call__(self, namespace: str, event: Mapping[str, Any]) -> None:
+        self.started.append(event["name"])
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await self.gate.wait()
+            if event["name"] in self.fail:
+                raise RuntimeError(f"refused {event['name']}")
+            self.sent.append((namespace, event["name"]))
+        finally:
+            self.in_flight -= 1
+
+
+def ev(name: str) -> dict[str, Any]:
+    return {"name": name}
+
+
+async def test_posts_in_order_with_at_most_senders_at_once() -> None:
+    sink = Sink()
+    sink.gate.clear()
+    lane = EventLane(sink, senders=2, capacity=100)
+    for i in range(10):
+        lane.post("ns", ev(f"e{i}"), "Ready")
+    await asyncio.sleep(0)
+    assert sink.in_flight == 2  # two senders, the rest queued
+    assert len(lane) == 8
+    sink.gate.set()
+    await lane.drain()
+    assert sink.started == [f"e{i}" for i in range(10)]  # taken in the order posted
+    assert sorted(sink.sent) == sorted(("ns", f"e{i}") for i in range(10))
+    assert sink.most_in_flight == 2
+    assert len(lane) == 0
+
+
+async def test_full_queue_drops_new_events_counts_and_logs_once(caplog: pytest.LogCaptureFixture) -> None:
+    sink = Sink()
+    sink.gate.clear()
+    dropped: list[int] = []
+    lane = EventLane(sink, senders=1, capacity=4, on_drop=lambda: dropped.append(1))
+    caplog.set_level(logging.WARNING, logger="keyroute.operator")
+    for i in range(10):  # one in flight at once (it left the queue), four queued, five dropped
+        lane.post("ns", ev(f"e{i}"), "Ready")
+        await asyncio.sleep(0)
+    assert len(dropped) == 5
+    full = [r for r in caplog.records if "queue full" in r.getMessage()]
+    assert len(full) == 1
+    sink.gate.set()
+    await lane.drain()
+    assert [name for _, name in sink.sent] == ["e0", "e1", "e2", "e3", "e4"]  # the oldest kept
+    over = [r for r in caplog.records if r.getMessage() == "Events were dropped: the queue was full"]
+    assert len(over) == 1
+    assert over[0].kr == {"dropped": 5}  # type: ignore[attr-defined]
+
+
+async def test_a_refused_event_is_a_log_line_and_the_rest_go_on(caplog: pytest.LogCaptureFixture) -> None:
+    sink = Sink(fail={"e1"})
+    lane = EventLane(sink, senders=1)
+    caplog.set_level(logging.WARNING, logger="keyroute.operator")
+    for i in range(3):
+        lane.post("ns", ev(f"e{i}"), "CredentialRejected")
+    await lane.drain()
+    assert [name for _, name in sink.sent] == ["e0", "e2"]
+    [line] = [r for r in caplog.records if r.getMessage() == "cannot post an Event"]
+    assert line.kr == {"reason": "CredentialRejected", "error": "refused e1"}  # type: ignore[attr-defined]
+
+
+async def test_cancel_drops_what_is_queued() -> None:
+    sink = Sink()
+    sink.gate.clear()
+    lane = EventLane(sink, senders=1)
+    for i in range(5):
+        lane.post("ns", ev(f"e{i}"), "Ready")
+    await asyncio.sleep(0)
+    lane.cancel()
+    sink.gate.set()
+    await lane.drain()
+    assert sink.sent == []  # the one in flight was cancelled, the queued ones dropped
+    assert len(lane) == 0
+    lane.post("ns", ev("later"), "Ready")  # a lane can be used again (a new term)
+    await lane.drain()
+    assert sink.sent == [("ns", "later")]
