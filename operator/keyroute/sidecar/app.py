@@ -187,7 +187,12 @@ class Sidecar:
             skip_auto_headers=("User-Agent",),
         )
         proxy = Proxy(
-            lambda: self.chain, self._get_session, self.metrics, self.emit, count_tokens=self.count_tokens
+            lambda: self.chain,
+            self._get_session,
+            self.metrics,
+            self.emit,
+            count_tokens=self.count_tokens,
+            draining=lambda: self.draining,
         )
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._tracked(proxy.handle))

@@ -64,8 +64,10 @@ class Proxy:
         emit: Callable[[list[Action]], None],
         *,
         count_tokens: bool = True,
+        draining: Callable[[], bool] = lambda: False,
     ):
         self._chain = chain
+        self._draining = draining
         self._count_tokens = count_tokens
         self._session = session
         self._metrics = metrics
@@ -344,6 +346,8 @@ class Proxy:
                     await out.write(chunk)
             except asyncio.CancelledError:
                 timer.cancelled()  # raises TimeoutError if the stall cancelled the task, else re-raises
+                if self._draining():
+                    await self._cut(out, attempt)
                 raise
             finally:
                 timer.close()
@@ -384,6 +388,20 @@ class Proxy:
         with contextlib.suppress(ConnectionError):
             await out.write_eof()
         return out
+
+    async def _cut(self, out: web.StreamResponse, attempt: Attempt) -> None:
+        """The sidecar's shutdown grace ended with this stream still open: end it with an error
+        event, so the agent's SDK raises a clear error instead of meeting a truncated body."""
+        ending = error_event(
+            ErrorClass.CONNECTION_ERROR,
+            "sidecar shutting down: the stream was cut at the end of its grace period",
+            attempt.entry.name,
+        )
+        # A few writes into the socket's buffer; bounded, in case the agent stopped reading.
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            async with asyncio.timeout(0.2):
+                await out.write(ending)
+                await out.write_eof()
 
     def _flush(self, route: Route) -> None:
         actions, route.actions = route.actions, []
