@@ -32,9 +32,11 @@ from keyroute.core.pools import Lease
 WAIT_JITTER = 0.1
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, though never changed once made: a frozen dataclass sets each field through
+# object.__setattr__, which made this 2.0 µs to construct instead of 0.8 µs, on every request.
+@dataclass(slots=True)
 class Attempt:
-    """One upstream call: this entry, this leased credential, this base URL. Immutable by design."""
+    """One upstream call: this entry, this leased credential, this base URL. Never changed once made."""
 
     entry: Entry
     lease: Lease
