@@ -137,15 +137,18 @@ class Route:
             if self.count >= self.max_attempts or now >= self.deadline or self.pos >= len(self.order):
                 return self._exhausted(now)
             entry = self.order[self.pos]
+            upstream = entry.upstream_model(self.model)
+            # An entry's progress is made when something happens on it (a failure, a wait): a request
+            # that is served at the first try allocates none.
             prog = self._progress.get(entry.name)
             if prog is None:
-                prog = self._progress[entry.name] = _EntryProgress()
-            upstream = entry.upstream_model(self.model)
-            exclude = () if prog.allow_tried else prog.tried
-            lease = entry.pool.acquire(upstream, now, exclude)
-            if lease is None and prog.tried and prog.retried and not prog.allow_tried:
-                # A same-provider retry may reuse the key that failed if it is the only one.
                 lease = entry.pool.acquire(upstream, now)
+            else:
+                exclude = () if prog.allow_tried else prog.tried
+                lease = entry.pool.acquire(upstream, now, exclude)
+                if lease is None and prog.tried and prog.retried and not prog.allow_tried:
+                    # A same-provider retry may reuse the key that failed if it is the only one.
+                    lease = entry.pool.acquire(upstream, now)
             if lease is not None:
                 self.count += 1
                 remaining = max(self.deadline - now, 0.001)
@@ -161,6 +164,8 @@ class Route:
                     first_token=min(entry.first_token, remaining) if entry.first_token else None,
                 )
             # No usable key here. Wait out a short reset rather than leave the entry (docs/sidecar.md).
+            if prog is None:
+                prog = self._progress[entry.name] = _EntryProgress()
             soonest = entry.pool.earliest_available(upstream, now)
             max_wait = self.chain.fallback.max_wait
             if soonest is not None and not prog.waited and soonest - now <= max_wait:
