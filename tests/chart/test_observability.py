@@ -168,18 +168,23 @@ def test_alert_settings_come_from_the_values(helm: HelmRunner) -> None:
 def exported() -> dict[str, set[str]]:
     """Series name -> label names, for every metric the sidecar and the operator define."""
     out: dict[str, set[str]] = {"up": set()}
+    defined: list[tuple[str, set[str], str]] = []
     for owner in (Metrics(), OperatorMetrics()):
         for metric in vars(owner).values():
-            if not isinstance(metric, MetricWrapperBase):
-                continue
-            name, labels, kind = metric._name, set(metric._labelnames), metric._type
-            if kind == "counter":
-                out[name + "_total"] = labels
-            elif kind == "histogram":
-                out[name + "_bucket"] = labels | {"le"}
-                out[name + "_sum"] = out[name + "_count"] = labels
-            else:
-                out[name] = labels
+            if isinstance(metric, MetricWrapperBase):
+                defined.append((metric._name, set(metric._labelnames), metric._type))
+            elif callable(getattr(metric, "describe", None)):
+                # A collector of its own (the sidecar's per-request series): its families, as described.
+                for family in metric.describe():
+                    defined.append((family.name, set(family._labelnames), family.type))
+    for name, labels, kind in defined:
+        if kind == "counter":
+            out[name + "_total"] = labels
+        elif kind == "histogram":
+            out[name + "_bucket"] = labels | {"le"}
+            out[name + "_sum"] = out[name + "_count"] = labels
+        else:
+            out[name] = labels
     return out
 
 

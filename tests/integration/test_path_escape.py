@@ -69,7 +69,9 @@ async def test_a_path_that_could_leave_the_base_path_is_refused_and_never_forwar
     err = json.loads(body)["error"]
     assert err["type"] == "invalid_path" and err["message"] == PATH_RULE
     assert provider.received == []
-    counted = sidecar.metrics.requests.labels(sidecar.chain.name, "", "InvalidPath")._value.get()
+    counted = sidecar.metrics.registry.get_sample_value(
+        "keyroute_requests_total", {"chain": sidecar.chain.name, "provider": "", "class": "InvalidPath"}
+    )
     assert counted == 1
 
 

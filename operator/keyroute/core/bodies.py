@@ -14,6 +14,9 @@ from typing import Any
 # Strings as "unrolled loops" (runs of plain bytes between escapes): several times faster in ``re``
 # than one alternation per byte.
 _MODEL_MEMBER = re.compile(rb'"model"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"')
+# The usual body (the OpenAI and Anthropic SDKs, curl examples): the model is the first member, a plain
+# string. One match of this finds it (checked before the general prefix scan below: ~1 µs less).
+_FIRST_MODEL = re.compile(rb'\s*\{\s*"model"\s*:\s*"([^"\\]*)"')
 _UNSET: Any = object()
 
 
@@ -92,6 +95,9 @@ def inspect_body(raw: bytes, content_type: str) -> RequestBody:
     """
     if not raw or ("json" not in content_type and raw.lstrip()[:1] != b"{"):
         return RequestBody(raw=raw, parsed=None)
+    first = _FIRST_MODEL.match(raw)
+    if first is not None and raw.find(b'"model"', first.end()) < 0:
+        return RequestBody(raw=raw, model=first.group(1).decode("utf-8", "replace"), span=first.span(1))
     at = raw.find(b'"model"')
     if at < 0:
         return RequestBody(raw=raw)  # no model anywhere (whether it is JSON at all is decided if asked)

@@ -97,9 +97,10 @@ class Health:
     last_status: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see Attempt
 class Lease:
-    """One credential handed to one attempt. Outcomes are recorded through it, so they reach that key."""
+    """One credential handed to one attempt. Outcomes are recorded through it, so they reach that key.
+    Never changed once made."""
 
     pool: Pool
     credential: Credential

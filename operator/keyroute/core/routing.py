@@ -32,9 +32,11 @@ from keyroute.core.pools import Lease
 WAIT_JITTER = 0.1
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, though never changed once made: a frozen dataclass sets each field through
+# object.__setattr__, which made this 2.0 µs to construct instead of 0.8 µs, on every request.
+@dataclass(slots=True)
 class Attempt:
-    """One upstream call: this entry, this leased credential, this base URL. Immutable by design."""
+    """One upstream call: this entry, this leased credential, this base URL. Never changed once made."""
 
     entry: Entry
     lease: Lease
@@ -135,15 +137,18 @@ class Route:
             if self.count >= self.max_attempts or now >= self.deadline or self.pos >= len(self.order):
                 return self._exhausted(now)
             entry = self.order[self.pos]
+            upstream = entry.upstream_model(self.model)
+            # An entry's progress is made when something happens on it (a failure, a wait): a request
+            # that is served at the first try allocates none.
             prog = self._progress.get(entry.name)
             if prog is None:
-                prog = self._progress[entry.name] = _EntryProgress()
-            upstream = entry.upstream_model(self.model)
-            exclude = () if prog.allow_tried else prog.tried
-            lease = entry.pool.acquire(upstream, now, exclude)
-            if lease is None and prog.tried and prog.retried and not prog.allow_tried:
-                # A same-provider retry may reuse the key that failed if it is the only one.
                 lease = entry.pool.acquire(upstream, now)
+            else:
+                exclude = () if prog.allow_tried else prog.tried
+                lease = entry.pool.acquire(upstream, now, exclude)
+                if lease is None and prog.tried and prog.retried and not prog.allow_tried:
+                    # A same-provider retry may reuse the key that failed if it is the only one.
+                    lease = entry.pool.acquire(upstream, now)
             if lease is not None:
                 self.count += 1
                 remaining = max(self.deadline - now, 0.001)
@@ -159,6 +164,8 @@ class Route:
                     first_token=min(entry.first_token, remaining) if entry.first_token else None,
                 )
             # No usable key here. Wait out a short reset rather than leave the entry (docs/sidecar.md).
+            if prog is None:
+                prog = self._progress[entry.name] = _EntryProgress()
             soonest = entry.pool.earliest_available(upstream, now)
             max_wait = self.chain.fallback.max_wait
             if soonest is not None and not prog.waited and soonest - now <= max_wait:

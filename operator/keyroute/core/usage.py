@@ -49,33 +49,36 @@ def _detail(usage: Mapping[str, Any], name: str, field: str) -> int | None:
 
 def usage_counts(usage: Mapping[str, Any]) -> dict[str, int]:
     """The token counts of one usage object, by kind; kinds the provider did not report are absent."""
-    # Plain lookups, not a table walk: this runs once per answer on the request path.
+    # Plain lookups and stores, not a table walk or a comprehension: this runs once per answer on the
+    # request path.
     get = usage.get
-    found = (
-        (INPUT, _count(get("prompt_tokens")) if "prompt_tokens" in usage else _count(get("input_tokens"))),
-        (
-            OUTPUT,
-            _count(get("completion_tokens")) if "completion_tokens" in usage else _count(get("output_tokens")),
-        ),
-        (
-            CACHED,
-            _detail(usage, "prompt_tokens_details", "cached_tokens")
-            if "prompt_tokens_details" in usage
-            else _detail(usage, "input_tokens_details", "cached_tokens")
-            if "input_tokens_details" in usage
-            else _count(get("cache_read_input_tokens")),
-        ),
-        (CACHE_WRITE, _count(get("cache_creation_input_tokens"))),
-        (
-            REASONING,
-            _detail(usage, "completion_tokens_details", "reasoning_tokens")
-            if "completion_tokens_details" in usage
-            else _detail(usage, "output_tokens_details", "reasoning_tokens")
-            if "output_tokens_details" in usage
-            else None,
-        ),
-    )
-    return {kind: n for kind, n in found if n is not None}
+    out: dict[str, int] = {}
+    n = _count(get("prompt_tokens")) if "prompt_tokens" in usage else _count(get("input_tokens"))
+    if n is not None:
+        out[INPUT] = n
+    n = _count(get("completion_tokens")) if "completion_tokens" in usage else _count(get("output_tokens"))
+    if n is not None:
+        out[OUTPUT] = n
+    if "prompt_tokens_details" in usage:
+        n = _detail(usage, "prompt_tokens_details", "cached_tokens")
+    elif "input_tokens_details" in usage:
+        n = _detail(usage, "input_tokens_details", "cached_tokens")
+    else:
+        n = _count(get("cache_read_input_tokens"))
+    if n is not None:
+        out[CACHED] = n
+    n = _count(get("cache_creation_input_tokens"))
+    if n is not None:
+        out[CACHE_WRITE] = n
+    if "completion_tokens_details" in usage:
+        n = _detail(usage, "completion_tokens_details", "reasoning_tokens")
+    elif "output_tokens_details" in usage:
+        n = _detail(usage, "output_tokens_details", "reasoning_tokens")
+    else:
+        n = None
+    if n is not None:
+        out[REASONING] = n
+    return out
 
 
 def decode_usage_at(data: bytes, at: int) -> tuple[dict[str, int] | None, bool]:

@@ -167,11 +167,12 @@ class Proxy:
                 )
                 latency = _perf() - sent
                 status = upstream.status
+                media = _media_type(upstream.headers.get("Content-Type", ""))
                 if status >= 400:
                     phase = "error body"
                     timer.restart(attempt.idle)
                     payload = await upstream.content.read(MAX_ERROR_BODY)
-                elif upstream.content_type == "text/event-stream":
+                elif media == "text/event-stream":
                     # Nothing reaches the agent before the first event is in: until then the route may
                     # fail over. With firstToken set, keep-alives do not count and the wait has its own
                     # bound, from the response headers on.
@@ -226,7 +227,7 @@ class Proxy:
             route.report(attempt, None, _clock())
             self._metrics.attempt(chain_name, entry, cred, OK, latency)
             self._metrics.request(chain_name, entry, OK)
-            if self._count_tokens and "json" in upstream.content_type:
+            if self._count_tokens and "json" in media:
                 counts = body_usage(payload)
                 if counts:
                     self._metrics.tokens_used(chain_name, entry, cred, attempt.model, counts)
@@ -470,6 +471,12 @@ class _IdleTimer:
             # asyncio.timeout does, so it does not hit a later await of this task.
             self._seen = True
             self._task.uncancel()
+
+
+def _media_type(content_type: str) -> str:
+    """``type/subtype`` of a Content-Type value, lowercased. What aiohttp's ``content_type`` gives, without
+    the copy of the parameters it makes for every response."""
+    return content_type.partition(";")[0].strip().lower()
 
 
 @functools.lru_cache(maxsize=64)

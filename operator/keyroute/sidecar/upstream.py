@@ -9,7 +9,6 @@ import time
 from collections.abc import Mapping
 
 import aiohttp
-from multidict import CIMultiDict
 
 from keyroute.core.classes import ErrorClass
 from keyroute.core.classify import Classification
@@ -88,13 +87,17 @@ def attempt_headers(base: dict[str, str], attempt: Attempt) -> dict[str, str]:
     return headers
 
 
-def response_headers(upstream: Mapping[str, str], attempt: Attempt) -> CIMultiDict[str]:
-    """The upstream's response headers for the agent, naming the serving entry and credential."""
+def response_headers(upstream: Mapping[str, str], attempt: Attempt) -> list[tuple[str, str]]:
+    """The upstream's response headers for the agent, naming the serving entry and credential.
+
+    A list of pairs (repeated names such as Set-Cookie kept): aiohttp builds its own multidict from
+    whatever it is given, so building one here would be a second copy on every request.
+    """
     keep = _KEEP_RESPONSE
     items = [(k, v) for k, v in upstream.items() if keep[k]]
     items.append((PROVIDER_HEADER, attempt.entry.name))
     items.append((CREDENTIAL_HEADER, attempt.lease.credential.name))
-    return CIMultiDict(items)
+    return items
 
 
 def transport_failure(exc: BaseException, phase: str) -> Classification:
