@@ -288,13 +288,26 @@ class Reconciler:
     async def pool(self, namespace: str, name: str, body: Mapping[str, Any] | None = None) -> None:
         """Reconcile one CredentialPool's status. ``body``: the pool as its watch event just brought
         it (the handler's own event), which spares a GET; otherwise it is read from the API."""
-        key = ("pool", namespace, name)
+        await self._one("pool", "CredentialPool", namespace, name, body, self._pool)
+
+    async def _one(
+        self,
+        kind: str,
+        metric_kind: str,
+        namespace: str,
+        name: str,
+        body: Mapping[str, Any] | None,
+        work: Callable[[str, str, Mapping[str, Any] | None], Coroutine[Any, Any, None]],
+    ) -> None:
+        """One reconcile of one object: serialised per object, spaced from the previous one,
+        measured, and followed by the timer for whatever it reported ending by itself."""
+        key = (kind, namespace, name)
         async with self._lock(*key):
             await self._spaced(key)
             body = self._fresh(key, body)
             self._begin(key)
             try:
-                await self._measured("CredentialPool", self._pool(namespace, name, body))
+                await self._measured(metric_kind, work(namespace, name, body))
             finally:
                 self._ended[key] = time.monotonic()
         self._arm(*key)
@@ -374,16 +387,7 @@ class Reconciler:
     async def chain(self, namespace: str, name: str, body: Mapping[str, Any] | None = None) -> None:
         """Render one ProviderChain's sidecar config Secret and write its status (``body`` as for
         :meth:`pool`)."""
-        key = ("chain", namespace, name)
-        async with self._lock(*key):
-            await self._spaced(key)
-            body = self._fresh(key, body)
-            self._begin(key)
-            try:
-                await self._measured("ProviderChain", self._chain(namespace, name, body))
-            finally:
-                self._ended[key] = time.monotonic()
-        self._arm(*key)
+        await self._one("chain", "ProviderChain", namespace, name, body, self._chain)
 
     async def _chain(self, namespace: str, name: str, body: Mapping[str, Any] | None) -> None:
         url = path(*KEYROUTE, "providerchains", namespace, name)
