@@ -6,7 +6,13 @@ from __future__ import annotations
 import base64
 
 from keyroute.core.conditions import fact, merge_conditions
-from keyroute.core.objects import HASH_ANNOTATION, config_secret, secret_hash, transitions
+from keyroute.core.objects import (
+    HASH_ANNOTATION,
+    config_secret,
+    config_secret_chain,
+    secret_hash,
+    transitions,
+)
 from keyroute.core.render import render, resolve_pool
 from keyroute.core.reports import CredentialReport
 from keyroute.core.resources import CredentialPool, CredentialState, ProviderChain, Secret
@@ -225,6 +231,18 @@ def test_chain_ready_renders_config_with_owner_and_hash():
     assert secret_hash(sec) == result.config.content_hash() == sec["metadata"]["annotations"][HASH_ANNOTATION]
     assert KEY in base64.b64decode(sec["data"]["config.json"]).decode()  # the Secret is where the key goes
     assert KEY not in str(st)
+
+
+def test_a_config_secret_is_told_from_other_secrets_by_its_labels_and_name():
+    c = chain(("openai", "openai"))
+    result = render(c, {"openai": pool(("k1", "s", "a"))}, {"s": secret("s", a=KEY)})
+    meta = config_secret(c, result.config)["metadata"]
+    assert config_secret_chain(meta) == "agents"
+    assert config_secret_chain({**meta, "name": "agents-other"}) is None  # labelled, but not its name
+    unmanaged = {**meta, "labels": {"keyroute.dev/chain": "agents"}}
+    assert config_secret_chain(unmanaged) is None  # someone else's Secret with our chain label
+    assert config_secret_chain({"name": "agents-keyroute"}) is None  # no labels at all
+    assert config_secret_chain({"name": "x", "labels": {**meta["labels"], "keyroute.dev/chain": 7}}) is None
 
 
 def test_chain_with_mismatched_and_missing_pools_is_not_ready():

@@ -17,8 +17,9 @@ at once and start reconciles as tasks:
 - a chain's config Secret listed or changed → its hash noted (a render compares it, no GET); deleted
   → the chain rendered again;
 - sidecar reports (Events labelled ``keyroute.dev/report=sidecar``, watched by an operator-level
-  task with that label selector) → the status of the pool or chain they concern, at most one
-  reconcile per object every 0.5 s, and again when a reported ``until`` passes;
+  task with that label selector) → the status of the pool or chain they concern, each object's
+  reconciles at least 0.55 s apart (from the end of one to the start of the next), and again when a
+  reported ``until`` passes;
 - one operator-level task resyncs every known pool and chain periodically, as a safety net for
   missed events. Not kopf timers: kopf puts a finalizer on every object that has a timer, and a
   finalizer is a way for a broken operator to block deletions.
@@ -54,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -65,10 +67,9 @@ from keyroute.controller.election import ElectionConfig, LeaderElector
 from keyroute.controller.metrics import OperatorMetrics
 from keyroute.controller.reconcile import ObjectCache, Reconciler
 from keyroute.controller.settings import OperatorConfig
-from keyroute.core.objects import CHAIN_LABEL, MANAGED_BY, secret_hash
+from keyroute.core.objects import config_secret_chain, secret_hash
 from keyroute.core.references import RefIndex, referenced
 from keyroute.core.reports import REPORT_LABEL, REPORT_LABEL_VALUE
-from keyroute.core.status import config_secret_name
 from keyroute.kube import CORE, Kube, path, watch_forever
 
 GROUP, VERSION = "keyroute.dev", "v1alpha1"
@@ -359,29 +360,20 @@ class Operator:
         kube = _login.kube()
         scopes: list[str | None] = [*self.config.namespaces] or [None]  # None: every namespace
         streams: list[asyncio.Task[None]] = []
-        kinds: tuple[tuple[str, tuple[str, str, str], Callable[[str | None], Callable[[str, dict[str, Any]], None]]], ...] = (
-            ("pools", POOLS, lambda scope: self.on_pool),
-            ("secrets", (*CORE, "secrets"), lambda scope: lambda kind, obj: self.on_secret(kind, obj, scope)),
-            ("chains", CHAINS, lambda scope: self.on_chain),
-        )
         try:
-            for kind, (group, version, plural), handler in kinds:
+            for kind, (group, version, plural) in (("pools", POOLS), ("secrets", (*CORE, "secrets")), ("chains", CHAINS)):
                 listed: list[asyncio.Event] = []
                 for scope in scopes:
                     done = asyncio.Event()
                     listed.append(done)
-                    on_listed = done.set
+                    handle: Callable[[str, dict[str, Any]], None] = self.on_pool if kind == "pools" else self.on_chain
+                    on_listed: Callable[[], None] = done.set
                     if kind == "secrets":
-                        on_listed = _both(done.set, lambda scope=scope: self._secrets_listed(scope))  # type: ignore[misc]
+                        handle = functools.partial(self.on_secret, scope=scope)
+                        on_listed = functools.partial(self._secrets_listed, scope, done)
                     streams.append(
                         asyncio.create_task(
-                            watch_forever(
-                                kube,
-                                path(group, version, plural, scope),
-                                handler(scope),
-                                what=kind,
-                                on_listed=on_listed,
-                            ),
+                            watch_forever(kube, path(group, version, plural, scope), handle, what=kind, on_listed=on_listed),
                             name=f"keyroute-watch-{kind}",
                         )
                     )
@@ -400,11 +392,12 @@ class Operator:
             await asyncio.gather(*streams, return_exceptions=True)
             await _close(kube)
 
-    def _secrets_listed(self, scope: str | None) -> None:
+    def _secrets_listed(self, scope: str | None, done: asyncio.Event) -> None:
         """A listing of Secrets ended: config Secrets it did not bring are gone (deleted while the
-        watch was down); from now on the cache's word on config Secrets is complete."""
+        watch was down); from now on the cache's word on config Secrets is complete (``done``)."""
         seen = self._listing.pop(scope, set())
         self.cache.configs_gone(lambda ns, name: (scope is None or ns == scope) and (ns, name) not in seen)
+        done.set()
 
     def _reconcile(self, kind: str, namespace: str, name: str, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run ``work()`` (a reconcile for a watch event) as a task: after the inputs' first listing,
@@ -467,7 +460,7 @@ class Operator:
             version = meta.get("resourceVersion")
             previous = self.secret_versions.get((ns, name))
             self.secret_versions[(ns, name)] = version
-        chain = _config_of(meta, name)
+        chain = config_secret_chain(meta)
         if chain is not None:
             self._config_secret(type, body, ns, name, chain, scope)
             return
@@ -531,23 +524,6 @@ def _meta(body: dict[str, Any]) -> dict[str, Any]:
         return {}
     meta.pop("managedFields", None)
     return meta
-
-
-def _config_of(meta: dict[str, Any], name: str) -> str | None:
-    """The chain whose rendered config Secret this is (by its labels and name), or None."""
-    labels = meta.get("labels") or {}
-    chain = labels.get(CHAIN_LABEL)
-    if not isinstance(chain, str) or any(labels.get(k) != v for k, v in MANAGED_BY.items()):
-        return None
-    return chain if name == config_secret_name(chain) else None
-
-
-def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
-    def call() -> None:
-        first()
-        second()
-
-    return call
 
 
 async def _guarded(op: Operator, kind: str, namespace: str, name: str, work: Coroutine[Any, Any, None]) -> None:

@@ -16,6 +16,16 @@ CHAIN_LABEL = "keyroute.dev/chain"
 HASH_ANNOTATION = "keyroute.dev/config-hash"
 
 
+def config_secret_chain(meta: Mapping[str, Any]) -> str | None:
+    """The chain whose rendered config Secret this is (from a Secret's metadata: the labels
+    :func:`config_secret` sets and the name it gives), or None for any other Secret."""
+    labels = meta.get("labels") or {}
+    chain = labels.get(CHAIN_LABEL)
+    if not isinstance(chain, str) or any(labels.get(k) != v for k, v in MANAGED_BY.items()):
+        return None
+    return chain if meta.get("name") == config_secret_name(chain) else None
+
+
 def config_secret(chain: ProviderChain, config: SidecarConfig) -> dict[str, Any]:
     """The ``<chain>-keyroute`` Secret: the rendered config, owned by its chain (garbage-collected with it)."""
     owner: dict[str, Any] = {
