@@ -105,3 +105,59 @@ async def test_cancel_drops_what_is_queued() -> None:
     lane.post("ns", ev("later"), "Ready")  # a lane can be used again (a new term)
     await lane.drain()
     assert sink.sent == [("ns", "later")]
+
+
+async def ticks(n: int = 5) -> None:
+    """Let every ready task run (no time passes)."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+async def test_events_wait_while_the_owner_is_busy_then_go_in_order() -> None:
+    sink = Sink()
+    idle = asyncio.Event()  # clear: a burst of reconciles is under way
+    lane = EventLane(sink, senders=2, idle=idle, max_hold=3600)
+    for i in range(4):
+        lane.post("ns", ev(f"e{i}"), "Ready")
+    await ticks()
+    assert sink.started == []  # held: the statuses of the burst go first
+    assert len(lane) == 4
+    idle.set()
+    await lane.drain()
+    assert sink.started == ["e0", "e1", "e2", "e3"]
+    assert len(sink.sent) == 4
+
+
+async def test_an_idle_owner_holds_nothing() -> None:
+    sink = Sink()
+    idle = asyncio.Event()
+    idle.set()
+    lane = EventLane(sink, idle=idle, max_hold=3600)
+    lane.post("ns", ev("e0"), "Ready")
+    await ticks()
+    assert sink.sent == [("ns", "e0")]
+
+
+async def test_an_event_is_held_no_longer_than_max_hold() -> None:
+    sink = Sink()
+    idle = asyncio.Event()  # busy, and stays busy
+    lane = EventLane(sink, senders=1, idle=idle, max_hold=0.0)  # every Event has waited long enough
+    lane.post("ns", ev("e0"), "Ready")
+    lane.post("ns", ev("e1"), "Ready")
+    await lane.drain()
+    assert sink.sent == [("ns", "e0"), ("ns", "e1")]
+    assert not idle.is_set()
+
+
+async def test_cancel_while_held_drops_the_events_quietly() -> None:
+    sink = Sink()
+    idle = asyncio.Event()
+    lane = EventLane(sink, idle=idle, max_hold=3600)
+    lane.post("ns", ev("e0"), "Ready")
+    await ticks()
+    lane.cancel()
+    await lane.drain()
+    idle.set()
+    await ticks()
+    assert sink.started == []
+    assert len(lane) == 0

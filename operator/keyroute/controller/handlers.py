@@ -31,6 +31,8 @@ annotations, no finalizers), so a standby replica, which runs the same watches t
 warm, writes nothing at all. Changes are told from status writes by the ``metadata.generation`` the
 API server bumps on spec changes only. At start-up pools are listed first, then Secrets, then
 chains, and reconciles start once the Secrets are listed: every input is in the cache by then.
+While reconciles started by watch events are queued or running, the reconciler's Events wait
+(:mod:`keyroute.controller.events`): in a burst, the statuses and configs go to the API server first.
 
 **Leader election** (:mod:`keyroute.controller.election`): only the leader reconciles, folds
 reports and writes. Every write of the reconciler goes through a :class:`FencedKube` that refuses
@@ -159,6 +161,9 @@ class Operator:
         self.reconciles = asyncio.Semaphore(MAX_RECONCILES)
         # Reconciles started by watch events, waiting for a slot or running (cancelled at shutdown).
         self._event_tasks: set[asyncio.Task[None]] = set()
+        # Set while there is none: the reconciler's Events wait for it (statuses first in a burst).
+        self.event_tasks_idle = asyncio.Event()
+        self.event_tasks_idle.set()
         # Set once pools and Secrets were listed (each namespace): the reconciles of listed objects
         # wait for it, so that they read every credential Secret from the cache, none from the API.
         self.inputs_listed = asyncio.Event()
@@ -191,7 +196,7 @@ class Operator:
         term = self._term
         kube = _login.client(FencedKube)
         kube.fence = lambda: self._term == term and self.is_leader()
-        return Reconciler(kube, self.metrics, cache=self.cache)
+        return Reconciler(kube, self.metrics, cache=self.cache, events_idle=self.event_tasks_idle)
 
     def _started_leading(self) -> None:
         """The Lease is ours: fresh state, then reconcile everything known (the standby's cache)."""
@@ -410,7 +415,13 @@ class Operator:
 
         task = asyncio.create_task(run(), name=f"keyroute-{kind}-event")
         self._event_tasks.add(task)
-        task.add_done_callback(self._event_tasks.discard)
+        self.event_tasks_idle.clear()
+        task.add_done_callback(self._event_task_done)
+
+    def _event_task_done(self, task: asyncio.Task[None]) -> None:
+        self._event_tasks.discard(task)
+        if not self._event_tasks:
+            self.event_tasks_idle.set()
 
     def on_pool(self, type: str, body: dict[str, Any]) -> None:
         """A CredentialPool listed (``LISTED``), added, changed or deleted."""

@@ -106,6 +106,7 @@ class Reconciler:
         min_interval: float = 0.55,
         sleep: Sleep = asyncio.sleep,
         cache: ObjectCache | None = None,
+        events_idle: asyncio.Event | None = None,
     ):
         self.kube = kube
         # Reads of pools and Secrets for renders; without one (tests), every read is a GET.
@@ -115,7 +116,8 @@ class Reconciler:
         # inside kopf's handler context, and reports and expiry timers change status outside it.
         self.post = post or self._post_event
         self._event_seq = itertools.count()
-        self.events = EventLane(self._send_event, on_drop=metrics.events_dropped.inc)
+        # ``events_idle``: set while no burst of reconciles is under way (the Events wait for it).
+        self.events = EventLane(self._send_event, on_drop=metrics.events_dropped.inc, idle=events_idle)
         self.clock = clock
         self.coalesce = coalesce
         self.min_interval = min_interval
