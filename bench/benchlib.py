@@ -65,6 +65,15 @@ def cpu_seconds(pid: int) -> float:
     return sum(cpu_times(pid))
 
 
+def core_ticks(core: int) -> list[int]:
+    """user nice system idle iowait irq softirq steal of one core, from /proc/stat."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith(f"cpu{core} "):
+                return [int(x) for x in line.split()[1:9]]
+    return [0] * 8
+
+
 def rss_kib(pid: int, field: str = "VmRSS") -> int:
     """A memory field of /proc/<pid>/status (VmRSS, VmHWM ...) in KiB; -1 if unreadable."""
     try:

@@ -43,7 +43,7 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from benchlib import CLK_TCK, cpu_seconds, cpu_times, free_port, percentiles, rss_kib  # noqa: E402
+from benchlib import CLK_TCK, core_ticks, cpu_seconds, cpu_times, free_port, percentiles, rss_kib  # noqa: E402
 
 PY = sys.executable
 KEYROUTE = str(Path(PY).parent / "keyroute")
@@ -148,15 +148,6 @@ def wait_tcp(port: int, proc: Proc, timeout: float = 20.0) -> None:
                 return
         time.sleep(0.05)
     raise RuntimeError(f"{proc.name} not listening on {port} after {timeout}s: {proc.tail()}")
-
-
-def core_ticks(core: int) -> list[int]:
-    """user nice system idle iowait irq softirq steal of one core, from /proc/stat."""
-    with open("/proc/stat") as f:
-        for line in f:
-            if line.startswith(f"cpu{core} "):
-                return [int(x) for x in line.split()[1:9]]
-    return [0] * 8
 
 
 NOISY_PCT = 5.0

@@ -52,7 +52,7 @@ SELF = Path(__file__).resolve()
 BENCH = SELF.parent
 sys.path.insert(0, str(BENCH))
 import operator_bench as ob  # noqa: E402  (adds the repository root to sys.path)
-from benchlib import audited_control_plane, cpu_seconds  # noqa: E402
+from benchlib import CLK_TCK, audited_control_plane, core_ticks, cpu_seconds  # noqa: E402
 
 Json = dict[str, Any]
 ROOT = ob.ROOT
@@ -267,6 +267,24 @@ def control_plane_cpu(cp: Any) -> dict[str, float]:
     return out
 
 
+def noise(ticks0: dict[int, list[int]], out: Json, cp0: dict[str, float], cp1: dict[str, float]) -> Json:
+    """Per core since ``ticks0``: the host's steal, and the CPU used by anything but the operator,
+    the control plane and this process (other engineers' work on a shared machine), in % of the core.
+    With the control plane on one core, its core's figures say how far the API server was held up."""
+    ours = out["operator_cpu_seconds"] + out["orchestrator_cpu_seconds"]
+    ours += sum(cp1.get(k, 0.0) - v for k, v in cp0.items())
+    res: Json = {}
+    busy_all = 0.0
+    for core, a in ticks0.items():
+        d = [y - x for x, y in zip(a, core_ticks(core), strict=True)]
+        total = max(1, sum(d))
+        res[f"core{core}_steal_pct"] = round(100.0 * d[7] / total, 1)
+        busy_all += (d[0] + d[1] + d[2] + d[5] + d[6]) / CLK_TCK
+    # Not per core: the kernel moves the control plane's softirq work around.
+    res["others_cpu_seconds"] = round(max(0.0, busy_all - ours), 2)
+    return res
+
+
 def counts(rows: list[tuple[float, str, str, str]]) -> Json:
     return dict(sorted(Counter(f"{verb} {res}" for _, verb, res, _ in rows).items()))
 
@@ -342,6 +360,7 @@ async def one_run(scale: float, run: int, logs: Path, profile: bool = False, cp_
         ops.append(op)
         cp_cpu0 = control_plane_cpu(cp)
         self_cpu0 = time.process_time()
+        ticks0 = {core: core_ticks(core) for core in sorted(ob.CORES)}
         wall0 = time.time()
         await op.start()
         spy = await start_profiler(op.pid, logs / f"profile-{layout.pools}-{run}.txt") if profile else None
@@ -385,13 +404,14 @@ async def one_run(scale: float, run: int, logs: Path, profile: bool = False, cp_
         }
         # This process shares the control plane's core: what its polling took from the API server.
         out["orchestrator_cpu_seconds"] = round(time.process_time() - self_cpu0, 2)
+        out["noise"] = noise(ticks0, out, cp_cpu0, control_plane_cpu(cp))
         out["rss_now_mib"] = op.rss_mib()
         out["peak_rss_mib"] = op.rss_mib("VmHWM")
         out["load_after"] = loadavg()
         await op.stop()
         log(
             f"{layout.pools} pools run {run}: sync {out['sync_seconds']} s (status and configs {out['state_written_seconds']} s,"
-            f" first write {out['first_write_seconds']} s), control plane cpu {out['control_plane_cpu_seconds']} (this process {out['orchestrator_cpu_seconds']}),"
+            f" first write {out['first_write_seconds']} s), control plane cpu {out['control_plane_cpu_seconds']} (this process {out['orchestrator_cpu_seconds']}, noise {out['noise']}),"
             f" {out['renders_per_chain']} renders/chain, peak RSS {out['peak_rss_mib']} MiB, cpu {out['operator_cpu_seconds']} s"
         )
 
