@@ -204,11 +204,15 @@ async def wait_audit(
     """Until the audit log shows, since ``wall0``, a request ``verb resource`` for every name in ``want``
     (polling the log, not the operator: a metrics scrape costs the operator's core)."""
     deadline = time.monotonic() + timeout
+    got: dict[str, set[str]] = {}
+    done = 0  # rows of the log already counted (this process shares the API server's core: poll lightly)
     while True:
         op.check_alive()
-        got: dict[str, set[str]] = {}
-        for _, verb, res, name in audit.since(wall0):
-            got.setdefault(f"{verb} {res}", set()).add(name)
+        audit.read()
+        for at, verb, res, name in audit.rows[done:]:
+            if at >= wall0:
+                got.setdefault(f"{verb} {res}", set()).add(name)
+        done = len(audit.rows)
         if all(names <= got.get(k, set()) for k, names in want.items()):
             return
         if time.monotonic() > deadline:
@@ -228,9 +232,12 @@ async def wait_writes_settled(
     follow the status writes are posted too."""
     deadline = time.monotonic() + timeout
     seen, since = -1, time.monotonic()
+    n, done = 0, 0
     while True:
         op.check_alive()
-        n = sum(1 for r in audit.since(wall0) if r[1] in WRITES)
+        audit.read()
+        n += sum(1 for r in audit.rows[done:] if r[0] >= wall0 and r[1] in WRITES)
+        done = len(audit.rows)
         if n != seen:
             seen, since = n, time.monotonic()
         elif time.monotonic() - since >= quiet:
