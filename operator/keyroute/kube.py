@@ -235,38 +235,38 @@ class Kube:
     async def merge_patch(self, url_path: str, body: dict[str, Any], *, read: bool = True) -> dict[str, Any]:
         return await self.request("PATCH", url_path, body, content_type="application/merge-patch+json", read=read)
 
+    async def list(
+        self, url_path: str, params: Mapping[str, str] | None = None, *, from_cache: bool = False
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """The objects at ``url_path`` and the listing's resourceVersion (to watch from).
+
+        ``from_cache``: ``resourceVersion=0``, served from the API server's watch cache (possibly a
+        moment behind etcd; a watch from the listing's version catches up), as client-go's reflector
+        lists first. A consistent listing is read from etcd, every object decoded again: the API
+        server took 0.4 to 0.6 s to answer one of 1,000 CredentialPools, 0.06 to 0.1 s from its cache."""
+        query = {**(params or {}), "resourceVersion": "0"} if from_cache else dict(params or {})
+        listing = await self.request("GET", url_path + ("?" + urlencode(query) if query else ""))
+        items = [item for item in listing.get("items") or [] if isinstance(item, dict)]
+        version = (listing.get("metadata") or {}).get("resourceVersion")
+        return items, str(version) if version else None
+
     async def watch(
         self,
         url_path: str,
         params: Mapping[str, str] | None = None,
         *,
+        version: str | None,
         server_timeout: int = 290,
-        on_listed: Callable[[], None] | None = None,
-        from_cache: bool = False,
     ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-        """List, then watch from the listing's resourceVersion: ``(type, object)`` pairs, ``type`` being
-        ``LISTED`` for the listing, then ``ADDED`` / ``MODIFIED`` / ``DELETED``; ``on_listed`` is called
-        once the listing's last object was handled. Returns when the server ends the stream; raises
-        :class:`ApiError` (410 when the version expired) or a connection error. Callers loop over it
-        (:func:`watch_forever`).
-
-        ``from_cache``: list with ``resourceVersion=0``, served from the API server's watch cache
-        (possibly a moment behind etcd; the watch from the listing's version catches up), as
-        client-go's reflector lists first. A consistent listing is read from etcd, every object decoded
-        again: the API server took 0.4 to 0.6 s to answer one of 1,000 CredentialPools, 0.06 to 0.1 s
-        from its cache."""
+        """The changes after ``version``: ``(type, object)`` pairs, ``type`` being ``ADDED``,
+        ``MODIFIED``, ``DELETED`` or ``BOOKMARK`` (whose object carries only the resourceVersion to
+        resume from). Returns when the server ends the stream (``server_timeout``); raises
+        :class:`ApiError` (410 when ``version`` left the server's history) or a connection error.
+        :func:`watch_forever` lists and resumes around it."""
         query = dict(params or {})
-        list_query = {**query, "resourceVersion": "0"} if from_cache else query
-        listing = await self.request("GET", url_path + ("?" + urlencode(list_query) if list_query else ""))
-        for item in listing.get("items") or []:
-            if isinstance(item, dict):
-                yield "LISTED", item
-        if on_listed is not None:
-            on_listed()
-        version = (listing.get("metadata") or {}).get("resourceVersion")
         query.update(watch="true", timeoutSeconds=str(server_timeout), allowWatchBookmarks="true")
         if version:
-            query["resourceVersion"] = str(version)
+            query["resourceVersion"] = version
         await self._refresh()
         async with self._watch_client().get(
             f"{self.server}{url_path}?{urlencode(query)}",
@@ -290,7 +290,7 @@ class Kube:
                 if kind == "ERROR":
                     code = obj.get("code", 500) if isinstance(obj, dict) else 500
                     raise ApiError("WATCH", url_path, int(code), str((obj or {}).get("reason", "")))
-                if kind in ("ADDED", "MODIFIED", "DELETED") and isinstance(obj, dict):
+                if kind in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK") and isinstance(obj, dict):
                     yield kind, obj
 
     async def delete(self, url_path: str) -> None:
@@ -317,36 +317,53 @@ async def watch_forever(
     what: str = "",
     on_listed: Callable[[], None] | None = None,
 ) -> None:
-    """Keep a list-and-watch of ``url_path`` going until cancelled, re-listing after every break
-    (a watch that ended, expired or failed): ``handle`` gets every object of each listing and every
-    change; ``on_listed`` is called after each listing. Failures are logged once per streak and
-    retried with a doubling backoff.
+    """Keep a list-and-watch of ``url_path`` going until cancelled, as client-go's reflector does:
+    ``handle`` gets every object of a listing (type ``LISTED``) and every change; ``on_listed`` is
+    called after each listing. Failures are logged once per streak and retried with a doubling
+    backoff.
 
+    A watch that ends (the server closes streams every few minutes) or whose connection breaks is
+    resumed from the last resourceVersion seen (changes and bookmarks), without listing again. Only
+    an error from the API server (410: that version left its history) starts over with a listing.
     The first listing is served from the API server's watch cache (cheap, for a process that has
-    seen nothing yet); a re-list is a consistent read, never older than what was already handled."""
+    seen nothing yet); a later one is a consistent read, never older than what was handled."""
     delay = backoff[0]
     failing = False
-    listed = False
+    listed_once = False
+    version: str | None = None
+    must_list = True
 
-    def listing_done() -> None:
-        nonlocal listed
-        listed = True
-        if on_listed is not None:
-            on_listed()
+    def restored() -> None:
+        nonlocal failing, delay
+        if failing:
+            log.info("watch restored", extra={"kr": {"watch": what or url_path}})
+            failing = False
+        delay = backoff[0]
 
     while True:
         try:
-            async for kind, obj in kube.watch(url_path, params, on_listed=listing_done, from_cache=not listed):
-                result = handle(kind, obj)
-                if result is not None:
-                    await result
-                if failing:
-                    log.info("watch restored", extra={"kr": {"watch": what or url_path}})
-                    failing = False
-                delay = backoff[0]
+            if must_list:
+                items, version = await kube.list(url_path, params, from_cache=not listed_once)
+                for obj in items:
+                    result = handle("LISTED", obj)
+                    if result is not None:
+                        await result
+                listed_once, must_list = True, version is None  # no version to resume from: list again
+                if on_listed is not None:
+                    on_listed()
+                restored()
+            async for kind, obj in kube.watch(url_path, params, version=version):
+                version = str((obj.get("metadata") or {}).get("resourceVersion") or "") or version
+                if kind != "BOOKMARK":
+                    result = handle(kind, obj)
+                    if result is not None:
+                        await result
+                restored()
         except asyncio.CancelledError:
             raise
         except (TimeoutError, ApiError, aiohttp.ClientError, OSError) as e:
+            # The connection broke: resume from ``version``. The API server refused: list again.
+            must_list = must_list or isinstance(e, ApiError)
             if not failing:
                 log.warning("watch failed; retrying", extra={"kr": {"watch": what or url_path, "error": str(e)}})
             failing = True

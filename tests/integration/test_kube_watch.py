@@ -1,15 +1,18 @@
 """keyroute's list-and-watch (``keyroute.kube.watch_forever``) against a stand-in API server on
-loopback that records every request: the first listing is served from the API server's watch cache
-(``resourceVersion=0``, as client-go's reflector lists first), every re-list after a break is a
-consistent read (never older than what was already handled), and the watch starts from the
-listing's version. The real API server runs the same code in tests/realapi; it cannot tell a test
-which query a client sent, so the request pattern is checked here."""
+loopback that records every request and plays a script of watch streams. What client-go's reflector
+does, and so should keyroute's: the first listing is served from the API server's watch cache
+(``resourceVersion=0``); a watch that ends or breaks is resumed from the last version seen (a change
+or a bookmark) without listing again; only the API server's refusal (410: the version left its
+history) starts over, with a consistent listing. The real API server runs the same code in
+tests/realapi (its outage test included); it cannot tell a test which query a client sent, nor end
+a stream on cue, so the request pattern is checked here."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -19,36 +22,53 @@ from keyroute.kube import Connection, Kube, watch_forever
 PATH = "/api/v1/namespaces/ns/secrets"
 
 
-class StandIn:
-    """Lists answer ``fail_lists`` times with 500, then one item at version ``10 + n``; each watch
-    sends one MODIFIED event and ends its stream (as a server-side timeout does)."""
+def change(kind: str, version: str) -> dict[str, Any]:
+    return {"type": kind, "object": {"metadata": {"name": "a", "resourceVersion": version}}}
 
-    def __init__(self, fail_lists: int = 0) -> None:
-        self.lists: list[dict[str, str]] = []
-        self.watches: list[dict[str, str]] = []
-        self.fail_lists = fail_lists
-        self.listing = asyncio.Event()  # set at every listing request
+
+class StandIn:
+    """Lists answer ``fail_lists`` times with 500, then one object at version ``10 + n`` (n: the
+    listing's number). Each watch plays the next script: events, then ``end`` (the stream ends, as
+    at the server's timeout) or ``break`` (the connection drops); without a script it stays open."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, dict[str, str]]] = []  # ("list" | "watch", query)
+        self.fail_lists = 0
+        self.scripts: list[tuple[list[dict[str, Any]], str]] = []
+        self.arrived = asyncio.Event()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         query = dict(request.query)
-        if query.get("watch") == "true":
-            self.watches.append(query)
-            resp = web.StreamResponse()
-            await resp.prepare(request)
-            event = {"type": "MODIFIED", "object": {"metadata": {"name": "a", "resourceVersion": "99"}}}
+        watching = query.get("watch") == "true"
+        self.requests.append(("watch" if watching else "list", query))
+        self.arrived.set()
+        if not watching:
+            if sum(1 for k, _ in self.requests if k == "list") <= self.fail_lists:
+                return web.json_response({"kind": "Status", "reason": "InternalError"}, status=500)
+            version = str(10 + sum(1 for k, _ in self.requests if k == "list"))
+            return web.json_response(
+                {
+                    "metadata": {"resourceVersion": version},
+                    "items": [{"metadata": {"name": "a", "resourceVersion": version}}],
+                }
+            )
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        if not self.scripts:
+            await asyncio.Event().wait()  # open until the client goes
+        events, then = self.scripts.pop(0)
+        for event in events:
             await resp.write(json.dumps(event).encode() + b"\n")
-            return resp
-        self.lists.append(query)
-        self.listing.set()
-        if len(self.lists) <= self.fail_lists:
-            return web.json_response({"kind": "Status", "reason": "InternalError"}, status=500)
-        version = str(10 + len(self.lists))
-        return web.json_response(
-            {
-                "metadata": {"resourceVersion": version},
-                "items": [{"metadata": {"name": "a", "resourceVersion": version}}],
-            }
-        )
+        if then == "break":
+            assert request.transport is not None
+            request.transport.abort()
+        return resp
+
+    def lists(self) -> list[dict[str, str]]:
+        return [q for k, q in self.requests if k == "list"]
+
+    def watched_from(self) -> list[str | None]:
+        return [q.get("resourceVersion") for k, q in self.requests if k == "watch"]
 
 
 @pytest.fixture
@@ -56,7 +76,7 @@ async def served() -> AsyncIterator[tuple[StandIn, Kube]]:
     stand_in = StandIn()
     app = web.Application()
     app.router.add_get(PATH, stand_in.handle)
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -69,8 +89,8 @@ async def served() -> AsyncIterator[tuple[StandIn, Kube]]:
         await runner.cleanup()
 
 
-async def run_until(kube: Kube, stand_in: StandIn, lists: int) -> tuple[list[tuple[str, str]], int]:
-    """Run ``watch_forever`` until the stand-in got ``lists`` listing requests: what it handed on
+async def run_until(kube: Kube, stand_in: StandIn, requests: int) -> tuple[list[tuple[str, str]], int]:
+    """Run ``watch_forever`` until the stand-in got ``requests`` requests: what it handed on
     (type, resourceVersion) and how many listings it reported done."""
     got: list[tuple[str, str]] = []
     listed: list[int] = []
@@ -85,33 +105,51 @@ async def run_until(kube: Kube, stand_in: StandIn, lists: int) -> tuple[list[tup
     )
     try:
         async with asyncio.timeout(10):
-            while len(stand_in.lists) < lists:
-                stand_in.listing.clear()
-                await stand_in.listing.wait()
+            while len(stand_in.requests) < requests:
+                stand_in.arrived.clear()
+                await stand_in.arrived.wait()
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     return got, len(listed)
 
 
-async def test_the_first_listing_comes_from_the_watch_cache_and_a_relist_is_consistent(
+async def test_first_listing_from_the_cache_then_an_ended_watch_is_resumed_without_a_listing(
     served: tuple[StandIn, Kube],
 ) -> None:
     stand_in, kube = served
-    got, listed = await run_until(kube, stand_in, lists=3)
-    assert listed >= 2
-    assert stand_in.lists[0] == {"resourceVersion": "0"}
-    assert stand_in.lists[1] == {} and stand_in.lists[2] == {}  # re-lists after the stream ended
-    # Each watch starts from its listing's version, with bookmarks, and ends server-side.
-    assert stand_in.watches[0]["resourceVersion"] == "11"
-    assert stand_in.watches[1]["resourceVersion"] == "12"
-    assert all(w["allowWatchBookmarks"] == "true" and "timeoutSeconds" in w for w in stand_in.watches)
-    assert got[:4] == [("LISTED", "11"), ("MODIFIED", "99"), ("LISTED", "12"), ("MODIFIED", "99")]
+    stand_in.scripts = [
+        ([change("MODIFIED", "20")], "end"),
+        ([{"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "30"}}}], "end"),
+        ([change("DELETED", "31")], "end"),
+    ]
+    got, listed = await run_until(kube, stand_in, requests=5)
+    assert stand_in.lists() == [{"resourceVersion": "0"}]  # one listing, from the watch cache
+    assert stand_in.watched_from() == ["11", "20", "30", "31"]  # each from the last version seen
+    assert got == [("LISTED", "11"), ("MODIFIED", "20"), ("DELETED", "31")]  # the bookmark kept back
+    assert listed == 1
+    watch = next(q for k, q in stand_in.requests if k == "watch")
+    assert watch["allowWatchBookmarks"] == "true" and "timeoutSeconds" in watch
+
+
+async def test_a_broken_connection_resumes_and_an_expired_version_lists_again_consistently(
+    served: tuple[StandIn, Kube],
+) -> None:
+    stand_in, kube = served
+    expired = {"type": "ERROR", "object": {"kind": "Status", "code": 410, "reason": "Expired"}}
+    stand_in.scripts = [([change("MODIFIED", "20")], "break"), ([expired], "end")]
+    got, listed = await run_until(kube, stand_in, requests=5)
+    assert [k for k, _ in stand_in.requests] == ["list", "watch", "watch", "list", "watch"]
+    assert stand_in.lists() == [{"resourceVersion": "0"}, {}]  # the re-list is a consistent read
+    assert stand_in.watched_from() == ["11", "20", "12"]
+    assert got == [("LISTED", "11"), ("MODIFIED", "20"), ("LISTED", "12")]
+    assert listed == 2
 
 
 async def test_until_a_listing_succeeds_every_retry_reads_the_cache(served: tuple[StandIn, Kube]) -> None:
     stand_in, kube = served
     stand_in.fail_lists = 2  # the API server failing at the operator's start
-    got, _ = await run_until(kube, stand_in, lists=4)
-    assert [q.get("resourceVersion") for q in stand_in.lists[:4]] == ["0", "0", "0", None]
-    assert got[0] == ("LISTED", "13")
+    got, listed = await run_until(kube, stand_in, requests=4)
+    assert [q.get("resourceVersion") for q in stand_in.lists()] == ["0", "0", "0"]
+    assert stand_in.watched_from() == ["13"]
+    assert got == [("LISTED", "13")] and listed == 1
