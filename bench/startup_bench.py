@@ -15,6 +15,8 @@ created by this process before the operator starts. One fresh control plane per 
 ``--control-plane-cores all`` lets the control plane use both cores (the operator stays alone on
 core 0, so it then shares that core with the API server): closer to a cluster whose control plane runs
 on nodes of its own, where the API server is not confined to one core.
+``--leader-elect on`` runs the operator with leader election, as the Helm chart does (its Lease
+renewals are not counted as writes).
 
 Figures per run:
 
@@ -130,6 +132,11 @@ class AuditLog:
         return [r for r in self.rows if r[0] >= wall]
 
 
+def object_write(row: tuple[float, str, str, str]) -> bool:
+    """A write of the operator's to an object (a Lease renewal is the election's, every few seconds)."""
+    return row[1] in WRITES and row[2] != "leases"
+
+
 def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -236,7 +243,7 @@ async def wait_writes_settled(
     while True:
         op.check_alive()
         audit.read()
-        n += sum(1 for r in audit.rows[done:] if r[0] >= wall0 and r[1] in WRITES)
+        n += sum(1 for r in audit.rows[done:] if r[0] >= wall0 and object_write(r))
         done = len(audit.rows)
         if n != seen:
             seen, since = n, time.monotonic()
@@ -322,13 +329,25 @@ async def stop_profiler(proc: asyncio.subprocess.Process | None) -> None:
         await proc.wait()
 
 
-async def one_run(scale: float, run: int, logs: Path, profile: bool = False, cp_all_cores: bool = False) -> Json:
+class ElectedOperator(ob.Operator):
+    """``keyroute operator`` with leader election on, as the Helm chart runs it (its Lease in ``default``)."""
+
+    @property
+    def command(self) -> list[str]:
+        argv = [a for a in super().command if a != "--leader-elect=false"]
+        return [*argv, "--leader-election-namespace", NS]
+
+
+async def one_run(
+    scale: float, run: int, logs: Path, profile: bool = False, cp_all_cores: bool = False, elect: bool = False
+) -> Json:
     from tests.realapi.controlplane import HOW_TO_GET_ASSETS, find_assets
 
     from keyroute.kube import Kube, from_kubeconfig
 
     layout = ob.Layout(round(1000 * scale), round(300 * scale))
-    out: Json = {"pools": layout.pools, "secrets": layout.pools, "chains": layout.chains, "run": run}
+    out: Json = {"pools": layout.pools, "secrets": layout.pools, "chains": layout.chains, "run": run, "leader_elect": elect}
+    operator_cls = ElectedOperator if elect else ob.Operator
     assets = find_assets()
     if assets is None:
         raise RuntimeError(f"needs the control-plane binaries: {HOW_TO_GET_ASSETS}")
@@ -361,7 +380,7 @@ async def one_run(scale: float, run: int, logs: Path, profile: bool = False, cp_
 
         # --- initial sync ---------------------------------------------------------------------------
         out["load_before"] = loadavg()
-        op = ob.Operator(
+        op = operator_cls(
             kubeconfig, logs / f"operator-{layout.pools}-{run}.log", {"KEYROUTE_RESYNC_SECONDS": "3600"}
         )
         ops.append(op)
@@ -392,7 +411,8 @@ async def one_run(scale: float, run: int, logs: Path, profile: bool = False, cp_
         await wait_writes_settled(op, audit, wall0, quiet=2.0, timeout=SYNC_TIMEOUT)
         m = await metrics(op)
         rows = audit.since(wall0)
-        writes = [r for r in rows if r[1] in WRITES]
+        writes = [r for r in rows if object_write(r)]
+        out["lease_writes"] = sum(1 for r in rows if r[1] in WRITES and r[2] == "leases")
         state = [r for r in writes if r[2] != "events"]
         events = [r for r in writes if r[2] == "events"]
         out["sync_seconds"] = round(max(r[0] for r in writes) - wall0, 2) if writes else None
@@ -423,7 +443,7 @@ async def one_run(scale: float, run: int, logs: Path, profile: bool = False, cp_
         )
 
         # --- restart --------------------------------------------------------------------------------
-        op2 = ob.Operator(
+        op2 = operator_cls(
             kubeconfig,
             logs / f"operator-{layout.pools}-{run}-restart.log",
             {"KEYROUTE_RESYNC_SECONDS": "3600"},
@@ -435,7 +455,9 @@ async def one_run(scale: float, run: int, logs: Path, profile: bool = False, cp_
         out["restart_reconciled_seconds"] = round(time.time() - wall1, 2)
         await asyncio.sleep(3.0)
         rows = audit.since(wall1)
-        out["restart_writes"] = counts([r for r in rows if r[1] in WRITES])
+        # The Lease's renewals are the election's, not writes to the objects.
+        out["restart_writes"] = counts([r for r in rows if object_write(r)])
+        out["restart_lease_writes"] = sum(1 for r in rows if r[1] in WRITES and r[2] == "leases")
         out["restart_peak_rss_mib"] = op2.rss_mib("VmHWM")
         await op2.stop()
         log(
@@ -464,7 +486,11 @@ async def main_async(args: argparse.Namespace) -> Json:
     }
     for run in range(1, args.runs + 1):
         for scale in args.sizes:
-            result["runs"].append(await one_run(scale, run, logs, args.profile, args.control_plane_cores == "all"))
+            result["runs"].append(
+                await one_run(
+                    scale, run, logs, args.profile, args.control_plane_cores == "all", args.leader_elect == "on"
+                )
+            )
             (ob.RESULTS / f"{stamp}-startup.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -488,6 +514,13 @@ def main(argv: list[str] | None = None) -> int:
         default="rest",
         help="rest (default): the control plane shares the other core with this orchestrator; all: it may"
         " use both cores, as a control plane on nodes of its own would not share the operator's",
+    )
+    parser.add_argument(
+        "--leader-elect",
+        choices=["off", "on"],
+        default="off",
+        help="off (default): one replica that always leads; on: leader election through a Lease, as the"
+        " Helm chart runs the operator (the Lease is taken before the first sync can start)",
     )
     args = parser.parse_args(argv)
     result = asyncio.run(main_async(args))
