@@ -7,7 +7,8 @@ ranks changes to the sidecar's own Python work, not the absolute cost: use it to
 with the code before it, and ``run.py`` for the end-to-end figures.
 
 Each proxy runs under ``valgrind --tool=callgrind`` (~50 times slower: counts, not times, are read), a
-warm-up is sent, the counters are zeroed, N requests are sent, the counters are dumped::
+warm-up is sent, the counters are zeroed, N requests are sent, the counters are dumped (the dump's path is printed:
+``callgrind_annotate`` it to see where the instructions go)::
 
     python bench/instructions.py                 # baseline and sidecar, 600 JSON requests at c=16
     python bench/instructions.py --stream        # 20-event streams (per stream)
@@ -111,7 +112,7 @@ def main() -> int:
             per = int(m.group(1)) / res["sent_total"]
             what = "stream" if args.stream else "request"
             print(f"{which:<9} {per / 1e3:8.1f}k instructions per {what} ({res['sent_total']} {what}s, "
-                  f"{res['errors']} errors)", flush=True)  # fmt: skip
+                  f"{res['errors']} errors; dump {dump})", flush=True)  # fmt: skip
             vg.terminate()
             vg.wait()
     finally:

@@ -178,7 +178,14 @@ class Pool:
         n = len(creds)
         chosen = -1
         strategy = self.strategy
-        if strategy is Strategy.ROUND_ROBIN:
+        if strategy is Strategy.FILL_FIRST:  # the default: the first usable key in priority order
+            for i in range(n):
+                h = healths[i]
+                # A key with no block when nothing is excluded (the usual case) needs no call.
+                if (not h.blocks and not exclude) or _eligible(creds[i], h, model, now, exclude):
+                    chosen = i
+                    break
+        elif strategy is Strategy.ROUND_ROBIN:
             # The first usable key at or after the cursor, circularly.
             start = self._cursor
             for step in range(n):
@@ -195,7 +202,7 @@ class Pool:
                     best is None or (h.in_flight, h.uses) < best
                 ):
                     chosen, best = i, (h.in_flight, h.uses)
-        elif strategy is Strategy.RANDOM:
+        else:  # Random
             count = 0
             for i in range(n):
                 if _eligible(creds[i], healths[i], model, now, exclude):
@@ -210,17 +217,12 @@ class Pool:
                             chosen = i
                             break
                         k -= 1
-        else:  # FillFirst: the first usable key in priority order
-            for i in range(n):
-                if _eligible(creds[i], healths[i], model, now, exclude):
-                    chosen = i
-                    break
         if chosen < 0:
             return None
         health = healths[chosen]
         health.in_flight += 1
         health.uses += 1
-        return Lease(pool=self, credential=creds[chosen], model=model, epoch=health.epoch)
+        return Lease(self, creds[chosen], model, health.epoch)  # by position: see Attempt
 
     def release(self, lease: Lease) -> None:
         """End a lease (the attempt is over, whatever its outcome)."""

@@ -37,47 +37,55 @@ _SPACE = b" \t\r\n"
 
 
 
-def _count(value: Any) -> int | None:
-    # bool is an int subclass: a provider's true/false is no token count.
-    return value if type(value) is int and value >= 0 else None
+# "No such member", told apart from a member whose value is null.
+_ABSENT: Any = object()
 
 
-def _detail(usage: Mapping[str, Any], name: str, field: str) -> int | None:
-    details = usage.get(name)
-    return _count(details.get(field)) if isinstance(details, Mapping) else None
+def _is_object(value: Any) -> bool:
+    # A decoded answer's objects are dicts: the ABC check only for other mappings handed in.
+    return type(value) is dict or (value is not None and isinstance(value, Mapping))
 
 
 def usage_counts(usage: Mapping[str, Any]) -> dict[str, int]:
-    """The token counts of one usage object, by kind; kinds the provider did not report are absent."""
-    # Plain lookups and stores, not a table walk or a comprehension: this runs once per answer on the
-    # request path.
+    """The token counts of one usage object, by kind; kinds the provider did not report are absent.
+
+    A count is a JSON integer ``>= 0`` (``type(n) is int``: a provider's true/false is no count). Where
+    two vocabularies name the same kind, a member present in the first is used even if it is not a
+    count (it is then absent from the result).
+    """
+    # Plain lookups and stores, each member looked up once, no helper calls: this runs once per answer
+    # on the request path (a call costs more than the test it would hide).
     get = usage.get
     out: dict[str, int] = {}
-    n = _count(get("prompt_tokens")) if "prompt_tokens" in usage else _count(get("input_tokens"))
-    if n is not None:
+    n = get("prompt_tokens", _ABSENT)
+    if n is _ABSENT:
+        n = get("input_tokens")
+    if type(n) is int and n >= 0:
         out[INPUT] = n
-    n = _count(get("completion_tokens")) if "completion_tokens" in usage else _count(get("output_tokens"))
-    if n is not None:
+    n = get("completion_tokens", _ABSENT)
+    if n is _ABSENT:
+        n = get("output_tokens")
+    if type(n) is int and n >= 0:
         out[OUTPUT] = n
-    if "prompt_tokens_details" in usage:
-        n = _detail(usage, "prompt_tokens_details", "cached_tokens")
-    elif "input_tokens_details" in usage:
-        n = _detail(usage, "input_tokens_details", "cached_tokens")
+    details = get("prompt_tokens_details", _ABSENT)
+    if details is _ABSENT:
+        details = get("input_tokens_details", _ABSENT)
+    if details is _ABSENT:
+        n = get("cache_read_input_tokens")
     else:
-        n = _count(get("cache_read_input_tokens"))
-    if n is not None:
+        n = details.get("cached_tokens") if _is_object(details) else None
+    if type(n) is int and n >= 0:
         out[CACHED] = n
-    n = _count(get("cache_creation_input_tokens"))
-    if n is not None:
+    n = get("cache_creation_input_tokens")
+    if type(n) is int and n >= 0:
         out[CACHE_WRITE] = n
-    if "completion_tokens_details" in usage:
-        n = _detail(usage, "completion_tokens_details", "reasoning_tokens")
-    elif "output_tokens_details" in usage:
-        n = _detail(usage, "output_tokens_details", "reasoning_tokens")
-    else:
-        n = None
-    if n is not None:
-        out[REASONING] = n
+    details = get("completion_tokens_details", _ABSENT)
+    if details is _ABSENT:
+        details = get("output_tokens_details")
+    if _is_object(details):
+        n = details.get("reasoning_tokens")
+        if type(n) is int and n >= 0:
+            out[REASONING] = n
     return out
 
 

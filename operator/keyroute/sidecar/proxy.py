@@ -72,6 +72,14 @@ class Proxy:
         self._session = session
         self._metrics = metrics
         self._emit = emit
+        self._timers: _Deadlines | None = None
+
+    def _deadlines(self) -> _Deadlines:
+        # Made on first use, in the loop that serves (tests run sidecars in several loops, one at a time).
+        timers = self._timers
+        if timers is None or timers.loop is not asyncio.get_running_loop():
+            timers = self._timers = _Deadlines(asyncio.get_running_loop())
+        return timers
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = _perf()
@@ -140,7 +148,7 @@ class Proxy:
         base_headers: dict[str, str],
         suffix: str,
     ) -> web.StreamResponse:
-        url = URL(attempt.base_url + suffix, encoded=True)
+        url = _url(attempt.base_url + suffix)
         first_token = attempt.first_token
         upstream: aiohttp.ClientResponse | None = None
         latency: float | None = None
@@ -152,8 +160,7 @@ class Proxy:
         # follows (error body, body, or the stream's first event). A phase change only moves the
         # timer's due time (see _IdleTimer): asyncio.timeout's reschedule, a cancelled handle and a new
         # one twice per request, was ~2% of the sidecar's samples at c=32.
-        loop = asyncio.get_running_loop()
-        timer = _IdleTimer(loop, attempt.first_byte, math.inf)
+        timer = _IdleTimer(self._deadlines(), attempt.first_byte, math.inf)
         try:
             try:
                 upstream = await self._session().request(
@@ -333,9 +340,10 @@ class Proxy:
         await out.write(buf)
         ending: bytes | None = None
         reason = ""
-        loop = asyncio.get_running_loop()
+        deadlines = self._deadlines()
+        loop = deadlines.loop
         deadline = route.deadline - _clock() + loop.time()
-        timer = _IdleTimer(loop, attempt.idle, deadline)
+        timer = _IdleTimer(deadlines, attempt.idle, deadline)
         try:
             try:
                 while True:
@@ -409,47 +417,94 @@ class Proxy:
         self._emit(actions)
 
 
+class _Deadlines:
+    """One event-loop timer for every attempt and stream of a proxy in flight (their :class:`_IdleTimer`).
+
+    A timer handle per attempt, made and cancelled around every request, was most of the per-attempt
+    deadline's cost (uvloop: ~4 µs for a ``call_at`` and its ``cancel``). Here an attempt only joins a
+    set; the one handle is due at the earliest due time it has seen and, when it fires, expires what is
+    due and re-arms for the earliest of the rest. With the same bounds on every request, a later request's
+    due time is later, so the handle is replaced only when a due time moves earlier than it.
+    """
+
+    __slots__ = ("_armed", "_handle", "_timers", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._timers: set[_IdleTimer] = set()
+        self._handle: asyncio.TimerHandle | None = None
+        self._armed = math.inf  # when the handle fires
+
+    def add(self, timer: _IdleTimer) -> None:
+        self._timers.add(timer)
+        self.due(timer.due())
+
+    def discard(self, timer: _IdleTimer) -> None:
+        # The handle stays armed when the set empties: it fires once for nothing, where a cancel and a
+        # new handle for every request at low concurrency would cost what this class saves.
+        self._timers.discard(timer)
+
+    def due(self, when: float) -> None:
+        """Some timer is due at ``when``: fire no later than that."""
+        if when < self._armed:
+            if self._handle is not None:
+                self._handle.cancel()
+            self._armed = when
+            self._handle = self.loop.call_at(when, self._sweep)
+
+    def _sweep(self) -> None:
+        self._handle = None
+        self._armed = math.inf
+        now = self.loop.time()
+        soonest = math.inf
+        for timer in list(self._timers):
+            when = timer.due()
+            if when <= now:
+                self._timers.discard(timer)
+                timer.expire()
+            elif when < soonest:
+                soonest = when
+        if soonest < math.inf:
+            self.due(soonest)
+
+
 class _IdleTimer:
-    """The stall bound of a committed stream: ``idle`` seconds without data, or the request deadline.
+    """One attempt's bound: ``idle`` seconds without progress, or the request deadline, whichever comes first.
 
     A stream moves many small chunks; rescheduling an event-loop timer for each (what ``asyncio.timeout``'s
     ``reschedule`` does: a cancel and a new handle) cost more than relaying the chunk. Here a chunk only
-    records its time (``last``); the one timer, when it fires, re-arms itself for ``last + idle`` if data
-    came meanwhile and cancels the task only if it did not. As with ``asyncio.timeout``, the caller's
-    ``CancelledError`` becomes ``TimeoutError`` only if this timer caused it (:meth:`cancelled`).
+    records its time (``last``); the proxy's shared timer (:class:`_Deadlines`) expires this one only if
+    ``last + idle`` (or the deadline) has passed when it looks, cancelling the task. As with
+    ``asyncio.timeout``, the caller's ``CancelledError`` becomes ``TimeoutError`` only if this timer caused
+    it (:meth:`cancelled`).
     """
 
-    __slots__ = ("_cancelling", "_handle", "_loop", "_seen", "_task", "deadline", "expired", "idle", "last")
+    __slots__ = ("_cancelling", "_deadlines", "_seen", "_task", "deadline", "expired", "idle", "last")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, idle: float, deadline: float):
+    def __init__(self, deadlines: _Deadlines, idle: float, deadline: float):
         task = asyncio.current_task()
         assert task is not None
-        self._loop = loop
+        self._deadlines = deadlines
         self._task = task
         self._cancelling = task.cancelling()
         self.idle = idle
         self.deadline = deadline
-        self.last = loop.time()
+        self.last = deadlines.loop.time()
         self.expired = False
         self._seen = False
-        self._handle: asyncio.TimerHandle | None = loop.call_at(min(self.last + idle, deadline), self._fire)
+        deadlines.add(self)
+
+    def due(self) -> float:
+        return min(self.last + self.idle, self.deadline)
 
     def restart(self, idle: float) -> None:
-        """A new phase: ``idle`` seconds from now. Moving the due time later costs nothing (the timer
-        re-arms when it fires); only an earlier one replaces the handle."""
-        self.last = self._loop.time()
+        """A new phase: ``idle`` seconds from now."""
+        self.last = self._deadlines.loop.time()
         self.idle = idle
-        due = min(self.last + idle, self.deadline)
-        if self._handle is not None and due < self._handle.when():
-            self._handle.cancel()
-            self._handle = self._loop.call_at(due, self._fire)
+        self._deadlines.due(self.due())
 
-    def _fire(self) -> None:
-        due = min(self.last + self.idle, self.deadline)
-        if self._loop.time() < due:
-            self._handle = self._loop.call_at(due, self._fire)  # data came meanwhile: wait on
-            return
-        self._handle = None
+    def expire(self) -> None:
+        """Called by :class:`_Deadlines` once the due time has passed."""
         self.expired = True
         self._task.cancel()
 
@@ -462,10 +517,9 @@ class _IdleTimer:
                 raise TimeoutError
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-        elif self.expired and not self._seen:
+        if not self.expired:
+            self._deadlines.discard(self)
+        elif not self._seen:
             # Fired, but the cancellation never surfaced as CancelledError (the awaited call ended
             # with another error or a result first): take back our cancel request, as
             # asyncio.timeout does, so it does not hit a later await of this task.
@@ -476,7 +530,29 @@ class _IdleTimer:
 def _media_type(content_type: str) -> str:
     """``type/subtype`` of a Content-Type value, lowercased. What aiohttp's ``content_type`` gives, without
     the copy of the parameters it makes for every response."""
-    return content_type.partition(";")[0].strip().lower()
+    media = _MEDIA.get(content_type)
+    if media is None:
+        media = content_type.partition(";")[0].strip().lower()
+        if len(_MEDIA) < _CACHED:
+            _MEDIA[content_type] = media
+    return media
+
+
+def _url(target: str) -> URL:
+    """The URL object of an attempt's target. An upstream sees the same few targets over and over:
+    the parsed object (immutable) is kept rather than parsed again for every attempt."""
+    url = _URLS.get(target)
+    if url is None:
+        url = URL(target, encoded=True)
+        if len(_URLS) < _CACHED:  # past this (targets with query strings, say), parsed every time
+            _URLS[target] = url
+    return url
+
+
+# The caches of the two functions above: a few entries in practice, bounded in case they are not.
+_CACHED = 1024
+_MEDIA: dict[str, str] = {}
+_URLS: dict[str, URL] = {}
 
 
 @functools.lru_cache(maxsize=64)
