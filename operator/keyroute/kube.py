@@ -235,7 +235,7 @@ class Kube:
     async def merge_patch(self, url_path: str, body: dict[str, Any], *, read: bool = True) -> dict[str, Any]:
         return await self.request("PATCH", url_path, body, content_type="application/merge-patch+json", read=read)
 
-    async def list(
+    async def list_objects(
         self, url_path: str, params: Mapping[str, str] | None = None, *, from_cache: bool = False
     ) -> tuple[list[dict[str, Any]], str | None]:
         """The objects at ``url_path`` and the listing's resourceVersion (to watch from).
@@ -343,7 +343,7 @@ async def watch_forever(
     while True:
         try:
             if must_list:
-                items, version = await kube.list(url_path, params, from_cache=not listed_once)
+                items, version = await kube.list_objects(url_path, params, from_cache=not listed_once)
                 for obj in items:
                     result = handle("LISTED", obj)
                     if result is not None:

@@ -31,6 +31,7 @@ from keyroute.kube import Kube, from_kubeconfig
 from tests.chart.test_chart import HelmRunner, _helm_path
 from tests.e2e.test_webhook import cert_dir as _cert_dir  # the fixture, by name
 from tests.polling import eventually
+from tests.realapi.bursts import assert_written_before_events, create_burst, written_then_events
 from tests.realapi.client import Api
 from tests.realapi.controlplane import ControlPlane, free_port
 from tests.realapi.processes import KeyrouteProcess, Processes
@@ -65,11 +66,13 @@ class Replica:
         except OSError:
             return False
 
-    def writes(self) -> float:
-        """``keyroute_operator_writes_total``, all kinds: every status and config write it made."""
+    def writes(self, what: str = "") -> float:
+        """``keyroute_operator_writes_total``: every status, config and Event write it made (``what``:
+        only those of that kind)."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
             text = resp.read().decode()
-        return sum(float(v) for v in re.findall(r"^keyroute_operator_writes_total\{[^}]*\} (\S+)$", text, re.M))
+        labels = rf'[^}}]*what="{what}"[^}}]*' if what else r"[^}]*"
+        return sum(float(v) for v in re.findall(rf"^keyroute_operator_writes_total\{{{labels}\}} (\S+)$", text, re.M))
 
 
 def start(
@@ -204,6 +207,30 @@ async def test_sigterm_the_leader_stops_within_5s_and_the_standby_takes_over_wit
     assert took <= 5
     await rotate(api, namespace, "REPLACE-ME-rotated-after-sigterm")
     await rendered_anew(api, namespace, first)
+
+
+async def test_a_new_leader_reconciles_what_it_saw_as_a_standby_as_one_burst(
+    control_plane: ControlPlane, api: Api, namespace: str, keyroute_process: Processes
+) -> None:
+    """Objects created while there was no leader (the leader killed, its Lease not yet expired) are
+    listed by the standby, which does not reconcile them; when it takes the Lease it reconciles them
+    all as a burst, as the handlers reconcile a listing: at most 16 at once, with every status and
+    config written before the burst's Events (before, one at a time: 15-18 s for 1,000 pools where a
+    listing takes ~10 s, the Events interleaved with the statuses)."""
+    a = start(keyroute_process, control_plane, namespace, "op-a", *FAST)
+    await a.process.wait_for("became the leader", timeout=30)
+    b = start(keyroute_process, control_plane, namespace, "op-b", *FAST)
+    await b.process.wait_for("standing by", timeout=30)
+    await a.process.terminate(signal.SIGKILL)  # the Lease stays op-a's until it expires
+    pools, chains = await create_burst(api, namespace)
+    assert b.writes() == 0
+    await b.process.wait_for("became the leader", timeout=20)
+    got = await eventually(
+        lambda: written_then_events(api, namespace, pools, chains, lambda: b.writes(what="event")),
+        timeout=60,
+    )
+    state, events = got
+    assert_written_before_events(state, events, b.process.output)
 
 
 async def test_never_two_writers_a_frozen_leader_wakes_up_fenced(

@@ -13,6 +13,7 @@ import re
 import urllib.request
 
 from tests.polling import eventually
+from tests.realapi.bursts import assert_written_before_events, create_burst, written_then_events
 from tests.realapi.client import Api
 from tests.realapi.controlplane import ControlPlane, free_port
 from tests.realapi.objects import API, chain, pool, secret
@@ -123,48 +124,18 @@ async def test_a_first_sync_writes_every_status_before_its_events(
     """Events are news about written state: in a burst (here a first start over 24 pools and 8
     chains) the operator holds them until the burst's statuses and configs are written, so that they
     do not take the API server's time from those writes (issue 11)."""
-    pools = [f"burst-{i}" for i in range(24)]
-    for i, name in enumerate(pools):
-        await api.create(secret(f"burst-keys-{i}", k1=f"sk-test-BURST-{i}"), namespace)
-        await api.create(pool(name, "openai", ("k1", f"burst-keys-{i}", "k1")), namespace)
-    chains = [f"burst-chain-{j}" for j in range(8)]
-    for j, name in enumerate(chains):
-        members = pools[3 * j : 3 * j + 3]
-        await api.create(chain(name, *[(p, "openai", f"https://{p}.invalid/v1", p) for p in members]), namespace)
-
+    pools, chains = await create_burst(api, namespace)
     op, port = start(keyroute_process, control_plane, namespace, "burst")
-
-    async def status_and_events() -> tuple[list[int], list[int]] | None:
-        state: list[int] = []
-        for plural, names in (("credentialpools", pools), ("providerchains", chains)):
-            for name in names:
-                obj = await api.get(API, plural, namespace, name)
-                if not obj or (obj.get("status") or {}).get("observedGeneration") != obj["metadata"]["generation"]:
-                    return None
-                state.append(int(obj["metadata"]["resourceVersion"]))
-        for name in chains:
-            config = await api.get("v1", "secrets", namespace, f"{name}-keyroute")
-            if not config:
-                return None
-            state.append(int(config["metadata"]["resourceVersion"]))
-        events = await api.events(namespace)
-        try:
-            posted = metric(port, "keyroute_operator_writes_total", what="event")
-        except OSError:  # its metrics server is not up yet
-            return None
-        # An Event at least for every pool and chain (its first conditions), all of them listed.
-        if len(events) < len(pools) + len(chains) or posted < len(events):
-            return None
-        return state, [int(e["metadata"]["resourceVersion"]) for e in events]
-
-    got = await eventually(status_and_events, timeout=60)
-    assert got is not None
-    state, events = got
-    # On this etcd-backed server a resourceVersion is the revision of the object's last write, so
-    # it orders writes (the API contract calls it opaque: this reads the server under test, it is
-    # not something keyroute relies on).
-    assert max(state) < min(events), (
-        f"{sum(1 for e in events if e < max(state))} of {len(events)} Events were posted before the last"
-        f" status or config write\n{op.output[-3000:]}"
+    got = await eventually(
+        lambda: written_then_events(
+            api,
+            namespace,
+            pools,
+            chains,
+            lambda: metric(port, "keyroute_operator_writes_total", what="event"),
+        ),
+        timeout=60,
     )
+    state, events = got
+    assert_written_before_events(state, events, op.output)
     await op.terminate()

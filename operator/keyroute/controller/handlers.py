@@ -201,10 +201,24 @@ class Operator:
     def _started_leading(self) -> None:
         """The Lease is ours: fresh state, then reconcile everything known (the standby's cache)."""
         self._reconciler = self._new_reconciler()
+        self._reconcile_known()
         self._leader_tasks = [
-            asyncio.create_task(self._resync_forever(at_once=True), name="keyroute-resync"),
+            asyncio.create_task(self._resync_forever(), name="keyroute-resync"),
             asyncio.create_task(self._watch_reports(), name="keyroute-reports"),
         ]
+
+    def _reconcile_known(self) -> None:
+        """Reconcile every pool and chain seen so far, as the handlers reconcile a listing: as tasks,
+        at most :data:`MAX_RECONCILES` at once, their Events held until the burst is written.
+
+        Called when this replica starts leading, in the same step as it became the leader: the
+        objects listed before are these, the ones listed from now on are the handlers' (they
+        reconcile only on the leader), so each is reconciled once. One at a time instead, a leader
+        taking over 1,000 pools spent 15 to 18 s where the handlers' concurrency takes ~10 s."""
+        for ns, name in sorted(self.known["pools"]):
+            self._reconcile("pool", ns, name, functools.partial(_pool_changed, self, ns, name, False))
+        for ns, name in sorted(self.known["chains"]):
+            self._reconcile("chain", ns, name, functools.partial(_chain_changed, self, ns, name))
 
     def _stopped_leading(self) -> None:
         """The Lease is lost or given up: stop everything the leader does, now (synchronously)."""
@@ -239,7 +253,7 @@ class Operator:
         self._spawn(self._watch_objects(), "keyroute-watch")
         if self.config.election is None:
             self._leader_tasks = [
-                asyncio.create_task(self._resync_forever(at_once=False), name="keyroute-resync"),
+                asyncio.create_task(self._resync_forever(), name="keyroute-resync"),
                 asyncio.create_task(self._watch_reports(), name="keyroute-reports"),
             ]
             return
@@ -307,19 +321,15 @@ class Operator:
 
     # --- leader tasks --------------------------------------------------------------------------
 
-    async def _resync_forever(self, *, at_once: bool) -> None:
-        if not at_once:
-            await asyncio.sleep(self.config.resync)
-        first = at_once
+    async def _resync_forever(self) -> None:
+        """Every ``resync`` seconds, reconcile every known pool and chain, one at a time (the net
+        under missed events: it mostly reads the cache and writes nothing)."""
         while True:
+            await asyncio.sleep(self.config.resync)
             r = self.reconciler()
             r.book.prune(r.clock())
             for kind, fn in (("pools", r.pool), ("chains", r.chain)):
                 for namespace, name in sorted(self.known[kind]):
-                    if first and r.began(kind[:-1], namespace, name):
-                        # The term's first pass runs while the handlers still reconcile what is
-                        # being listed: an object they already did this term needs no second render.
-                        continue
                     try:
                         await fn(namespace, name)
                     except NotLeader:
@@ -329,8 +339,6 @@ class Operator:
                             "resync failed",
                             extra={"kr": {"kind": kind, "namespace": namespace, "name": name, "error": str(e)}},
                         )
-            first = False
-            await asyncio.sleep(self.config.resync)
 
     async def _watch_reports(self) -> None:
         """Sidecar reports are Events labelled ``keyroute.dev/report=sidecar``; the label selector keeps

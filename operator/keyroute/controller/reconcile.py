@@ -321,10 +321,6 @@ class Reconciler:
         its Events) be written twice: read it from the API then."""
         return body if key not in self._began else None
 
-    def began(self, kind: str, namespace: str, name: str) -> bool:
-        """Whether this reconciler has started a reconcile of the object."""
-        return (kind, namespace, name) in self._began
-
     async def _spaced(self, key: tuple[str, str, str]) -> None:
         """Under the object's lock: wait until ``min_interval`` after its previous reconcile ended.
 
