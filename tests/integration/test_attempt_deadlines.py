@@ -33,15 +33,16 @@ async def test_each_attempt_times_out_at_its_own_due_time() -> None:
     loop = asyncio.get_running_loop()
     began = loop.time()
     # A long bound first, then a short one that must move the shared handle earlier.
-    slow = asyncio.create_task(_bounded(deadlines, 5.0, 0.3))
+    slow = asyncio.create_task(_bounded(deadlines, 5.0, 1.0))
     stalled = asyncio.create_task(_bounded(deadlines, 0.05, 5.0))
     stalled_at = asyncio.create_task(_timed(stalled, loop))
-    # Progress (a restart) keeps an attempt alive past its first due time.
-    kept = asyncio.create_task(_bounded(deadlines, 0.1, 0.05, restart=0.08))
+    # Progress (a restart at 0.4 s) keeps an attempt alive past its first due time (0.6 s) until it
+    # ends (0.8 s), before its new one (1.0 s). Margins of 0.2 s: a loaded machine delays wake-ups.
+    kept = asyncio.create_task(_bounded(deadlines, 0.6, 0.4, restart=0.4))
     assert await slow == "done"
     result, at = await stalled_at
     assert result == "timeout"
-    assert 0.04 <= at - began < 0.25
+    assert 0.04 <= at - began < 1.0  # its own bound, long before the slow attempt's 5 s
     assert await kept == "done"
 
 

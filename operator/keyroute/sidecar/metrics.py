@@ -181,10 +181,10 @@ class _HotSeries(Collector):
 
     def collect(self) -> Iterator[Metric]:
         requests, attempts, tokens, latency, overhead = self._families()
-        for name, family in ((requests, self.requests), (attempts, self.attempts), (tokens, self.tokens)):
-            for labels, (value, created) in list(family.items()):
-                name.add_metric(labels, value, created=created)
-            yield name
+        for family, series in ((requests, self.requests), (attempts, self.attempts), (tokens, self.tokens)):
+            for labels, (value, created) in list(series.items()):
+                family.add_metric(labels, value, created=created)
+            yield family
         for provider, h in list(self.latency.items()):
             _add_histogram(latency, {"provider": provider}, h)
         yield latency
