@@ -6,7 +6,9 @@
 - never two writers: a leader frozen (SIGSTOP) past its renew deadline wakes up fenced; its write
   counter does not move after the standby took over, and it can lead again later;
 - SIGTERM stops the operator within 5 s while the API server is down;
-- two electors in one process (the election shell itself): one leads, a crash hands over.
+- two electors in one process (the election shell itself): one leads, a crash hands over;
+- a release that meets a renewal in flight gives up the Lease as that renewal left it, and one that
+  meets a newer Lease of its own (409) reads it again and gives it up.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import re
 import signal
 import time
 import urllib.request
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -348,6 +350,97 @@ async def test_two_electors_in_one_process_one_leads_and_a_crash_hands_over(
         await asyncio.gather(*tasks.values(), return_exceptions=True)
         await one.kube.close()
         await two.kube.close()
+
+
+class AnswerHeld(Kube):
+    """The real API server applies each Lease update at once; its answer is held until ``gate`` opens.
+
+    A reply slow on the wire, on cue: the one window in which a release could carry the
+    resourceVersion from before the renewal the server has already applied."""
+
+    def __init__(self, kube: Kube) -> None:
+        super().__init__(kube.credentials)
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.applied = asyncio.Event()
+
+    async def request(self, method: str, url_path: str, body: Any = None, **kwargs: Any) -> Any:
+        answer = await super().request(method, url_path, body, **kwargs)
+        if method == "PUT" and not self.gate.is_set():
+            self.applied.set()
+            await self.gate.wait()
+        return answer
+
+
+async def test_a_release_during_a_renewal_in_flight_gives_up_the_lease_the_renewal_left(
+    control_plane: ControlPlane, api: Api, namespace: str
+) -> None:
+    """SIGTERM while the leader's renewal is on the wire: the release waits for that answer (its
+    resourceVersion is the Lease's now) instead of replacing an older one, which the server refuses
+    with 409 and leaves the Lease held for a whole lease duration; the renewal's answer, landing after
+    the fence closed, does not make the replica lead again."""
+    timings = Timings(lease_duration=6, renew_deadline=4, retry_period=0.5)
+    events: list[str] = []
+    kube = AnswerHeld(Kube.from_connection(from_kubeconfig(control_plane.admin_token_kubeconfig)))
+    config = ElectionConfig(name="held", namespace=namespace, identity="one", timings=timings)
+    elector = LeaderElector(kube, config, lambda: events.append("started"), lambda: events.append("stopped"))
+    task = asyncio.create_task(elector.run())
+    try:
+        await eventually(elector.is_leader, timeout=5)
+        kube.gate.clear()
+        await asyncio.wait_for(kube.applied.wait(), timeout=5)  # a renewal is in, its answer is not
+
+        release = asyncio.create_task(elector.release(within=3.0))
+        await asyncio.sleep(0.3)
+        assert not elector.is_leader(), "the fence closes before anything else"
+        kube.gate.set()
+        await asyncio.wait_for(release, timeout=5)
+
+        lease = await api.get(*LEASE, namespace, "held")
+        assert lease is not None and lease["spec"].get("holderIdentity") is None, lease["spec"]
+        assert events == ["started", "stopped"], events
+        await asyncio.sleep(2 * timings.retry_period)  # the election loop runs on: it takes nothing back
+        lease = await api.get(*LEASE, namespace, "held")
+        assert lease is not None and lease["spec"].get("holderIdentity") is None, lease["spec"]
+        assert events == ["started", "stopped"] and not elector.is_leader(), events
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await kube.close()
+
+
+async def test_a_release_that_meets_a_newer_lease_of_its_own_reads_it_again_and_gives_it_up(
+    control_plane: ControlPlane, api: Api, namespace: str
+) -> None:
+    """A renewal the server applied but whose answer never came (the try's own timeout cut it) leaves
+    the elector one resourceVersion behind: the release's 409 makes it read the Lease again, and as
+    the Lease is still this replica's, give it up. One held by somebody else is left alone."""
+    timings = Timings(lease_duration=6, renew_deadline=4, retry_period=0.5)
+    kube = Kube.from_connection(from_kubeconfig(control_plane.admin_token_kubeconfig))
+
+    def elector(name: str) -> LeaderElector:
+        config = ElectionConfig(name=name, namespace=namespace, identity="one", timings=timings)
+        return LeaderElector(kube, config, lambda: None, lambda: None)
+
+    try:
+        for lease_name, later_holder in (("ours", "one"), ("theirs", "two")):
+            e = elector(lease_name)
+            assert await e.attempt() and e.is_leader()
+            # The write whose answer was lost: renewTime moves (and with it the resourceVersion).
+            renewed = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            before = await api.get(*LEASE, namespace, lease_name)
+            after = await api.patch(
+                *LEASE, namespace, lease_name, {"spec": {"holderIdentity": later_holder, "renewTime": renewed}}
+            )
+            assert before and after["metadata"]["resourceVersion"] != before["metadata"]["resourceVersion"]
+            await e.release(within=3.0)
+            lease = await api.get(*LEASE, namespace, lease_name)
+            assert lease is not None
+            expected = None if later_holder == "one" else "two"
+            assert lease["spec"].get("holderIdentity") == expected, (lease_name, lease["spec"])
+            assert not e.is_leader()
+    finally:
+        await kube.close()
 
 
 async def test_the_charts_rbac_is_all_a_leader_needs(

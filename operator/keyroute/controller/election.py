@@ -89,6 +89,10 @@ class LeaderElector:
         self._renewed_at: float | None = None  # monotonic start of the last successful create/renew
         self._leading = False
         self._last_wait: str | None = None
+        # One try at a time: a release waits for the renewal in flight, whose answer carries the
+        # resourceVersion the release must replace (else 409, and the Lease stays held until it expires).
+        self._lock = asyncio.Lock()
+        self._stopping = False  # set by release(): no try writes the Lease again
 
     @property
     def timings(self) -> core.Timings:
@@ -132,7 +136,7 @@ class LeaderElector:
         if self._leading and self._renewed_at is not None:
             budget = max(0.1, self._renewed_at + budget - began)
         try:
-            async with asyncio.timeout(budget):
+            async with asyncio.timeout(budget), self._lock:
                 return await self._attempt(began)
         except (TimeoutError, ApiError, aiohttp.ClientError, OSError, ValueError) as e:
             log.log(
@@ -143,6 +147,8 @@ class LeaderElector:
             return False
 
     async def _attempt(self, began: float) -> bool:
+        if self._stopping:
+            return False
         body = await self.kube.get(self.url)
         # Seen at the answer, not the request: a standby errs on the late side (client-go does the same);
         # the leader's renewal counts from ``began``, the early side.
@@ -160,6 +166,8 @@ class LeaderElector:
             if self._last_wait != (record.holder if record else None):
                 self._last_wait = record.holder if record else None
                 log.info("standing by", extra={"kr": {"lease": self.config.name, "reason": decision.reason}})
+            return False
+        if self._stopping:  # released while the read was in flight: take nothing back
             return False
         spec = core.held_spec(record, self.config.identity, self.wall(), self.timings)
         try:
@@ -183,6 +191,8 @@ class LeaderElector:
             raise
         self._version = (written.get("metadata") or {}).get("resourceVersion")
         self._observed = core.observe(self._observed, core.parse_lease(written) or core.LeaseRecord(), began)
+        if self._stopping:  # the release waits for this answer; it gives up what was just written
+            return False
         self._renewed_at = began
         if not self._leading:
             self._leading = True
@@ -213,22 +223,43 @@ class LeaderElector:
         self.on_stopped()
 
     async def release(self, within: float = 1.0) -> None:
-        """Give the Lease up (graceful shutdown), so a standby takes over at its next try.
+        """Give the Lease up (graceful shutdown), so a standby takes over at its next try. Never raises.
 
-        Only if this replica still holds it: the write carries the last resourceVersion, so a Lease
-        somebody else took meanwhile is left alone (409). Never raises."""
-        if not self.is_leader() or self._observed is None:
-            if self._leading:
-                self._lose("shutting down")
-            return
-        record = self._observed.record
-        self._leading = False  # fence first: nothing may be written after the Lease is given up
-        self._renewed_at = None
-        self.on_stopped()
+        The fence closes first: nothing is written as leader once a release began. A renewal in flight
+        is waited for (bounded by ``within``), so the release replaces the Lease as that renewal left
+        it; a release that still meets a newer Lease (409) reads it again and gives it up if this
+        replica holds it. A Lease somebody else took meanwhile is left alone."""
+        self._stopping = True
+        if self._leading:
+            self._leading = False
+            self._renewed_at = None
+            self.on_stopped()
         try:
-            async with asyncio.timeout(within):
-                await self.kube.request("PUT", self.url, self._replacement(core.released_spec(record, self.wall())))
-        except (TimeoutError, ApiError, aiohttp.ClientError, OSError) as e:
-            log.warning("could not release the lease", extra={"kr": {"lease": self.config.name, "error": str(e)}})
+            async with asyncio.timeout(within), self._lock:
+                released = await self._give_up()
+        except (TimeoutError, ApiError, aiohttp.ClientError, OSError, ValueError) as e:
+            log.warning(
+                "could not release the lease",
+                extra={"kr": {"lease": self.config.name, "error": str(e) or type(e).__name__}},
+            )
         else:
-            log.info("lease released", extra={"kr": {"lease": self.config.name}})
+            if released:
+                log.info("lease released", extra={"kr": {"lease": self.config.name}})
+
+    async def _give_up(self) -> bool:
+        for _ in range(2):  # the second time with the Lease as read after a 409
+            record = self._observed.record if self._observed is not None else None
+            if record is None or record.holder != self.config.identity:
+                return False
+            try:
+                await self.kube.request("PUT", self.url, self._replacement(core.released_spec(record, self.wall())))
+            except ApiError as e:
+                if e.status != 409:
+                    raise
+                body = await self.kube.get(self.url)
+                latest = core.parse_lease(body)
+                self._observed = None if latest is None else core.Observed(latest, self.monotonic())
+                self._version = ((body or {}).get("metadata") or {}).get("resourceVersion")
+            else:
+                return True
+        return False
