@@ -33,7 +33,10 @@ Figures per run:
   orchestrator's own (it shares their core: its polling is taken from the API server);
 - **requests** by verb and resource from the operator (user agents ``keyroute-operator`` and kopf's);
 - **restart**: SIGTERM, start again, wait for a reconcile of every pool and chain and a quiet 3 s:
-  the writes of that second operator (goal: 0) and how long its sync took.
+  the writes of that second operator (goal: 0) and how long its sync took;
+- **floor** (``--floor``): the same statuses and config Secrets written by a bare client on a fresh
+  control plane with the same objects and watches (``floor_run``): the operator's write phase, from
+  its first write to its last status or config, over the API server's own time for those writes.
 """
 
 from __future__ import annotations
@@ -338,21 +341,17 @@ class ElectedOperator(ob.Operator):
         return [*argv, "--leader-election-namespace", NS]
 
 
-async def one_run(
-    scale: float, run: int, logs: Path, profile: bool = False, cp_all_cores: bool = False, elect: bool = False
-) -> Json:
+async def prepared_control_plane(layout: ob.Layout, cp_all_cores: bool, out: Json) -> tuple[Any, Any]:
+    """A fresh audited control plane on its core(s), the CRDs established, ``layout`` created; and the
+    bench's client."""
     from tests.realapi.controlplane import HOW_TO_GET_ASSETS, find_assets
 
     from keyroute.kube import Kube, from_kubeconfig
 
-    layout = ob.Layout(round(1000 * scale), round(300 * scale))
-    out: Json = {"pools": layout.pools, "secrets": layout.pools, "chains": layout.chains, "run": run, "leader_elect": elect}
-    operator_cls = ElectedOperator if elect else ob.Operator
     assets = find_assets()
     if assets is None:
         raise RuntimeError(f"needs the control-plane binaries: {HOW_TO_GET_ASSETS}")
     cp = await asyncio.to_thread(audited_control_plane(AUDIT_POLICY).start, assets)
-    ops: list[ob.Operator] = []
     kube: Any = None
     try:
         # Every thread: the control plane was started from this process, already pinned to the rest.
@@ -369,11 +368,35 @@ async def one_run(
         await asyncio.to_thread(
             cp.kubectl, "wait", "--for=condition=Established", "--timeout=30s", "-f", crds
         )
-        kubeconfig = Path(cp.admin_token_kubeconfig)
-        kube = Kube.from_connection(from_kubeconfig(kubeconfig), user_agent=BENCH_AGENT)
+        kube = Kube.from_connection(from_kubeconfig(Path(cp.admin_token_kubeconfig)), user_agent=BENCH_AGENT)
         began = time.monotonic()
         await seed(kube, layout)
         out["seed_seconds"] = round(time.monotonic() - began, 1)
+        return cp, kube
+    except BaseException:
+        if kube is not None:
+            await kube.close()
+        await asyncio.to_thread(cp.close)
+        raise
+
+
+async def one_run(
+    scale: float,
+    run: int,
+    logs: Path,
+    profile: bool = False,
+    cp_all_cores: bool = False,
+    elect: bool = False,
+    floor: bool = False,
+) -> Json:
+    layout = ob.Layout(round(1000 * scale), round(300 * scale))
+    out: Json = {"pools": layout.pools, "secrets": layout.pools, "chains": layout.chains, "run": run, "leader_elect": elect}
+    operator_cls = ElectedOperator if elect else ob.Operator
+    cp, kube = await prepared_control_plane(layout, cp_all_cores, out)
+    ops: list[ob.Operator] = []
+    written: Json | None = None
+    try:
+        kubeconfig = Path(cp.admin_token_kubeconfig)
         audit = AuditLog(cp.audit_log)
         audit.read()
         await asyncio.sleep(1.0)
@@ -463,13 +486,112 @@ async def one_run(
         log(
             f"{layout.pools} pools run {run}: restart reconciled in {out['restart_reconciled_seconds']} s, writes {out['restart_writes']}"
         )
-        return out
+        written = await what_the_operator_wrote(kube) if floor else None
     finally:
         for o in ops:
             if o.proc is not None and o.proc.returncode is None:
                 await o.stop(timeout=5)
-        if kube is not None:
-            await kube.close()
+        await kube.close()
+        await asyncio.to_thread(cp.close)
+    if written is not None:
+        out["floor"] = await floor_run(layout, written, cp_all_cores)
+        operator_phase = out["state_written_seconds"] - out["first_write_seconds"]
+        out["floor"]["operator_write_phase_seconds"] = round(operator_phase, 2)
+        out["floor"]["operator_to_floor"] = round(operator_phase / out["floor"]["write_phase_seconds"], 2)
+        log(f"{layout.pools} pools run {run}: floor {out['floor']}")
+    return out
+
+
+async def what_the_operator_wrote(kube: Any) -> Json:
+    """Every status and config Secret the operator wrote, by name: what :func:`floor_run` replays."""
+    from keyroute.kube import path
+
+    pools = await kube.request("GET", path("keyroute.dev", "v1alpha1", "credentialpools", NS))
+    chains = await kube.request("GET", path("keyroute.dev", "v1alpha1", "providerchains", NS))
+    secrets = await kube.request(
+        "GET", path("", "v1", "secrets", NS) + "?labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkeyroute"
+    )
+    return {
+        "credentialpools": {o["metadata"]["name"]: o["status"] for o in pools["items"]},
+        "providerchains": {o["metadata"]["name"]: o["status"] for o in chains["items"]},
+        "secrets": [
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {
+                    k: v for k, v in o["metadata"].items() if k in ("name", "labels", "annotations", "ownerReferences")
+                },
+                "type": o.get("type", "Opaque"),
+                "data": o.get("data", {}),
+            }
+            for o in secrets["items"]
+        ],
+    }
+
+
+async def floor_run(layout: ob.Layout, written: Json, cp_all_cores: bool) -> Json:
+    """The API server's floor for the first sync's writes: on a fresh control plane with the same
+    objects, a bare client sends exactly the statuses and config Secrets the operator wrote (16 at
+    once, as the operator), with the operator's four watches open and drained, and nothing else.
+    The operator's write phase (its first write to its last status or config) over this one says
+    what is keyroute's and what is the API server's. The Secrets' ownerReferences are pointed at
+    this control plane's chains (their uids differ)."""
+    from keyroute.kube import path
+
+    out: Json = {}
+    cp, kube = await prepared_control_plane(layout, cp_all_cores, out)
+    drained = [0]
+
+    async def drain(url: str, params: dict[str, str] | None = None) -> None:
+        listing = await kube.request("GET", url + "?resourceVersion=0")
+        async for _ in kube.watch(url, params, version=listing["metadata"]["resourceVersion"]):
+            drained[0] += 1
+
+    watches = [
+        asyncio.create_task(drain(path("keyroute.dev", "v1alpha1", "credentialpools", NS))),
+        asyncio.create_task(drain(path("keyroute.dev", "v1alpha1", "providerchains", NS))),
+        asyncio.create_task(drain(path("", "v1", "secrets", NS))),
+        asyncio.create_task(drain(path("", "v1", "events", NS), {"labelSelector": "keyroute.dev/report=sidecar"})),
+    ]
+    try:
+        chains = await kube.request("GET", path("keyroute.dev", "v1alpha1", "providerchains", NS))
+        uids = {o["metadata"]["name"]: o["metadata"]["uid"] for o in chains["items"]}
+        secrets = json.loads(json.dumps(written["secrets"]))
+        for body in secrets:
+            for ref in body["metadata"].get("ownerReferences", []):
+                ref["uid"] = uids[ref["name"]]
+        await asyncio.sleep(1.0)
+        limit = asyncio.Semaphore(16)
+
+        async def status(plural: str, name: str, body: Json) -> None:
+            async with limit:
+                url = path("keyroute.dev", "v1alpha1", plural, NS, name) + "/status"
+                await kube.merge_patch(url, {"status": body}, read=False)
+
+        async def secret(body: Json) -> None:
+            async with limit:
+                await kube.create(path("", "v1", "secrets", NS), body, read=False)
+
+        writes = [
+            *(status("credentialpools", n, b) for n, b in written["credentialpools"].items()),
+            *(status("providerchains", n, b) for n, b in written["providerchains"].items()),
+            *(secret(b) for b in secrets),
+        ]
+        cpu0 = control_plane_cpu(cp)
+        began = time.monotonic()
+        await asyncio.gather(*writes)
+        out["write_phase_seconds"] = round(time.monotonic() - began, 2)
+        out["writes"] = len(writes)
+        out["control_plane_cpu_seconds"] = {
+            k: round(v - cpu0.get(k, 0.0), 2) for k, v in control_plane_cpu(cp).items()
+        }
+        out["watch_events"] = drained[0]
+        return out
+    finally:
+        for w in watches:
+            w.cancel()
+        await asyncio.gather(*watches, return_exceptions=True)
+        await kube.close()
         await asyncio.to_thread(cp.close)
 
 
@@ -488,7 +610,13 @@ async def main_async(args: argparse.Namespace) -> Json:
         for scale in args.sizes:
             result["runs"].append(
                 await one_run(
-                    scale, run, logs, args.profile, args.control_plane_cores == "all", args.leader_elect == "on"
+                    scale,
+                    run,
+                    logs,
+                    args.profile,
+                    args.control_plane_cores == "all",
+                    args.leader_elect == "on",
+                    args.floor,
                 )
             )
             (ob.RESULTS / f"{stamp}-startup.json").write_text(json.dumps(result, indent=2))
@@ -522,6 +650,12 @@ def main(argv: list[str] | None = None) -> int:
         help="off (default): one replica that always leads; on: leader election through a Lease, as the"
         " Helm chart runs the operator (the Lease is taken before the first sync can start)",
     )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="after each run, replay the operator's first-sync writes from a bare client on a fresh control"
+        " plane with the same objects: the API server's own time for them (see floor_run)",
+    )
     args = parser.parse_args(argv)
     result = asyncio.run(main_async(args))
     for r in result["runs"]:
@@ -532,6 +666,12 @@ def main(argv: list[str] | None = None) -> int:
             f" peak RSS {r['peak_rss_mib']} MiB, cpu {r['operator_cpu_seconds']} s, load {r['load_before']},"
             f" restart writes {sum(r['restart_writes'].values())}"
         )
+        if "floor" in r:
+            f = r["floor"]
+            print(
+                f"      write phase {f['operator_write_phase_seconds']} s; a bare client's same {f['writes']} writes"
+                f" {f['write_phase_seconds']} s: {f['operator_to_floor']}x"
+            )
     by_size: dict[int, list[float]] = {}
     for r in result["runs"]:
         if r["sync_seconds"] is not None:
