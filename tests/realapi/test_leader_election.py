@@ -68,11 +68,20 @@ class Replica:
         except OSError:
             return False
 
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
+            return str(resp.read().decode())
+
+    def leader(self) -> float:
+        """``keyroute_operator_leader``: 1 while it leads."""
+        found = re.search(r"^keyroute_operator_leader (\S+)$", self.metrics(), re.M)
+        assert found, "no keyroute_operator_leader series"
+        return float(found.group(1))
+
     def writes(self, what: str = "") -> float:
         """``keyroute_operator_writes_total``: every status, config and Event write it made (``what``:
         only those of that kind)."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
+        text = self.metrics()
         labels = rf'[^}}]*what="{what}"[^}}]*' if what else r"[^}]*"
         return sum(float(v) for v in re.findall(rf"^keyroute_operator_writes_total\{{{labels}\}} (\S+)$", text, re.M))
 
@@ -189,6 +198,7 @@ async def test_sigterm_the_leader_stops_within_5s_and_the_standby_takes_over_wit
     await b.process.wait_for("standing by", timeout=30)
     first = await setup_examples(control_plane, api, namespace)
     await eventually(lambda: a.healthy() and b.healthy(), timeout=10)  # leader and standby alike
+    assert (a.leader(), b.leader()) == (1, 0)
 
     began = time.monotonic()
     stop = asyncio.create_task(a.process.terminate(signal.SIGTERM))
@@ -207,6 +217,7 @@ async def test_sigterm_the_leader_stops_within_5s_and_the_standby_takes_over_wit
     assert "lease released" in a.process.output
     assert stopped <= 5
     assert took <= 5
+    await eventually(lambda: b.leader() == 1, timeout=5)
     await rotate(api, namespace, "REPLACE-ME-rotated-after-sigterm")
     await rendered_anew(api, namespace, first)
 

@@ -32,8 +32,8 @@ def metric(port: int, name: str, **labels: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
     total = 0.0
-    for m in re.finditer(rf"^{name}\{{([^}}]*)\}} (\S+)$", text, re.M):
-        if all(f'{k}="{v}"' in m.group(1) for k, v in labels.items()):
+    for m in re.finditer(rf"^{name}(?:\{{([^}}]*)\}})? (\S+)$", text, re.M):
+        if all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
             total += float(m.group(2))
     return total
 
@@ -98,6 +98,7 @@ async def test_each_chain_is_rendered_once_at_start_up_and_a_restart_writes_noth
     await asyncio.sleep(1.0)
     assert reconciles(port, "ProviderChain") == len(CHAINS), first.output[-3000:]
     assert reconciles(port, "CredentialPool") == len(POOLS)
+    assert metric(port, "keyroute_operator_leader") == 1  # without an election, it always leads
     await first.terminate()
     assert await versions(api, namespace) == rv
 

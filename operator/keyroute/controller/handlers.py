@@ -200,6 +200,7 @@ class Operator:
 
     def _started_leading(self) -> None:
         """The Lease is ours: fresh state, then reconcile everything known (the standby's cache)."""
+        self.metrics.leader.set(1)
         self._reconciler = self._new_reconciler()
         self._reconcile_known()
         self._leader_tasks = [
@@ -222,6 +223,7 @@ class Operator:
 
     def _stopped_leading(self) -> None:
         """The Lease is lost or given up: stop everything the leader does, now (synchronously)."""
+        self.metrics.leader.set(0)
         self._term += 1  # closes the old reconciler's fence even if this replica leads again
         for task in self._leader_tasks:
             task.cancel()
@@ -252,6 +254,7 @@ class Operator:
         """Start the watches and the election (or, without one, lead at once). Called by kopf's startup."""
         self._spawn(self._watch_objects(), "keyroute-watch")
         if self.config.election is None:
+            self.metrics.leader.set(1)
             self._leader_tasks = [
                 asyncio.create_task(self._resync_forever(), name="keyroute-resync"),
                 asyncio.create_task(self._watch_reports(), name="keyroute-reports"),

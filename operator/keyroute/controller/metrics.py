@@ -64,6 +64,12 @@ class OperatorMetrics:
             ["namespace", "chain"],
             registry=r,
         )
+        # controller-runtime's leader_election_master_status: which replica leads, without reading the Lease.
+        self.leader = Gauge(
+            "keyroute_operator_leader",
+            "1 while this replica leads (reconciles and writes), 0 while it stands by; 1 without leader election.",
+            registry=r,
+        )
         self.admissions = Counter(
             "keyroute_webhook_admissions",
             "Pods seen by the injection webhook, by result (injected, skipped: already injected, "
