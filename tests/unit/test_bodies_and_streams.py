@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+import re
 
 import pytest
 
@@ -111,3 +113,30 @@ def test_first_data_event_skips_comments_and_pings(before, event):
 )
 def test_no_data_event_yet(buf):
     assert first_data_event(buf) == (-1, -1)
+
+
+def _first_data_event_by_regex(buf: bytes) -> tuple[int, int]:
+    # The definition the fast paths must keep: events end at \r?\n\r?\n; an event answers if a line
+    # starts with "data:" and it is not an "event: ping".
+    start = 0
+    for m in re.finditer(rb"\r?\n\r?\n", buf):
+        event = buf[start : m.start()].replace(b"\r\n", b"\n")
+        if re.search(rb"(?:^|\n)data:", event) and not re.search(
+            rb"(?:^|\n)event:\s*ping\s*(?:\r?\n|$)", event
+        ):
+            return start, m.end()
+        start = m.end()
+    return -1, -1
+
+
+def test_first_event_searches_agree_with_their_regular_expressions():
+    # first_event_end and first_data_event find "\n\n" with bytes.find when the buffer has no CR; on
+    # any mix of the pieces below they give what the regular expressions give.
+    pieces = [b"data: x", b"data:", b"event: ping", b"event:ping ", b": keepalive", b"id: 1", b"\n", b"\n\n",
+              b"\r\n", b"\r", b"xdata: y", b"ping", b" ", b"event: message_start"]  # fmt: skip
+    rng = random.Random(13)
+    for _ in range(5000):
+        buf = b"".join(rng.choice(pieces) for _ in range(rng.randrange(0, 10)))
+        m = re.search(rb"\r?\n\r?\n", buf)
+        assert first_event_end(buf) == (m.end() if m else -1), buf
+        assert first_data_event(buf) == _first_data_event_by_regex(buf), buf
