@@ -140,3 +140,17 @@ def test_first_event_searches_agree_with_their_regular_expressions():
         m = re.search(rb"\r?\n\r?\n", buf)
         assert first_event_end(buf) == (m.end() if m else -1), buf
         assert first_data_event(buf) == _first_data_event_by_regex(buf), buf
+
+
+def test_completion_search_agrees_with_the_marker_pattern():
+    # StreamWatch looks for a string reason with its own pattern and for the rare markers by their
+    # literals; on any mix of the pieces below it says what the one pattern of every marker says.
+    from keyroute.core.streams import _COMPLETE, _is_complete
+
+    pieces = [b'"finish_reason"', b'"stop_reason"', b'_reason"', b'"xfinish_reason"', b":", b" : ", b"\n",
+              b'"stop"', b"null", b'"', b"data: ", b"[DONE]", b"event: ", b"message_stop", b'"type"',
+              b'"response.completed"', b'"response.failed"', b"response.", b"{", b"}", b"stop"]  # fmt: skip
+    rng = random.Random(13)
+    for _ in range(20000):
+        data = b"".join(rng.choice(pieces) for _ in range(rng.randrange(0, 8)))
+        assert _is_complete(data) == (_COMPLETE.search(data) is not None), data

@@ -24,25 +24,23 @@ _COMPLETE = re.compile(
 )
 _TAIL = 96  # enough to hold a marker split across two chunks
 # The same test without running the alternation at every byte of every chunk (``re`` has no literal
-# prefix to skip ahead with here): the finish reason, present in nearly every OpenAI chunk, is found
-# with ``bytes.find`` and checked where it is; the other markers only when their literal is there.
-_REASON = b'_reason"'
-_REASON_VALUE = re.compile(rb'\s*:\s*"')
+# prefix to skip ahead with here): a finish or stop reason with a string value is found by its own
+# pattern, which has one; the other markers only when their literal is there.
+_REASON_STRING = re.compile(rb'_reason"\s*:\s*"')
 
 
 def _is_complete(data: bytes) -> bool:
     """What ``_COMPLETE.search(data)`` says, faster."""
-    i = data.find(_REASON)
-    while i >= 0:
-        # ``:null`` follows the finish reason in every OpenAI chunk but the last: no need for the
-        # regular expression there (one call per event of a stream).
-        if (
-            not data.startswith(b":null", i + 8)
-            and (data[i - 7 : i] == b'"finish' or data[i - 5 : i] == b'"stop')
-            and _REASON_VALUE.match(data, i + 8)
-        ):
+    # A reason that is a string, found by one search that skips ahead to its literal ``_reason"`` in
+    # C; ``:null`` (every OpenAI chunk but the last) does not match. The name before it is then
+    # checked where it is. (A find, a ``startswith`` and a compare per ``_reason"``, one an event,
+    # cost ~1.3k instructions an event, under valgrind.)
+    m = _REASON_STRING.search(data)
+    while m is not None:
+        i = m.start()
+        if data[i - 7 : i] == b'"finish' or data[i - 5 : i] == b'"stop':
             return True
-        i = data.find(_REASON, i + 8)
+        m = _REASON_STRING.search(data, m.end())
     # The other markers only where their literal is; written out rather than looped over (every chunk).
     # ``find`` rather than ``in``: the same search, ~40% fewer instructions for bytes (valgrind).
     if data.find(b"[DONE]") >= 0 or data.find(b"message_stop") >= 0 or data.find(b"response.") >= 0:
