@@ -55,7 +55,7 @@ class StreamWatch:
     """Feed it every chunk; it tells whether the stream has said it is complete, and the token usage
     reported so far (``usage``: kind -> tokens; later reports win, as providers send running totals)."""
 
-    __slots__ = ("_pending", "_prev", "_tail", "_track", "complete", "usage")
+    __slots__ = ("_open", "_pending", "_prev", "_tail", "_track", "complete", "usage")
 
     def __init__(self, *, usage: bool = True) -> None:
         self._track = usage
@@ -64,13 +64,17 @@ class StreamWatch:
         self._tail = b""
         self._prev = b""  # the previous chunk (a reference, not a copy): a "usage" key may straddle two
         self._pending = b""  # a usage object cut by the end of the previous chunk, from its key on
+        self._open = False  # the previous chunk did not end with an event's blank line
 
     def feed(self, chunk: bytes) -> None:
+        # Whether the chunk ends with an event's blank line decides both seams below: one slice and
+        # compares, where two ``endswith`` calls (argument parsing) were ~1k instructions a chunk.
+        closed = chunk[-2:] == b"\n\n"
         if not self.complete:
             # Search the chunk itself, then only the seam with the previous one: no copy of the chunk.
             if _is_complete(chunk) or (self._tail and _is_complete(self._tail + chunk[:_TAIL])):
                 self.complete = True
-            elif chunk.endswith(b"\n\n"):
+            elif closed:
                 # The chunk ended with an event: no marker (each lies within one event's lines) can
                 # straddle this seam, so the next chunk needs no seam search.
                 self._tail = b""
@@ -85,9 +89,10 @@ class StreamWatch:
                 # A usage object cut by a chunk boundary: grow it until it decodes or is too long to be one.
                 pending, self._pending = self._pending, b""
                 self._take(pending + chunk[:USAGE_MAX], 0)
-            elif self._prev and not self._prev.endswith(b"\n"):
+            elif self._open and self._prev:
                 # Chunks nearly always end with an event's blank line; only when one did not can a
-                # "usage" key straddle the seam.
+                # "usage" key straddle the seam. (A chunk that ends with a lone "\n" is looked at too:
+                # the test below finds no key there.)
                 prev = self._prev
                 q = prev.rfind(b'"', max(0, len(prev) - len(USAGE_KEY) + 1))
                 if q >= 0 and USAGE_KEY.startswith(prev[q:]):
@@ -97,6 +102,8 @@ class StreamWatch:
                 self._take(chunk, at)
                 at = chunk.find(USAGE_KEY, at + len(USAGE_KEY))
             self._prev = chunk if len(chunk) >= len(USAGE_KEY) else (self._prev + chunk)[-len(USAGE_KEY) :]
+            # An empty chunk leaves the seam as it was.
+            self._open = not closed if chunk else self._open
 
     def _take(self, data: bytes, at: int) -> None:
         counts, truncated = decode_usage_at(data, at)
@@ -119,7 +126,7 @@ def first_data_event(buf: bytes) -> tuple[int, int]:
     count. Any other event with a ``data:`` field does, including a role-only first chunk or Anthropic's
     ``message_start``: recognising "a token" in every dialect is not worth parsing JSON per event.
     """
-    if b"\r" in buf:
+    if buf.find(b"\r") >= 0:
         start = 0
         for m in _EVENT_END.finditer(buf):
             event = buf[start : m.start()].replace(b"\r\n", b"\n")
@@ -133,8 +140,8 @@ def first_data_event(buf: bytes) -> tuple[int, int]:
     end = buf.find(b"\n\n")
     while end >= 0:
         event = buf[start:end]
-        if (event.startswith(b"data:") or b"\ndata:" in event) and not (
-            b"ping" in event and _PING.search(event)
+        if (event.startswith(b"data:") or event.find(b"\ndata:") >= 0) and not (
+            event.find(b"ping") >= 0 and _PING.search(event)
         ):
             return start, end + 2
         start = end + 2
@@ -144,7 +151,7 @@ def first_data_event(buf: bytes) -> tuple[int, int]:
 
 def first_event_end(buf: bytes) -> int:
     """Index just past the first complete SSE event in ``buf``, or -1 if it is not complete yet."""
-    if b"\r" in buf:
+    if buf.find(b"\r") >= 0:  # find, not ``in``: ``in`` first tries the argument as an int (~1.5k more)
         m = _EVENT_END.search(buf)
         return m.end() if m else -1
     # Without a CR, ``\r?\n\r?\n`` is ``\n\n``: ``re`` has no literal to skip ahead with in the
