@@ -42,8 +42,10 @@ def _is_complete(data: bytes) -> bool:
             return True
         m = _REASON_STRING.search(data, m.end())
     # The other markers only where their literal is; written out rather than looped over (every chunk).
-    # ``find`` rather than ``in``: the same search, ~40% fewer instructions for bytes (valgrind).
-    if data.find(b"[DONE]") >= 0 or data.find(b"message_stop") >= 0 or data.find(b"response.") >= 0:
+    # ``partition`` rather than ``find``: the same search in C, but called without an argument tuple
+    # to parse, and a chunk without the literal is not copied (~0.5k instructions a one-event chunk
+    # instead of ~1.1k, valgrind). For bytes, ``in`` first tries its argument as an int: ~2.7k.
+    if data.partition(b"[DONE]")[1] or data.partition(b"message_stop")[1] or data.partition(b"response.")[1]:
         return _COMPLETE.search(data) is not None
     return False
 
