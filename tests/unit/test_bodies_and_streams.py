@@ -154,3 +154,16 @@ def test_completion_search_agrees_with_the_marker_pattern():
     for _ in range(20000):
         data = b"".join(rng.choice(pieces) for _ in range(rng.randrange(0, 8)))
         assert _is_complete(data) == (_COMPLETE.search(data) is not None), data
+
+
+def test_a_usage_key_is_not_joined_across_a_blank_line():
+    # '"us' before an event's end and 'age"' after it are not one "usage" key: StreamWatch keeps the
+    # previous chunk's bytes for the seam only while chunks end mid-event.
+    w = StreamWatch()
+    for chunk in [b'data: {"us', b"x\n\n", b"ag", b'e": {"prompt_tokens": 5}}\n\n']:
+        w.feed(chunk)
+    assert w.usage == {}
+    w = StreamWatch()
+    for chunk in [b'data: {"x": 1, "us', b"ag", b'e": {"prompt_tokens": 5}}\n\n']:
+        w.feed(chunk)
+    assert w.usage == {"input": 5}

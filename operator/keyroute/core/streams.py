@@ -51,6 +51,7 @@ def _is_complete(data: bytes) -> bool:
 
 
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
+_USAGE_LEN = len(USAGE_KEY)
 
 
 class StreamWatch:
@@ -103,9 +104,15 @@ class StreamWatch:
             while at >= 0:
                 self._take(chunk, at)
                 at = chunk.find(USAGE_KEY, at + len(USAGE_KEY))
-            self._prev = chunk if len(chunk) >= len(USAGE_KEY) else (self._prev + chunk)[-len(USAGE_KEY) :]
-            # An empty chunk leaves the seam as it was.
-            self._open = not closed if chunk else self._open
+            if closed:
+                # Nothing to keep: no key can straddle this seam (see above).
+                self._open = False
+            elif chunk:
+                # Rare. The previous chunk's bytes count only if it was open too: after a blank line,
+                # no quote before it can start a key that ends in this chunk.
+                prev = self._prev if self._open else b""
+                self._prev = chunk if len(chunk) >= _USAGE_LEN else (prev + chunk)[-_USAGE_LEN:]
+                self._open = True
 
     def _take(self, data: bytes, at: int) -> None:
         counts, truncated = decode_usage_at(data, at)
