@@ -47,8 +47,9 @@ def test_rewrite_falls_back_to_reserialising_when_the_member_cannot_be_found():
         [b'data: {"type":"response.completed"}\n\n'],
     ],
 )
-def test_stream_watch_sees_completion(chunks):
-    w = StreamWatch()
+@pytest.mark.parametrize("batch", [1, 16 * 1024])
+def test_stream_watch_sees_completion(chunks, batch):
+    w = StreamWatch(batch=batch)
     for c in chunks:
         w.feed(c)
     assert w.complete
@@ -156,14 +157,30 @@ def test_completion_search_agrees_with_the_marker_pattern():
         assert _is_complete(data) == (_COMPLETE.search(data) is not None), data
 
 
-def test_a_usage_key_is_not_joined_across_a_blank_line():
+@pytest.mark.parametrize("batch", [1, 16 * 1024])
+def test_a_usage_key_is_not_joined_across_a_blank_line(batch):
     # '"us' before an event's end and 'age"' after it are not one "usage" key: StreamWatch keeps the
     # previous chunk's bytes for the seam only while chunks end mid-event.
-    w = StreamWatch()
+    w = StreamWatch(batch=batch)
     for chunk in [b'data: {"us', b"x\n\n", b"ag", b'e": {"prompt_tokens": 5}}\n\n']:
         w.feed(chunk)
     assert w.usage == {}
-    w = StreamWatch()
+    w = StreamWatch(batch=batch)
     for chunk in [b'data: {"x": 1, "us', b"ag", b'e": {"prompt_tokens": 5}}\n\n']:
         w.feed(chunk)
     assert w.usage == {"input": 5}
+
+
+def test_stream_watch_batches_are_bounded_and_read_on_demand():
+    # Chunks are searched in batches of at most `batch` bytes (references kept, not copies), and any
+    # chunk still in a batch is searched when `complete` or `usage` is read.
+    w = StreamWatch(batch=64)
+    event = b'data: {"choices":[{"delta":{"content":"x"},"finish_reason":null}]}\n\n'
+    for _ in range(10):
+        w.feed(event)
+        assert w._size < 64
+    w.feed(b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4}}\n\n')
+    assert w.usage == {"input": 3, "output": 4}
+    assert not w.complete
+    w.feed(b"data: [DONE]\n\n")
+    assert w.complete
