@@ -12,6 +12,7 @@ warm-up is sent, the counters are zeroed, N requests are sent, the counters are 
 
     python bench/instructions.py                 # baseline and sidecar, 600 JSON requests at c=16
     python bench/instructions.py --stream        # 20-event streams (per stream)
+    python bench/instructions.py --stream -c 4 --chunk-delay-ms 20   # ~one event per read: per-chunk work
     python bench/instructions.py --which sidecar --warmup 8000   # after many requests (state growth?)
 """
 
@@ -52,6 +53,11 @@ def main() -> int:
     p.add_argument("-c", type=int, default=16, help="concurrency")
     p.add_argument("--warmup", type=int, default=400, help="requests sent before counting")
     p.add_argument("--stream", action="store_true", help="20-event SSE streams, 1 ms apart")
+    p.add_argument(
+        "--chunk-delay-ms", type=int, default=1,
+        help="ms between a stream's events; under valgrind at 1 ms several events arrive in one read, "
+        "with e.g. '-c 4 --chunk-delay-ms 20' about one event a read, as at full speed",
+    )  # fmt: skip
     p.add_argument("--which", default="baseline,sidecar")
     p.add_argument("--sidecar-args", default="", help="extra sidecar arguments, e.g. '--token-metrics off'")
     args = p.parse_args()
@@ -76,7 +82,7 @@ def main() -> int:
             upstream.append(port)
         for port in upstream:
             wait_port(port)
-        extra = ["--header", "X-Bench-Chunks: 20", "--header", "X-Bench-Chunk-Delay-Ms: 1"] if args.stream else []
+        extra = ["--header", "X-Bench-Chunks: 20", "--header", f"X-Bench-Chunk-Delay-Ms: {args.chunk_delay_ms}"] if args.stream else []
         for which in args.which.split(","):
             port = free_port()
             if which == "baseline":

@@ -153,6 +153,20 @@ async def test_finished_answer_without_done_passes_as_sent(fake_provider, start_
     assert b'"finish_reason":"stop"' in body.replace(b" ", b"")
 
 
+async def test_long_streams_are_judged_as_short_ones(fake_provider, start_sidecar, agent):
+    # The sidecar looks at a stream's chunks in batches of 16 KiB: a stream several batches long is
+    # judged on all of it, the finish reason in the last batch, an unfinished one as unfinished.
+    primary, _, sidecar = await setup(fake_provider, start_sidecar)
+    primary.set(Behaviour.stream(600, done=False))
+    _, _, body = await stream(agent, sidecar)
+    assert len(body) > 4 * 16 * 1024
+    assert b"keyroute_stream_error" not in body and len(events(body)) == 600
+    primary.set(Behaviour.stream(600, finish=False, done=False))
+    _, _, body = await stream(agent, sidecar)
+    last_is_error(body, "ConnectionError")
+    assert len(events(body)) == 601
+
+
 async def test_malformed_chunk_inside_a_complete_answer_passes_as_sent(fake_provider, start_sidecar, agent):
     primary, _, sidecar = await setup(fake_provider, start_sidecar)
     primary.set(Behaviour.stream(4, malformed_at=2))

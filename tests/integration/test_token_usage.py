@@ -71,6 +71,35 @@ async def test_stream_counts_usage_only_when_the_agent_asked_for_it(fake_provide
     assert fp.received[1].body_json()["stream_options"] == {"include_usage": True}
 
 
+async def test_a_long_stream_counts_its_usage(fake_provider, start_sidecar, agent):
+    # Several 16 KiB batches of chunks before the usage chunk: it is read all the same.
+    fp, sidecar = await openai_setup(fake_provider, start_sidecar)
+    fp.set(Behaviour.stream(600))
+    asked = chat(stream=True, stream_options={"include_usage": True})
+    async with agent.post(sidecar.base_url + "/chat/completions", json=asked) as resp:
+        body = await resp.read()
+    assert len(body) > 4 * 16 * 1024 and b"keyroute_stream_error" not in body
+    last = [e for e in body.split(b"\n\n") if e.startswith(b"data: {")][-1]
+    usage = json.loads(last[len(b"data: ") :])["usage"]
+    assert tokens(sidecar, credential="a1") == {"input": usage["prompt_tokens"], "output": usage["completion_tokens"]}
+
+
+async def test_a_long_stream_cut_midway_counts_its_first_batch(fake_provider, start_sidecar, agent):
+    # message_start's usage is in the first 16 KiB batch, the cut several batches later: counted.
+    fp: FakeProvider = await fake_provider("claude", keys=[key("c1")])
+    cfg = config(
+        [entry("claude", "claude", fp.base_url, "c", api="anthropic")],
+        [pool("c", "claude", cred("c1", key("c1")))],
+    )
+    sidecar = await start_sidecar(cfg)
+    fp.set(Behaviour.stream(600, cut_after=400))
+    body = {"model": "claude-x", "max_tokens": 10, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    async with agent.post(sidecar.base_url + "/messages", json=body) as resp:
+        answer = await resp.read()
+    assert len(answer) > 2 * 16 * 1024 and b"keyroute_stream_error" in answer
+    assert tokens(sidecar, credential="c1") == {"input": 1, "output": 1}
+
+
 async def test_anthropic_stream_counts_message_start_and_message_delta(fake_provider, start_sidecar, agent):
     fp: FakeProvider = await fake_provider("claude", keys=[key("c1")])
     cfg = config(

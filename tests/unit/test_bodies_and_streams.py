@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+import re
 
 import pytest
 
@@ -45,8 +47,9 @@ def test_rewrite_falls_back_to_reserialising_when_the_member_cannot_be_found():
         [b'data: {"type":"response.completed"}\n\n'],
     ],
 )
-def test_stream_watch_sees_completion(chunks):
-    w = StreamWatch()
+@pytest.mark.parametrize("batch", [1, 16 * 1024])
+def test_stream_watch_sees_completion(chunks, batch):
+    w = StreamWatch(batch=batch)
     for c in chunks:
         w.feed(c)
     assert w.complete
@@ -111,3 +114,73 @@ def test_first_data_event_skips_comments_and_pings(before, event):
 )
 def test_no_data_event_yet(buf):
     assert first_data_event(buf) == (-1, -1)
+
+
+def _first_data_event_by_regex(buf: bytes) -> tuple[int, int]:
+    # The definition the fast paths must keep: events end at \r?\n\r?\n; an event answers if a line
+    # starts with "data:" and it is not an "event: ping".
+    start = 0
+    for m in re.finditer(rb"\r?\n\r?\n", buf):
+        event = buf[start : m.start()].replace(b"\r\n", b"\n")
+        if re.search(rb"(?:^|\n)data:", event) and not re.search(
+            rb"(?:^|\n)event:\s*ping\s*(?:\r?\n|$)", event
+        ):
+            return start, m.end()
+        start = m.end()
+    return -1, -1
+
+
+def test_first_event_searches_agree_with_their_regular_expressions():
+    # first_event_end and first_data_event find "\n\n" with bytes.find when the buffer has no CR; on
+    # any mix of the pieces below they give what the regular expressions give.
+    pieces = [b"data: x", b"data:", b"event: ping", b"event:ping ", b": keepalive", b"id: 1", b"\n", b"\n\n",
+              b"\r\n", b"\r", b"xdata: y", b"ping", b" ", b"event: message_start"]  # fmt: skip
+    rng = random.Random(13)
+    for _ in range(5000):
+        buf = b"".join(rng.choice(pieces) for _ in range(rng.randrange(0, 10)))
+        m = re.search(rb"\r?\n\r?\n", buf)
+        assert first_event_end(buf) == (m.end() if m else -1), buf
+        assert first_data_event(buf) == _first_data_event_by_regex(buf), buf
+
+
+def test_completion_search_agrees_with_the_marker_pattern():
+    # StreamWatch looks for a string reason with its own pattern and for the rare markers by their
+    # literals; on any mix of the pieces below it says what the one pattern of every marker says.
+    from keyroute.core.streams import _COMPLETE, _is_complete
+
+    pieces = [b'"finish_reason"', b'"stop_reason"', b'_reason"', b'"xfinish_reason"', b":", b" : ", b"\n",
+              b'"stop"', b"null", b'"', b"data: ", b"[DONE]", b"event: ", b"message_stop", b'"type"',
+              b'"response.completed"', b'"response.failed"', b"response.", b"{", b"}", b"stop"]  # fmt: skip
+    rng = random.Random(13)
+    for _ in range(20000):
+        data = b"".join(rng.choice(pieces) for _ in range(rng.randrange(0, 8)))
+        assert _is_complete(data) == (_COMPLETE.search(data) is not None), data
+
+
+@pytest.mark.parametrize("batch", [1, 16 * 1024])
+def test_a_usage_key_is_not_joined_across_a_blank_line(batch):
+    # '"us' before an event's end and 'age"' after it are not one "usage" key: StreamWatch keeps the
+    # previous chunk's bytes for the seam only while chunks end mid-event.
+    w = StreamWatch(batch=batch)
+    for chunk in [b'data: {"us', b"x\n\n", b"ag", b'e": {"prompt_tokens": 5}}\n\n']:
+        w.feed(chunk)
+    assert w.usage == {}
+    w = StreamWatch(batch=batch)
+    for chunk in [b'data: {"x": 1, "us', b"ag", b'e": {"prompt_tokens": 5}}\n\n']:
+        w.feed(chunk)
+    assert w.usage == {"input": 5}
+
+
+def test_stream_watch_batches_are_bounded_and_read_on_demand():
+    # Chunks are searched in batches of at most `batch` bytes (references kept, not copies), and any
+    # chunk still in a batch is searched when `complete` or `usage` is read.
+    w = StreamWatch(batch=64)
+    event = b'data: {"choices":[{"delta":{"content":"x"},"finish_reason":null}]}\n\n'
+    for _ in range(10):
+        w.feed(event)
+        assert w._size < 64
+    w.feed(b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4}}\n\n')
+    assert w.usage == {"input": 3, "output": 4}
+    assert not w.complete
+    w.feed(b"data: [DONE]\n\n")
+    assert w.complete

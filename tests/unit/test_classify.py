@@ -979,6 +979,18 @@ STREAM_ERRORS = [
     pytest.param(
         b'data: {"error": "too many requests"}\n\n', E.RATE_LIMITED, 429, {}, id="in-band-string-error"
     ),
+    # The word "error" only as JSON escapes: classified like the plain spelling (the event is decoded
+    # whenever "error" or a \u escape is in it).
+    pytest.param(
+        b'data: {"\\u0065rror": "too many requests"}\n\n', E.RATE_LIMITED, 429, {}, id="in-band-escaped-key"
+    ),
+    pytest.param(
+        b'data: {"type": "\\u0065\\u0072\\u0072\\u006f\\u0072", "message": "Overloaded"}\n\n',
+        E.OVERLOADED,
+        529,
+        {},
+        id="in-band-escaped-type",
+    ),
 ]
 
 

@@ -84,7 +84,10 @@ def test_body_usage_finds_nothing_where_there_is_no_usage(raw):
 
 def test_body_usage_prefers_the_top_level_member_at_the_end():
     # A tool's output may carry its own "usage" member earlier in the answer.
-    answer = {"choices": [{"message": {"tool": {"usage": {"prompt_tokens": 1}}}}], "usage": {"prompt_tokens": 50}}
+    answer = {
+        "choices": [{"message": {"tool": {"usage": {"prompt_tokens": 1}}}}],
+        "usage": {"prompt_tokens": 50},
+    }
     assert body_usage(json.dumps(answer).encode()) == {"input": 50}
 
 
@@ -126,8 +129,9 @@ ANTHROPIC_STREAM = (
     ],
 )
 @pytest.mark.parametrize("size", [1, 3, 7, 16, 64, 100_000])
-def test_stream_watch_reads_usage_whatever_the_chunking(stream, expected, size):
-    w = StreamWatch()
+@pytest.mark.parametrize("batch", [1, 100, 16 * 1024])  # every chunk alone, a few joined, all joined
+def test_stream_watch_reads_usage_whatever_the_chunking(stream, expected, size, batch):
+    w = StreamWatch(batch=batch)
     for i in range(0, len(stream), size):
         w.feed(stream[i : i + size])
     assert w.complete
