@@ -38,6 +38,15 @@ async def openai_setup(fake_provider, start_sidecar, **kwargs):
     return fp, await start_sidecar(cfg, **kwargs)
 
 
+async def anthropic_setup(fake_provider, start_sidecar):
+    fp: FakeProvider = await fake_provider("claude", keys=[key("c1")])
+    cfg = config(
+        [entry("claude", "claude", fp.base_url, "c", api="anthropic")],
+        [pool("c", "claude", cred("c1", key("c1")))],
+    )
+    return fp, await start_sidecar(cfg)
+
+
 async def test_json_answer_counts_tokens_per_credential_and_upstream_model(fake_provider, start_sidecar, agent):
     fp, sidecar = await openai_setup(fake_provider, start_sidecar)
     for _ in range(2):
@@ -86,12 +95,7 @@ async def test_a_long_stream_counts_its_usage(fake_provider, start_sidecar, agen
 
 async def test_a_long_stream_cut_midway_counts_its_first_batch(fake_provider, start_sidecar, agent):
     # message_start's usage is in the first 16 KiB batch, the cut several batches later: counted.
-    fp: FakeProvider = await fake_provider("claude", keys=[key("c1")])
-    cfg = config(
-        [entry("claude", "claude", fp.base_url, "c", api="anthropic")],
-        [pool("c", "claude", cred("c1", key("c1")))],
-    )
-    sidecar = await start_sidecar(cfg)
+    fp, sidecar = await anthropic_setup(fake_provider, start_sidecar)
     fp.set(Behaviour.stream(600, cut_after=400))
     body = {"model": "claude-x", "max_tokens": 10, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     async with agent.post(sidecar.base_url + "/messages", json=body) as resp:
@@ -101,12 +105,7 @@ async def test_a_long_stream_cut_midway_counts_its_first_batch(fake_provider, st
 
 
 async def test_anthropic_stream_counts_message_start_and_message_delta(fake_provider, start_sidecar, agent):
-    fp: FakeProvider = await fake_provider("claude", keys=[key("c1")])
-    cfg = config(
-        [entry("claude", "claude", fp.base_url, "c", api="anthropic")],
-        [pool("c", "claude", cred("c1", key("c1")))],
-    )
-    sidecar = await start_sidecar(cfg)
+    fp, sidecar = await anthropic_setup(fake_provider, start_sidecar)
     fp.set(Behaviour.stream(4))
     body = {"model": "claude-x", "max_tokens": 10, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     async with agent.post(sidecar.base_url + "/messages", json=body) as resp:
@@ -129,12 +128,7 @@ async def test_token_metrics_off_counts_nothing(fake_provider, start_sidecar, ag
 
 
 async def test_a_stream_cut_midway_still_counts_what_the_provider_reported(fake_provider, start_sidecar, agent):
-    fp: FakeProvider = await fake_provider("claude", keys=[key("c1")])
-    cfg = config(
-        [entry("claude", "claude", fp.base_url, "c", api="anthropic")],
-        [pool("c", "claude", cred("c1", key("c1")))],
-    )
-    sidecar = await start_sidecar(cfg)
+    fp, sidecar = await anthropic_setup(fake_provider, start_sidecar)
     fp.set(Behaviour.stream(4, cut_after=2))  # message_start (input tokens) went out with chunk 1
     body = {"model": "claude-x", "max_tokens": 10, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     async with agent.post(sidecar.base_url + "/messages", json=body) as resp:
