@@ -228,34 +228,21 @@ class Proxy:
                 )
             if phase == "first event":
                 return await self._relay(request, route, attempt, upstream, latency, buf, start, end)
+            chain_name = route.chain.name
+            entry = attempt.entry.name
+            cred = attempt.credential_name
             route.report(attempt, None, _clock())
-            # The answer's accounting runs at the loop's next turn, after it is on its way: aiohttp
-            # writes the response in the same step as this handler returns, and the loop runs this
-            # callback before it polls for any later I/O (the agent's next request, a scrape). The
-            # counters and the usage decode (~40k instructions) are then off the agent's latency.
-            asyncio.get_running_loop().call_soon(
-                self._answered,
-                route.chain.name,
-                attempt,
-                latency,
-                payload if self._count_tokens and "json" in media else None,
-            )
+            self._metrics.attempt(chain_name, entry, cred, OK, latency)
+            self._metrics.request(chain_name, entry, OK)
+            if self._count_tokens and "json" in media:
+                counts = body_usage(payload)
+                if counts:
+                    self._metrics.tokens_used(chain_name, entry, cred, attempt.model, counts)
             return web.Response(
                 status=status, body=payload, headers=response_headers(upstream.headers, attempt)
             )
         finally:
             upstream.release()
-
-    def _answered(self, chain_name: str, attempt: Attempt, latency: float, payload: bytes | None) -> None:
-        """Count a request its attempt answered with success (and its tokens, given the JSON body)."""
-        entry = attempt.entry.name
-        cred = attempt.credential_name
-        self._metrics.attempt(chain_name, entry, cred, OK, latency)
-        self._metrics.request(chain_name, entry, OK)
-        if payload is not None:
-            counts = body_usage(payload)
-            if counts:
-                self._metrics.tokens_used(chain_name, entry, cred, attempt.model, counts)
 
     def _fail(self, route: Route, attempt: Attempt, verdict: Classification, latency: float | None) -> None:
         """Report a failed attempt. Raises :class:`_Retry` unless the agent is to get this answer."""
