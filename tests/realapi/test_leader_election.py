@@ -271,6 +271,8 @@ async def test_never_two_writers_a_frozen_leader_wakes_up_fenced(
     finally:
         a.process.popen.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
     await a.process.wait_for("stopped leading", timeout=5)
+    # Fenced, it no longer exports the objects' state: no stale series for the alerts to read.
+    assert a.leader() == 0 and "keyroute_operator_credential_state{" not in a.metrics()
     await rotate(api, namespace, "REPLACE-ME-rotated-after-a-woke-up")
     h2 = await rendered_anew(api, namespace, h1)
     await asyncio.sleep(1.0)  # whatever a had queued has run by now
@@ -284,6 +286,7 @@ async def test_never_two_writers_a_frozen_leader_wakes_up_fenced(
     await eventually(lambda: a.process.output.count("became the leader") == 2, timeout=5)
     await rotate(api, namespace, "REPLACE-ME-rotated-when-a-leads-again")
     await rendered_anew(api, namespace, h2)
+    await eventually(lambda: "keyroute_operator_credential_state{" in a.metrics(), timeout=5)
     await eventually(lambda: a.writes() > a_writes, timeout=5)  # counted just after the write returns
 
 

@@ -28,6 +28,24 @@ def test_credential_state_gauges_follow_the_status_and_forget_removed_credential
     assert value(m, "keyroute_operator_credential_state", namespace="agents", pool="openai", credential="k1", state="Available") is None
 
 
+def test_a_replica_that_stops_leading_forgets_every_object_and_relearns_them():
+    m = OperatorMetrics()
+    m.pool_seen(("agents", "openai"), "False", {"Rejected": 1}, {"k1": "Rejected"})
+    m.chain_seen(("agents", "main"), True, 2)
+    m.forget_objects()
+    # No stale Rejected or FallbackActive series left to keep the chart's alerts firing.
+    assert value(m, "keyroute_operator_credential_state", namespace="agents", pool="openai", credential="k1", state="Rejected") is None
+    assert value(m, "keyroute_operator_chain_fallback_active", namespace="agents", chain="main") is None
+    assert value(m, "keyroute_operator_chain_sidecars", namespace="agents", chain="main") is None
+    assert value(m, "keyroute_operator_pools", ready="False") == 0
+    assert value(m, "keyroute_operator_credentials", state="Rejected") == 0
+    # Leading again: the same pool counted once, not on top of what was forgotten.
+    m.pool_seen(("agents", "openai"), "True", {"Available": 1}, {"k1": "Available"})
+    assert value(m, "keyroute_operator_pools", ready="True") == 1
+    assert value(m, "keyroute_operator_pools", ready="False") == 0
+    assert value(m, "keyroute_operator_credential_state", namespace="agents", pool="openai", credential="k1", state="Available") == 1
+
+
 def test_chain_gauges_and_their_removal():
     m = OperatorMetrics()
     m.chain_seen(("agents", "main"), True, 4)

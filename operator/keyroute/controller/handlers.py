@@ -224,6 +224,7 @@ class Operator:
     def _stopped_leading(self) -> None:
         """The Lease is lost or given up: stop everything the leader does, now (synchronously)."""
         self.metrics.leader.set(0)
+        self.metrics.forget_objects()
         self._term += 1  # closes the old reconciler's fence even if this replica leads again
         for task in self._leader_tasks:
             task.cancel()

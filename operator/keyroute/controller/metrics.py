@@ -108,6 +108,20 @@ class OperatorMetrics:
         self._set_credentials(key, {})
         self._refresh()
 
+    def forget_objects(self) -> None:
+        """Drop every pool's and chain's series and zero the totals: a replica that stopped leading
+        no longer knows their state. The new leader's series are the current ones; a stale copy here
+        would keep KeyrouteCredentialRejected or KeyrouteFallbackActiveTooLong firing after the leader
+        resolved them (they take the max over replicas). Leading again repopulates them."""
+        self._pool_ready.clear()
+        self._pool_states.clear()
+        self._pool_credentials.clear()
+        self._ready_totals.clear()
+        self._state_totals.clear()
+        for gauge in (self.credential_state, self.chain_fallback, self.chain_sidecars):
+            gauge.clear()
+        self._refresh()
+
     def _forget_totals(self, key: tuple[str, str]) -> None:
         # Incremental: recomputing the totals from every pool on each reconcile made a start-up
         # quadratic (a sixth of the operator's CPU at 1,000 pools, issue 11).
