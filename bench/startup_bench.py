@@ -167,8 +167,8 @@ async def seed(kube: Any, layout: ob.Layout, concurrency: int = 16) -> None:
         await asyncio.gather(*(create(url, b) for b in bodies))
 
 
-async def synced(kube: Any, layout: ob.Layout) -> bool:
-    """Every pool's and chain's status is current and every chain has its config Secret (one listing each)."""
+async def synced_objects(kube: Any) -> tuple[Json, Json, Json]:
+    """The listings of the pools, the chains and the operator's config Secrets."""
     from keyroute.kube import path
 
     pools = await kube.request("GET", path("keyroute.dev", "v1alpha1", "credentialpools", NS))
@@ -176,6 +176,12 @@ async def synced(kube: Any, layout: ob.Layout) -> bool:
     secrets = await kube.request(
         "GET", path("", "v1", "secrets", NS) + "?labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkeyroute"
     )
+    return pools, chains, secrets
+
+
+async def synced(kube: Any, layout: ob.Layout) -> bool:
+    """Every pool's and chain's status is current and every chain has its config Secret (one listing each)."""
+    pools, chains, secrets = await synced_objects(kube)
     items = [*pools.get("items", []), *chains.get("items", [])]
     current = sum(1 for o in items if ob._status_current(o))
     configs = {o["metadata"]["name"] for o in secrets.get("items", [])}
@@ -504,13 +510,7 @@ async def one_run(
 
 async def what_the_operator_wrote(kube: Any) -> Json:
     """Every status and config Secret the operator wrote, by name: what :func:`floor_run` replays."""
-    from keyroute.kube import path
-
-    pools = await kube.request("GET", path("keyroute.dev", "v1alpha1", "credentialpools", NS))
-    chains = await kube.request("GET", path("keyroute.dev", "v1alpha1", "providerchains", NS))
-    secrets = await kube.request(
-        "GET", path("", "v1", "secrets", NS) + "?labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkeyroute"
-    )
+    pools, chains, secrets = await synced_objects(kube)
     return {
         "credentialpools": {o["metadata"]["name"]: o["status"] for o in pools["items"]},
         "providerchains": {o["metadata"]["name"]: o["status"] for o in chains["items"]},

@@ -372,8 +372,8 @@ class AnswerHeld(Kube):
     A reply slow on the wire, on cue: the one window in which a release could carry the
     resourceVersion from before the renewal the server has already applied."""
 
-    def __init__(self, kube: Kube) -> None:
-        super().__init__(kube.credentials)
+    def __init__(self, credentials: Any, **kwargs: Any) -> None:
+        super().__init__(credentials, **kwargs)
         self.gate = asyncio.Event()
         self.gate.set()
         self.applied = asyncio.Event()
@@ -395,7 +395,7 @@ async def test_a_release_during_a_renewal_in_flight_gives_up_the_lease_the_renew
     the fence closed, does not make the replica lead again."""
     timings = Timings(lease_duration=6, renew_deadline=4, retry_period=0.5)
     events: list[str] = []
-    kube = AnswerHeld(Kube.from_connection(from_kubeconfig(control_plane.admin_token_kubeconfig)))
+    kube = AnswerHeld.from_connection(from_kubeconfig(control_plane.admin_token_kubeconfig))
     config = ElectionConfig(name="held", namespace=namespace, identity="one", timings=timings)
     elector = LeaderElector(kube, config, lambda: events.append("started"), lambda: events.append("stopped"))
     task = asyncio.create_task(elector.run())

@@ -527,32 +527,19 @@ class _IdleTimer:
             self._task.uncancel()
 
 
+@functools.lru_cache(maxsize=1024)
 def _media_type(content_type: str) -> str:
     """``type/subtype`` of a Content-Type value, lowercased. What aiohttp's ``content_type`` gives, without
-    the copy of the parameters it makes for every response."""
-    media = _MEDIA.get(content_type)
-    if media is None:
-        media = content_type.partition(";")[0].strip().lower()
-        if len(_MEDIA) < _CACHED:
-            _MEDIA[content_type] = media
-    return media
+    the copy of the parameters it makes for every response; kept per value (a provider sends a few)."""
+    return content_type.partition(";")[0].strip().lower()
 
 
+@functools.lru_cache(maxsize=1024)
 def _url(target: str) -> URL:
     """The URL object of an attempt's target. An upstream sees the same few targets over and over:
-    the parsed object (immutable) is kept rather than parsed again for every attempt."""
-    url = _URLS.get(target)
-    if url is None:
-        url = URL(target, encoded=True)
-        if len(_URLS) < _CACHED:  # past this (targets with query strings, say), parsed every time
-            _URLS[target] = url
-    return url
-
-
-# The caches of the two functions above: a few entries in practice, bounded in case they are not.
-_CACHED = 1024
-_MEDIA: dict[str, str] = {}
-_URLS: dict[str, URL] = {}
+    the parsed object (immutable) is kept rather than parsed again for every attempt (yarl parses in
+    Python); bounded, least recently used first out, for targets with query strings."""
+    return URL(target, encoded=True)
 
 
 @functools.lru_cache(maxsize=64)
