@@ -671,8 +671,12 @@ class Operator:
             "--leader-elect=false",  # one replica
         ]
 
+    def environment(self) -> dict[str, str]:
+        """The operator's environment: this one's, the kubeconfig and the extra variables."""
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfig), **self.extra_env}
+
     async def start(self) -> None:
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), **self.extra_env}
+        env = self.environment()
         with self.log_path.open("wb") as out:
             self.started_at = time.monotonic()
             self.proc = await asyncio.create_subprocess_exec(

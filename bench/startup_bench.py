@@ -9,9 +9,10 @@ Processes (2 cores, as ``operator_bench.py``): etcd, kube-apiserver and kube-con
 with this orchestrator, the API server writing a metadata-level audit log of the keyroute kinds,
 Secrets, Events and Leases (the request record: never a body); ``keyroute operator -n default
 --leader-elect=false`` alone on core 0 (operator_bench's ``Operator``: RSS sampled every 0.1 s, VmHWM
-at the end) with the admin's static-token kubeconfig. The objects are operator_bench's ``Layout``
-(``pools`` CredentialPools with one 3-key Secret each, ``chains`` ProviderChains of 2-3 entries),
-created by this process before the operator starts. One fresh control plane per size and run.
+at the end) logged in as in a pod (``PodOperator``: the service variables and a ServiceAccount folder
+holding the admin's static token; a kubeconfig would import the official client first). The objects
+are operator_bench's ``Layout`` (``pools`` CredentialPools with one 3-key Secret each, ``chains``
+ProviderChains of 2-3 entries), created by this process before the operator starts. One fresh control plane per size and run.
 ``--control-plane-cores all`` lets the control plane use both cores (the operator stays alone on
 core 0, so it then shares that core with the API server): closer to a cluster whose control plane runs
 on nodes of its own, where the API server is not confined to one core.
@@ -338,7 +339,45 @@ async def stop_profiler(proc: asyncio.subprocess.Process | None) -> None:
         await proc.wait()
 
 
-class ElectedOperator(ob.Operator):
+# keyroute's own entry point with the ServiceAccount folder pointed at the bench's (the path is fixed in a
+# pod; keyroute.kube reads it at call time, as the tests rely on).
+_IN_POD = (
+    "import pathlib, sys; import keyroute.kube as k; k.SERVICE_ACCOUNT_DIR = pathlib.Path(sys.argv.pop(1)); "
+    "from keyroute.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+class PodOperator(ob.Operator):
+    """``keyroute operator`` logged in as in a pod: ``KUBERNETES_SERVICE_HOST``/``PORT`` and a
+    ServiceAccount folder (``token``, ``ca.crt``, ``namespace``; here the admin's static token), no
+    kubeconfig. That is the chart's Deployment's path: it does not import the official kubernetes
+    client, which a kubeconfig needs (~0.4 s of start-up on this machine, before the first request)."""
+
+    def __init__(self, server: str, sa_dir: Path, log_path: Path, env: dict[str, str]) -> None:
+        super().__init__(sa_dir, log_path, env)
+        host, _, port = server.removeprefix("https://").rpartition(":")
+        self.service = {"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port}
+        self.sa_dir = sa_dir
+
+    @property
+    def command(self) -> list[str]:
+        return [ob.PY, "-c", _IN_POD, str(self.sa_dir), *super().command[1:]]
+
+    def environment(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+        return {**env, **self.service, **self.extra_env}
+
+
+def service_account_dir(cp: Any, where: Path) -> Path:
+    """A ServiceAccount folder as the kubelet mounts it, with the admin's token and the cluster's CA."""
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "token").write_text(cp.admin_token)
+    (where / "ca.crt").write_bytes((cp.pki / "ca.crt").read_bytes())
+    (where / "namespace").write_text(NS)
+    return where
+
+
+class ElectedOperator(PodOperator):
     """``keyroute operator`` with leader election on, as the Helm chart runs it (its Lease in ``default``)."""
 
     @property
@@ -397,12 +436,12 @@ async def one_run(
 ) -> Json:
     layout = ob.Layout(round(1000 * scale), round(300 * scale))
     out: Json = {"pools": layout.pools, "secrets": layout.pools, "chains": layout.chains, "run": run, "leader_elect": elect}
-    operator_cls = ElectedOperator if elect else ob.Operator
+    operator_cls = ElectedOperator if elect else PodOperator
     cp, kube = await prepared_control_plane(layout, cp_all_cores, out)
     ops: list[ob.Operator] = []
     written: Json | None = None
     try:
-        kubeconfig = Path(cp.admin_token_kubeconfig)
+        sa_dir = service_account_dir(cp, logs / f"serviceaccount-{layout.pools}-{run}")
         audit = AuditLog(cp.audit_log)
         audit.read()
         await asyncio.sleep(1.0)
@@ -410,7 +449,7 @@ async def one_run(
         # --- initial sync ---------------------------------------------------------------------------
         out["load_before"] = loadavg()
         op = operator_cls(
-            kubeconfig, logs / f"operator-{layout.pools}-{run}.log", {"KEYROUTE_RESYNC_SECONDS": "3600"}
+            cp.server, sa_dir, logs / f"operator-{layout.pools}-{run}.log", {"KEYROUTE_RESYNC_SECONDS": "3600"}
         )
         ops.append(op)
         cp_cpu0 = control_plane_cpu(cp)
@@ -473,7 +512,8 @@ async def one_run(
 
         # --- restart --------------------------------------------------------------------------------
         op2 = operator_cls(
-            kubeconfig,
+            cp.server,
+            sa_dir,
             logs / f"operator-{layout.pools}-{run}-restart.log",
             {"KEYROUTE_RESYNC_SECONDS": "3600"},
         )
