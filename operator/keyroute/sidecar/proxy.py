@@ -101,7 +101,9 @@ class Proxy:
                 503, "no_providers", "no provider of the chain is usable (see the chain's status)", None
             )
         raw = await request.read()
-        body = inspect_body(raw, request.content_type)
+        # The media type from the raw header, kept per value: aiohttp's ``content_type`` parses the header
+        # again for every request and copies its parameters.
+        body = inspect_body(raw, _media_type(request.headers.get("Content-Type", "")))
         base_headers = forward_headers(request.headers)
         suffix = path[3:]
         if request.rel_url.raw_query_string:
