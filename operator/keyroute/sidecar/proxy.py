@@ -30,7 +30,7 @@ from keyroute.core.paths import PATH_RULE, safe_path
 from keyroute.core.routing import Attempt, Exhausted, Route, Verdict, Wait
 from keyroute.core.streams import StreamWatch, error_event, first_data_event, first_event_end
 from keyroute.core.usage import body_usage
-from keyroute.sidecar.metrics import OK, Metrics
+from keyroute.sidecar.metrics import Metrics
 from keyroute.sidecar.upstream import (
     MAX_ERROR_BODY,
     attempt_headers,
@@ -235,8 +235,7 @@ class Proxy:
             entry = attempt.entry.name
             cred = attempt.credential_name
             route.report(attempt, None, _clock())
-            self._metrics.attempt(chain_name, entry, cred, OK, latency)
-            self._metrics.request(chain_name, entry, OK)
+            self._metrics.served(chain_name, entry, cred, latency)
             if self._count_tokens and "json" in media:
                 counts = body_usage(payload)
                 if counts:
@@ -302,8 +301,7 @@ class Proxy:
             self._fail(route, attempt, inband, latency)  # the agent gets the stream as sent
         else:
             route.report(attempt, None, _clock())
-            self._metrics.attempt(route.chain.name, attempt.entry.name, attempt.credential_name, OK, latency)
-            self._metrics.request(route.chain.name, attempt.entry.name, OK)
+            self._metrics.served(route.chain.name, attempt.entry.name, attempt.credential_name, latency)
         if route.actions:
             self._flush(route)
         out = web.StreamResponse(status=upstream.status, headers=response_headers(upstream.headers, attempt))
