@@ -65,13 +65,17 @@ _KEEP_REQUEST = _Keep(_DROP_REQUEST)
 _KEEP_RESPONSE = _Keep(_DROP_RESPONSE | {PROVIDER_HEADER.lower(), CREDENTIAL_HEADER.lower()})
 
 
+#: Headers of every upstream request, set once on the client session (:mod:`keyroute.sidecar.app`).
+#: Uncompressed answers: the sidecar inspects error bodies and stream markers, on loopback. (The
+#: agent's own Accept-Encoding is dropped.) A session default rather than a header added to every
+#: request: aiohttp copies each header of a request twice, in Python.
+SESSION_HEADERS = {"Accept-Encoding": "identity"}
+
+
 def forward_headers(incoming: Mapping[str, str]) -> dict[str, str]:
     """The agent's headers minus hop-by-hop ones and its own credentials (done once per request)."""
     keep = _KEEP_REQUEST
-    out = {k: v for k, v in incoming.items() if keep[k]}
-    # Uncompressed answers: the sidecar inspects error bodies and stream markers, on loopback.
-    out["Accept-Encoding"] = "identity"
-    return out
+    return {k: v for k, v in incoming.items() if keep[k]}
 
 
 def attempt_headers(base: dict[str, str], attempt: Attempt) -> dict[str, str]:
