@@ -74,6 +74,11 @@ class Verdict(enum.Enum):
     CONTINUE = "continue"  # ask next() again
 
 
+# For the success path, run by every request: a member read through its class costs ~100 ns on
+# Python 3.11, a module global a few.
+_RETURN = Verdict.RETURN
+
+
 @dataclass(slots=True)
 class AttemptRecord:
     """What one attempt (or a skipped entry) came to; the ``attempts`` of a chain_exhausted body."""
@@ -204,7 +209,7 @@ class Route:
             if not self._context_mode:
                 self.actions.extend(self.chain.served(self.model, entry, now, self.reason))
             self._finish()
-            return Verdict.RETURN
+            return _RETURN
         self.actions.extend(pool.record_failure(lease, verdict, now))
         cls = verdict.error_class
         self.records.append(

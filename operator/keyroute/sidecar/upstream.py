@@ -34,6 +34,8 @@ _HOP_BY_HOP = frozenset(
 _DROP_REQUEST = _HOP_BY_HOP | {"host", "authorization", "x-api-key", "accept-encoding"}
 _DROP_RESPONSE = _HOP_BY_HOP
 ANTHROPIC_VERSION = "2023-06-01"
+# Read once: a member read through its class costs ~100 ns on Python 3.11, on every attempt.
+_ANTHROPIC = ApiStyle.ANTHROPIC
 PROVIDER_HEADER = "X-Keyroute-Provider"
 CREDENTIAL_HEADER = "X-Keyroute-Credential"
 #: An error body is read up to this size for classification and passed on as read.
@@ -82,7 +84,7 @@ def attempt_headers(base: dict[str, str], attempt: Attempt) -> dict[str, str]:
     """Headers for one attempt: the agent's, plus this attempt's key in this provider's style."""
     headers = dict(base)
     key = attempt.lease.credential.key
-    if attempt.entry.api is ApiStyle.ANTHROPIC:
+    if attempt.entry.api is _ANTHROPIC:
         headers["x-api-key"] = key
         if not any(k.lower() == "anthropic-version" for k in headers):
             headers["anthropic-version"] = ANTHROPIC_VERSION
