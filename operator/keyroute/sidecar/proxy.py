@@ -34,7 +34,6 @@ from keyroute.sidecar.metrics import Metrics
 from keyroute.sidecar.upstream import (
     MAX_ERROR_BODY,
     attempt_headers,
-    forward_headers,
     response_headers,
     transport_failure,
 )
@@ -104,7 +103,6 @@ class Proxy:
         # The media type from the raw header, kept per value: aiohttp's ``content_type`` parses the header
         # again for every request and copies its parameters.
         body = inspect_body(raw, _media_type(request.headers.get("Content-Type", "")))
-        base_headers = forward_headers(request.headers)
         suffix = path[3:]
         if request.rel_url.raw_query_string:
             suffix += "?" + request.rel_url.raw_query_string
@@ -126,7 +124,7 @@ class Proxy:
                 try:
                     t0 = _perf()
                     response = await self._attempt(
-                        request, route, step, body.with_model(step.model), base_headers, suffix
+                        request, route, step, body.with_model(step.model), suffix
                     )
                     waited += _perf() - t0
                     return response
@@ -148,7 +146,6 @@ class Proxy:
         route: Route,
         attempt: Attempt,
         data: bytes,
-        base_headers: dict[str, str],
         suffix: str,
     ) -> web.StreamResponse:
         url = _url(attempt.base_url + suffix)
@@ -169,7 +166,7 @@ class Proxy:
                 upstream = await self._session().request(
                     request.method,
                     url,
-                    headers=attempt_headers(base_headers, attempt),
+                    headers=attempt_headers(request.headers, attempt),
                     data=data or None,
                     allow_redirects=False,
                     # The entry's connect bound: the deadline itself is the timer around this.

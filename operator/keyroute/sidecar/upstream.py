@@ -74,15 +74,15 @@ _KEEP_RESPONSE = _Keep(_DROP_RESPONSE | {PROVIDER_HEADER.lower(), CREDENTIAL_HEA
 SESSION_HEADERS = {"Accept-Encoding": "identity"}
 
 
-def forward_headers(incoming: Mapping[str, str]) -> dict[str, str]:
-    """The agent's headers minus hop-by-hop ones and its own credentials (done once per request)."""
+def attempt_headers(incoming: Mapping[str, str], attempt: Attempt) -> dict[str, str]:
+    """Headers for one attempt: the agent's minus hop-by-hop ones and its own credentials, plus this
+    attempt's key in this provider's style.
+
+    Filtered again for each attempt rather than once per request and copied per attempt: most
+    requests make one attempt, and the filter costs about what the copy did.
+    """
     keep = _KEEP_REQUEST
-    return {k: v for k, v in incoming.items() if keep[k]}
-
-
-def attempt_headers(base: dict[str, str], attempt: Attempt) -> dict[str, str]:
-    """Headers for one attempt: the agent's, plus this attempt's key in this provider's style."""
-    headers = dict(base)
+    headers = {k: v for k, v in incoming.items() if keep[k]}
     key = attempt.lease.credential.key
     if attempt.entry.api is _ANTHROPIC:
         headers["x-api-key"] = key
