@@ -264,16 +264,16 @@ class Pool:
 
     # --- outcomes -------------------------------------------------------------------------------
 
-    def record_success(self, lease: Lease, now: float) -> list[Action]:
-        """The credential answered: its rate-limit streak for this model ends."""
+    def record_success(self, lease: Lease, now: float) -> None:
+        """The credential answered: its rate-limit streak for this model ends. (No action: a key is
+        restored by time, :meth:`expire`, not by a success.)"""
         health = self._own(lease)
         if health is None:
-            return []
+            return
         health.strikes.pop(lease.model, None)
         if self._pool_strikes:
             self._pool_strikes.pop(lease.model, None)
         health.last_status = 200
-        return []
 
     def record_failure(self, lease: Lease, verdict: Classification, now: float) -> list[Action]:
         """Apply a failure to the credential that was sent. Provider-level classes leave it alone."""

@@ -205,7 +205,7 @@ class Route:
         pool.release(lease)
         entry = attempt.entry
         if verdict is None:
-            self.actions.extend(pool.record_success(lease, now))
+            pool.record_success(lease, now)
             if not self._context_mode:
                 self.actions.extend(self.chain.served(self.model, entry, now, self.reason))
             self._finish()
