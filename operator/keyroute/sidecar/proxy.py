@@ -82,7 +82,8 @@ class Proxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = _perf()
-        raw_path = request.rel_url.raw_path
+        rel_url = request.rel_url
+        raw_path = rel_url.raw_path
         checked = safe_path(raw_path)
         if checked is None:
             # Before routing: a dot-segment could carry an entry's key out of its base path.
@@ -104,8 +105,8 @@ class Proxy:
         # again for every request and copies its parameters.
         body = inspect_body(raw, _media_type(request.headers.get("Content-Type", "")))
         suffix = path[3:]
-        if request.rel_url.raw_query_string:
-            suffix += "?" + request.rel_url.raw_query_string
+        if rel_url.raw_query_string:
+            suffix += "?" + rel_url.raw_query_string
         route = Route(chain, body.model, _clock())
         waited = 0.0
         try:
@@ -230,7 +231,7 @@ class Proxy:
                 return await self._relay(request, route, attempt, upstream, latency, buf, start, end)
             chain_name = route.chain.name
             entry = attempt.entry.name
-            cred = attempt.credential_name
+            cred = attempt.lease.credential.name  # not the property: a call per request
             route.report(attempt, None, _clock())
             self._metrics.served(chain_name, entry, cred, latency)
             if self._count_tokens and "json" in media:
