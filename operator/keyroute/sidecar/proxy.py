@@ -434,9 +434,10 @@ class _Deadlines:
         self._handle: asyncio.TimerHandle | None = None
         self._armed = math.inf  # when the handle fires
 
-    def add(self, timer: _IdleTimer) -> None:
+    def add(self, timer: _IdleTimer, when: float) -> None:
+        """Watch ``timer``, due at ``when`` for now."""
         self._timers.add(timer)
-        self.due(timer.due())
+        self.due(when)
 
     def discard(self, timer: _IdleTimer) -> None:
         # The handle stays armed when the set empties: it fires once for nothing, where a cancel and a
@@ -488,22 +489,25 @@ class _IdleTimer:
         self._cancelling = task.cancelling()
         self.idle = idle
         self.deadline = deadline
-        self.last = deadlines.loop.time()
+        self.last = now = deadlines.loop.time()
         self.expired = False
         self._seen = False
-        deadlines.add(self)
+        # due(), written out here and in restart(): these run for every attempt, and a method call
+        # costs more than the two lines.
+        when = now + idle
+        deadlines.add(self, when if when < deadline else deadline)
 
     def due(self) -> float:
-        # A conditional expression, not min(): a builtin call costs ~4 times as much (valgrind), and
-        # this runs twice per attempt.
+        # A conditional expression, not min(): a builtin call costs ~4 times as much (valgrind).
         when = self.last + self.idle
         return when if when < self.deadline else self.deadline
 
     def restart(self, idle: float) -> None:
         """A new phase: ``idle`` seconds from now."""
-        self.last = self._deadlines.loop.time()
+        self.last = now = self._deadlines.loop.time()
         self.idle = idle
-        self._deadlines.due(self.due())
+        when = now + idle  # due(), written out: see __init__
+        self._deadlines.due(when if when < self.deadline else self.deadline)
 
     def expire(self) -> None:
         """Called by :class:`_Deadlines` once the due time has passed."""
