@@ -23,7 +23,7 @@ stream it is in an event the sidecar already scans for completion markers.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 INPUT, OUTPUT, CACHED, CACHE_WRITE, REASONING = "input", "output", "cached", "cache_write", "reasoning"
@@ -33,9 +33,6 @@ USAGE_KEY = b'"usage"'
 # A usage object is a few hundred bytes; anything that does not decode within this is not one.
 USAGE_MAX = 2048
 _DECODER = json.JSONDecoder()
-# The decoder's scanner (json's C scanner; an attribute typeshed does not list).
-_SCAN: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
-_KEY_LEN = len(USAGE_KEY)
 _SPACE = b" \t\r\n"
 
 
@@ -99,7 +96,7 @@ def decode_usage_at(data: bytes, at: int) -> tuple[dict[str, int] | None, bool]:
     not an object, not JSON); ``truncated`` says the object may continue past the end of ``data``, so
     that a stream can try again once the next chunk has arrived.
     """
-    i = at + _KEY_LEN
+    i = at + len(USAGE_KEY)
     n = len(data)
     while i < n and data[i] in _SPACE:
         i += 1
@@ -116,11 +113,11 @@ def decode_usage_at(data: bytes, at: int) -> tuple[dict[str, int] | None, bool]:
         return None, False
     window = data[i : i + USAGE_MAX]
     try:
-        # The decoder's C scanner itself, not ``raw_decode`` (a Python wrapper that turns the
-        # scanner's StopIteration into a ValueError). At a "{" it returns a dict or raises.
-        obj, _ = _SCAN(window.decode("utf-8", "replace"), 0)
-    except (ValueError, StopIteration):
+        obj, _ = _DECODER.raw_decode(window.decode("utf-8", "replace"))
+    except ValueError:
         return None, len(window) < USAGE_MAX and i + len(window) >= n
+    if not isinstance(obj, dict):
+        return None, False
     return usage_counts(obj), False
 
 
