@@ -182,6 +182,56 @@ async def test_model_alias_is_rewritten_and_nothing_else_changes(fake_provider, 
     assert got.path == "/v1/chat/completions"
 
 
+async def test_the_model_is_read_whatever_the_spelling_of_the_json_content_type(
+    fake_provider, start_sidecar, agent
+):
+    # The media type is read from the raw header (not aiohttp's parsed content_type): case and
+    # parameters must not matter, and a body that is not JSON, or is sent as another type, passes as is.
+    fp: FakeProvider = await fake_provider("router", keys=[key("r1")])
+    cfg = config(
+        [entry("router", "router", fp.base_url, "r", models={"gpt-4o": "openai/gpt-4o"})],
+        [pool("r", "router", cred("r1", key("r1")))],
+    )
+    sidecar = await start_sidecar(cfg)
+    cases = [
+        ("Application/JSON; charset=utf-8", b'{"model":"gpt-4o","n":1}', b'{"model":"openai/gpt-4o","n":1}'),
+        ("application/vnd.api+json", b'{"model":"gpt-4o"}', b'{"model":"openai/gpt-4o"}'),
+        ("text/plain", b' {"model":"gpt-4o"}', b' {"model":"openai/gpt-4o"}'),  # JSON by its first byte
+        ("text/plain", b'model "gpt-4o"', b'model "gpt-4o"'),
+        (None, b'{"model":"gpt-4o"}', b'{"model":"openai/gpt-4o"}'),
+    ]
+    for i, (ctype, raw, expected) in enumerate(cases):
+        headers = {"Content-Type": ctype} if ctype else {}
+        async with agent.post(sidecar.base_url + "/chat/completions", data=raw, headers=headers) as resp:
+            assert resp.status == 200, ctype
+        assert fp.received[i].body == expected, ctype
+
+
+async def test_the_agents_headers_reach_each_attempt_without_its_credentials_or_encodings(
+    fake_provider, start_sidecar, agent
+):
+    # Accept-Encoding: identity is the client session's default, not a header of each request: it
+    # must still reach every attempt (the retry on the fallback too), whatever the agent asked for.
+    primary, backup, sidecar = await two(fake_provider, start_sidecar)
+    primary.script(Behaviour.server_error(), Behaviour.server_error())
+    headers = {
+        "Authorization": "Bearer agent-own-token",
+        "X-Api-Key": "agent-own-key",
+        "Accept-Encoding": "gzip, br",
+        "X-Custom": "kept",
+        "OpenAI-Organization": "org-1",
+    }
+    url = sidecar.base_url + "/chat/completions"
+    async with agent.post(url, json=chat("gpt-4o"), headers=headers) as resp:
+        assert resp.status == 200
+    received = [*primary.received, *backup.received]
+    assert [r.key for r in received] == [key("p1"), key("p1"), key("b1")]
+    for r in received:
+        assert r.headers["accept-encoding"] == "identity"
+        assert r.headers["x-custom"] == "kept" and r.headers["openai-organization"] == "org-1"
+        assert "x-api-key" not in r.headers and "agent-own-token" not in r.headers["authorization"]
+
+
 async def test_other_v1_paths_pass_through(fake_provider, start_sidecar, agent):
     fp: FakeProvider = await fake_provider("acme", keys=[key("p1")])
     cfg = config([entry("acme", "acme", fp.base_url, "k")], [pool("k", "acme", cred("p1", key("p1")))])

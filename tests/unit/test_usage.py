@@ -7,7 +7,7 @@ import json
 import pytest
 
 from keyroute.core.streams import StreamWatch
-from keyroute.core.usage import body_usage, usage_counts
+from keyroute.core.usage import body_usage, decode_usage_at, usage_counts
 
 OPENAI_CHAT = {
     "id": "chatcmpl-1",
@@ -75,6 +75,9 @@ def test_body_usage_reads_each_vocabulary(answer, expected):
         b'{"usage": {"prompt_tokens": true}}',
         b'{"usage": {"prompt_tokens": -3}}',
         b'{"usage": {"prompt_tokens": 5',  # truncated
+        b'{"usage": {"prompt_tokens": x}}',  # no value where one must be (the scanner's StopIteration)
+        b'{"usage": {"prompt_tokens": [1, }}',
+        b'{"usage": {]}',
         b'{"content": "say \\"usage\\": {\\"prompt_tokens\\": 5}"}',  # the word inside a string
     ],
 )
@@ -148,3 +151,21 @@ def test_stream_without_include_usage_reports_nothing():
     w = StreamWatch()
     w.feed(_sse({"choices": [{"delta": {}, "finish_reason": "stop"}]}) + b"data: [DONE]\n\n")
     assert w.complete and w.usage == {}
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b'"usage":{"input_tokens":3}', ({"input": 3}, False)),
+        (b'"usage" :\n {"input_tokens":3}', ({"input": 3}, False)),
+        (b'"usage":{"input_tokens":', (None, True)),  # the rest may be in the next chunk
+        (b'"usage":{"input_tokens":x}', (None, True)),  # a failure within what is there: maybe cut
+        (b'"usage":{"input_tokens":x}' + b" " * 4096, (None, False)),  # failed within USAGE_MAX bytes
+        (b'"usage":null', (None, False)),
+        (b'"usage"', (None, True)),
+        (b'"usage":', (None, True)),
+        (b'"usage" is a word', (None, False)),
+    ],
+)
+def test_decode_usage_at_tells_a_cut_object_from_one_that_is_not(data, expected):
+    assert decode_usage_at(data, 0) == expected

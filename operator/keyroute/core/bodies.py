@@ -30,11 +30,12 @@ class RequestBody:
 
     __slots__ = ("_parsed", "_rewrites", "_span", "model", "raw")
 
+    # Positional parameters: inspect_body builds one for every request, and passing keywords to a
+    # class costs twice as much as the construction itself (valgrind: 4.9k instructions with keywords).
     def __init__(
         self,
         raw: bytes,
         model: str = "",
-        *,
         span: tuple[int, int] | None = None,
         parsed: dict[str, Any] | None = _UNSET,
     ) -> None:
@@ -94,10 +95,10 @@ def inspect_body(raw: bytes, content_type: str) -> RequestBody:
     the model is slower than decoding it.
     """
     if not raw or ("json" not in content_type and raw.lstrip()[:1] != b"{"):
-        return RequestBody(raw=raw, parsed=None)
+        return RequestBody(raw, "", None, None)
     first = _FIRST_MODEL.match(raw)
     if first is not None and raw.find(b'"model"', first.end()) < 0:
-        return RequestBody(raw=raw, model=first.group(1).decode("utf-8", "replace"), span=first.span(1))
+        return RequestBody(raw, first.group(1).decode("utf-8", "replace"), first.span(1))
     at = raw.find(b'"model"')
     if at < 0:
         return RequestBody(raw=raw)  # no model anywhere (whether it is JSON at all is decided if asked)
@@ -115,7 +116,7 @@ def inspect_body(raw: bytes, content_type: str) -> RequestBody:
         ):
             m = _MODEL_MEMBER.match(raw, at)
             if m is not None and b"\\" not in m.group(1):
-                return RequestBody(raw=raw, model=m.group(1).decode("utf-8", "replace"), span=m.span(1))
+                return RequestBody(raw, m.group(1).decode("utf-8", "replace"), m.span(1))
     return _decoded(raw)
 
 

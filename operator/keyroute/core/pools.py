@@ -42,6 +42,9 @@ SOLE_KEY_CAP = 60.0
 ALL_MODELS = "*"
 
 _PER_MODEL = frozenset({ErrorClass.RATE_LIMITED})
+# A member read through its class costs ~100 ns on Python 3.11 (the enum machinery in Python), a
+# module global a few: read once here for the per-request selection.
+_FILL_FIRST = Strategy.FILL_FIRST
 _STATE_FOR = {
     ErrorClass.RATE_LIMITED: CredentialState.COOLING_DOWN,
     ErrorClass.USAGE_LIMIT: CredentialState.COOLING_DOWN,
@@ -178,7 +181,7 @@ class Pool:
         n = len(creds)
         chosen = -1
         strategy = self.strategy
-        if strategy is Strategy.FILL_FIRST:  # the default: the first usable key in priority order
+        if strategy is _FILL_FIRST:  # the default: the first usable key in priority order
             for i in range(n):
                 h = healths[i]
                 # A key with no block when nothing is excluded (the usual case) needs no call.
@@ -261,16 +264,16 @@ class Pool:
 
     # --- outcomes -------------------------------------------------------------------------------
 
-    def record_success(self, lease: Lease, now: float) -> list[Action]:
-        """The credential answered: its rate-limit streak for this model ends."""
+    def record_success(self, lease: Lease, now: float) -> None:
+        """The credential answered: its rate-limit streak for this model ends. (No action: a key is
+        restored by time, :meth:`expire`, not by a success.)"""
         health = self._own(lease)
         if health is None:
-            return []
+            return
         health.strikes.pop(lease.model, None)
         if self._pool_strikes:
             self._pool_strikes.pop(lease.model, None)
         health.last_status = 200
-        return []
 
     def record_failure(self, lease: Lease, verdict: Classification, now: float) -> list[Action]:
         """Apply a failure to the credential that was sent. Provider-level classes leave it alone."""

@@ -29,6 +29,7 @@ from keyroute.logs import REDACTOR
 from keyroute.sidecar.metrics import Metrics
 from keyroute.sidecar.proxy import Proxy
 from keyroute.sidecar.sources import ConfigSource, signature
+from keyroute.sidecar.upstream import SESSION_HEADERS
 
 if TYPE_CHECKING:
     # Reporting (the API client, the reporter, the fleet's cooldowns) is imported when it is
@@ -185,6 +186,7 @@ class Sidecar:
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True),
             auto_decompress=False,
             skip_auto_headers=("User-Agent",),
+            headers=SESSION_HEADERS,
         )
         proxy = Proxy(
             lambda: self.chain,

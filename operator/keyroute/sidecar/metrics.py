@@ -83,6 +83,7 @@ class Metrics:
         self._hot = _HotSeries()
         r.register(self._hot)
         self.overhead = self._hot.overhead
+        self._token_rows: dict[tuple[str, str, str, str], dict[str, list[float]]] = {}
 
     def request(self, chain: str, provider: str, cls: str) -> None:
         """One agent request answered (``provider``: the entry that answered, empty if none)."""
@@ -97,14 +98,32 @@ class Metrics:
                 h = self._hot.latency[provider] = _Histogram(_LATENCY_BUCKETS)
             h.observe(latency)
 
+    def served(self, chain: str, provider: str, credential: str, latency: float) -> None:
+        """A successful attempt whose answer the agent gets: :meth:`attempt` and :meth:`request` with
+        class OK, in one call (every successful request makes it)."""
+        hot = self._hot
+        _count(hot.attempts, (chain, provider, credential, OK), 1)
+        _count(hot.requests, (chain, provider, OK), 1)
+        h = hot.latency.get(provider)
+        if h is None:
+            h = hot.latency[provider] = _Histogram(_LATENCY_BUCKETS)
+        h.observe(latency)
+
     def tokens_used(
         self, chain: str, provider: str, credential: str, model: str, counts: dict[str, int]
     ) -> None:
         """Count the tokens one answer reported (kinds as in :mod:`keyroute.core.usage`)."""
-        series = self._hot.tokens
-        model = model or "-"
+        # The series of one (chain, provider, credential, model) by kind, looked up once per answer
+        # rather than one five-label key per kind (the same lists as in ``_hot.tokens``).
+        key = (chain, provider, credential, model or "-")
+        row = self._token_rows.get(key)
+        if row is None:
+            row = self._token_rows[key] = {}
         for kind, n in counts.items():
-            _count(series, (chain, provider, credential, model, kind), n)
+            entry = row.get(kind)
+            if entry is None:
+                entry = row[kind] = self._hot.tokens[(*key, kind)] = [0, time.time()]
+            entry[0] += n
 
     def action(self, action: Action) -> None:
         if action.scope is not None:

@@ -30,11 +30,10 @@ from keyroute.core.paths import PATH_RULE, safe_path
 from keyroute.core.routing import Attempt, Exhausted, Route, Verdict, Wait
 from keyroute.core.streams import StreamWatch, error_event, first_data_event, first_event_end
 from keyroute.core.usage import body_usage
-from keyroute.sidecar.metrics import OK, Metrics
+from keyroute.sidecar.metrics import Metrics
 from keyroute.sidecar.upstream import (
     MAX_ERROR_BODY,
     attempt_headers,
-    forward_headers,
     response_headers,
     transport_failure,
 )
@@ -83,7 +82,8 @@ class Proxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = _perf()
-        raw_path = request.rel_url.raw_path
+        rel_url = request.rel_url
+        raw_path = rel_url.raw_path
         checked = safe_path(raw_path)
         if checked is None:
             # Before routing: a dot-segment could carry an entry's key out of its base path.
@@ -101,11 +101,12 @@ class Proxy:
                 503, "no_providers", "no provider of the chain is usable (see the chain's status)", None
             )
         raw = await request.read()
-        body = inspect_body(raw, request.content_type)
-        base_headers = forward_headers(request.headers)
+        # The media type from the raw header, kept per value: aiohttp's ``content_type`` parses the header
+        # again for every request and copies its parameters.
+        body = inspect_body(raw, _media_type(request.headers.get("Content-Type", "")))
         suffix = path[3:]
-        if request.rel_url.raw_query_string:
-            suffix += "?" + request.rel_url.raw_query_string
+        if rel_url.raw_query_string:
+            suffix += "?" + rel_url.raw_query_string
         route = Route(chain, body.model, _clock())
         waited = 0.0
         try:
@@ -124,7 +125,7 @@ class Proxy:
                 try:
                     t0 = _perf()
                     response = await self._attempt(
-                        request, route, step, body.with_model(step.model), base_headers, suffix
+                        request, route, step, body.with_model(step.model), suffix
                     )
                     waited += _perf() - t0
                     return response
@@ -137,7 +138,8 @@ class Proxy:
             route.abandon()
             if route.actions:
                 self._flush(route)
-            self._metrics.overhead.observe(max(0.0, _perf() - started - waited))
+            spent = _perf() - started - waited
+            self._metrics.overhead.observe(spent if spent > 0.0 else 0.0)  # no max(): see _IdleTimer.due
 
     async def _attempt(
         self,
@@ -145,7 +147,6 @@ class Proxy:
         route: Route,
         attempt: Attempt,
         data: bytes,
-        base_headers: dict[str, str],
         suffix: str,
     ) -> web.StreamResponse:
         url = _url(attempt.base_url + suffix)
@@ -166,7 +167,7 @@ class Proxy:
                 upstream = await self._session().request(
                     request.method,
                     url,
-                    headers=attempt_headers(base_headers, attempt),
+                    headers=attempt_headers(request.headers, attempt),
                     data=data or None,
                     allow_redirects=False,
                     # The entry's connect bound: the deadline itself is the timer around this.
@@ -230,10 +231,9 @@ class Proxy:
                 return await self._relay(request, route, attempt, upstream, latency, buf, start, end)
             chain_name = route.chain.name
             entry = attempt.entry.name
-            cred = attempt.credential_name
+            cred = attempt.lease.credential.name  # not the property: a call per request
             route.report(attempt, None, _clock())
-            self._metrics.attempt(chain_name, entry, cred, OK, latency)
-            self._metrics.request(chain_name, entry, OK)
+            self._metrics.served(chain_name, entry, cred, latency)
             if self._count_tokens and "json" in media:
                 counts = body_usage(payload)
                 if counts:
@@ -299,8 +299,7 @@ class Proxy:
             self._fail(route, attempt, inband, latency)  # the agent gets the stream as sent
         else:
             route.report(attempt, None, _clock())
-            self._metrics.attempt(route.chain.name, attempt.entry.name, attempt.credential_name, OK, latency)
-            self._metrics.request(route.chain.name, attempt.entry.name, OK)
+            self._metrics.served(route.chain.name, attempt.entry.name, attempt.credential_name, latency)
         if route.actions:
             self._flush(route)
         out = web.StreamResponse(status=upstream.status, headers=response_headers(upstream.headers, attempt))
@@ -435,9 +434,10 @@ class _Deadlines:
         self._handle: asyncio.TimerHandle | None = None
         self._armed = math.inf  # when the handle fires
 
-    def add(self, timer: _IdleTimer) -> None:
+    def add(self, timer: _IdleTimer, when: float) -> None:
+        """Watch ``timer``, due at ``when`` for now."""
         self._timers.add(timer)
-        self.due(timer.due())
+        self.due(when)
 
     def discard(self, timer: _IdleTimer) -> None:
         # The handle stays armed when the set empties: it fires once for nothing, where a cancel and a
@@ -489,19 +489,25 @@ class _IdleTimer:
         self._cancelling = task.cancelling()
         self.idle = idle
         self.deadline = deadline
-        self.last = deadlines.loop.time()
+        self.last = now = deadlines.loop.time()
         self.expired = False
         self._seen = False
-        deadlines.add(self)
+        # due(), written out here and in restart(): these run for every attempt, and a method call
+        # costs more than the two lines.
+        when = now + idle
+        deadlines.add(self, when if when < deadline else deadline)
 
     def due(self) -> float:
-        return min(self.last + self.idle, self.deadline)
+        # A conditional expression, not min(): a builtin call costs ~4 times as much (valgrind).
+        when = self.last + self.idle
+        return when if when < self.deadline else self.deadline
 
     def restart(self, idle: float) -> None:
         """A new phase: ``idle`` seconds from now."""
-        self.last = self._deadlines.loop.time()
+        self.last = now = self._deadlines.loop.time()
         self.idle = idle
-        self._deadlines.due(self.due())
+        when = now + idle  # due(), written out: see __init__
+        self._deadlines.due(when if when < self.deadline else self.deadline)
 
     def expire(self) -> None:
         """Called by :class:`_Deadlines` once the due time has passed."""
