@@ -12,7 +12,8 @@ Secrets, Events and Leases (the request record: never a body); ``keyroute operat
 at the end) logged in as in a pod (``PodOperator``: the service variables and a ServiceAccount folder
 holding the admin's static token; a kubeconfig would import the official client first). The objects
 are operator_bench's ``Layout`` (``pools`` CredentialPools with one 3-key Secret each, ``chains``
-ProviderChains of 2-3 entries), created by this process before the operator starts. One fresh control plane per size and run.
+ProviderChains of 2-3 entries), created by this process before the operator starts. One fresh
+control plane per size and run.
 ``--control-plane-cores all`` lets the control plane use both cores (the operator stays alone on
 core 0, so it then shares that core with the API server): closer to a cluster whose control plane runs
 on nodes of its own, where the API server is not confined to one core.
@@ -352,7 +353,7 @@ class PodOperator(ob.Operator):
     """``keyroute operator`` logged in as in a pod: ``KUBERNETES_SERVICE_HOST``/``PORT`` and a
     ServiceAccount folder (``token``, ``ca.crt``, ``namespace``; here the admin's static token), no
     kubeconfig. That is the chart's Deployment's path: it does not import the official kubernetes
-    client, which a kubeconfig needs (~0.4 s of start-up on this machine, before the first request)."""
+    client, which a kubeconfig needs (~0.3 s of start-up on this machine, before the first request)."""
 
     def __init__(self, server: str, sa_dir: Path, log_path: Path, env: dict[str, str]) -> None:
         super().__init__(sa_dir, log_path, env)
@@ -442,7 +443,7 @@ async def one_run(
     ops: list[ob.Operator] = []
     written: Json | None = None
     try:
-        sa_dir = service_account_dir(cp, logs / f"serviceaccount-{layout.pools}-{run}")
+        sa_dir = service_account_dir(cp, Path(cp.workdir) / "serviceaccount")  # goes with the control plane
         audit = AuditLog(cp.audit_log)
         audit.read()
         await asyncio.sleep(1.0)
