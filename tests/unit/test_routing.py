@@ -208,7 +208,7 @@ def test_restore_after_cooldown_probes_primary_and_waits_again_on_failure():
     assert a.entry.name == "acme"
     back.report(a, None, r.restore_at)
     assert any(x.kind is ActionKind.PRIMARY_RESTORED for x in back.actions)
-    assert "acme" not in chain.models[M].restores
+    assert M not in chain.models  # back on the primary with nothing waiting: no state kept
     assert not chain.on_fallback(M)
 
 
@@ -348,3 +348,65 @@ def test_first_token_reaches_the_attempt_capped_by_the_deadline():
     assert step(route, T0 + 25).first_token == pytest.approx(5)  # the same route, 25 s later
     route.report(step(route, T0 + 25), failure(ErrorClass.TIMEOUT), T0 + 25)
     assert step(route, T0 + 25).first_token is None  # off on the entry that does not set it
+
+
+def test_models_served_where_they_always_were_leave_no_state():
+    # The model is the agent's string: a state per model ever asked for would grow without bound.
+    chain = chain_of()
+    for i in range(1000):
+        route = Route(chain, f"model-{i}", T0)
+        route.report(step(route), None, T0)
+        assert not route.actions
+    assert chain.models == {}
+
+
+def test_a_model_keeps_its_state_while_on_the_fallback_and_loses_it_back_on_the_primary():
+    chain = Chain(two_providers(fallback={"restoreAfter": 60}), rng=random.Random(1))
+    route = Route(chain, M, T0)
+    route.report(step(route), failure(ErrorClass.SERVER_ERROR, 500), T0)
+    route.report(step(route), failure(ErrorClass.SERVER_ERROR, 500), T0)
+    served = step(route)
+    assert served.entry.name == "backup"
+    route.report(served, None, T0)
+    assert [a.kind for a in route.actions if a.kind is ActionKind.FALLBACK_ACTIVATED]
+    assert chain.on_fallback(M) and list(chain.models) == [M]
+    # While the primary waits, the next request starts on the fallback: the state is what says so.
+    assert Route(chain, M, T0 + 1).order[0].name == "backup"
+    due = chain.models[M].restores["acme"].restore_at
+    back = Route(chain, M, due)
+    a = step(back, due)
+    assert a.entry.name == "acme" and a.probe
+    back.report(a, None, due)
+    assert any(x.kind is ActionKind.PRIMARY_RESTORED for x in back.actions)
+    assert chain.models == {} and not chain.on_fallback(M)
+    # And it is as if nothing had happened: the next failure starts a new, short wait.
+    again = Route(chain, M, due + 1)
+    again.report(step(again, due + 1), failure(ErrorClass.SERVER_ERROR, 500), due + 1)
+    again.report(step(again, due + 1), failure(ErrorClass.SERVER_ERROR, 500), due + 1)
+    assert chain.models[M].restores["acme"].wait == 60
+
+
+def test_the_fallback_gauge_returns_to_0_when_the_chain_forgets_the_model():
+    from keyroute.sidecar.metrics import Metrics
+
+    metrics = Metrics()
+    chain = Chain(two_providers(fallback={"restoreAfter": 60}), rng=random.Random(1))
+
+    def gauge() -> float | None:
+        return metrics.registry.get_sample_value("keyroute_fallback_active", {"chain": chain.name, "model": M})
+
+    route = Route(chain, M, T0)
+    route.report(step(route), failure(ErrorClass.TIMEOUT), T0)
+    route.report(step(route), None, T0)
+    metrics.refresh_state(chain, T0)
+    assert gauge() == 1
+    due = chain.models[M].restores["acme"].restore_at
+    back = Route(chain, M, due)
+    back.report(step(back, due), None, due)
+    assert M not in chain.models
+    metrics.refresh_state(chain, due)
+    assert gauge() == 0  # not left at 1 (an alert would fire on it)
+    other = Route(chain, "never-failed", due)
+    other.report(step(other, due), None, due)
+    metrics.refresh_state(chain, due)
+    assert metrics.registry.get_sample_value("keyroute_fallback_active", {"chain": chain.name, "model": "never-failed"}) is None

@@ -155,6 +155,8 @@ class Chain:
         return self.entries[0] if self.entries else None
 
     def state(self, model: str) -> ModelState:
+        """``model``'s state, made if it has none. Only a failure or a fallback makes one: the model
+        is the agent's string, so a state per model ever asked for would grow without bound."""
         st = self.models.get(model)
         if st is None:
             st = self.models[model] = ModelState()
@@ -166,8 +168,8 @@ class Chain:
         Entries waiting for their restore time come last (never those that went silent); an entry
         whose restore time has passed is probed by this request unless another already is.
         """
-        st = self.state(model)
-        if not st.restores:
+        st = self.models.get(model)
+        if st is None or not st.restores:
             # Nothing waiting to be restored (the usual case): the chain's order as it is, no copy.
             return self.entries, []
         ready: list[Entry] = []
@@ -187,7 +189,8 @@ class Chain:
 
     def release_probe(self, model: str, entry: Entry) -> None:
         """A claimed probe that never reached its entry: let the next request probe it."""
-        r = self.state(model).restores.get(entry.name)
+        st = self.models.get(model)
+        r = st.restores.get(entry.name) if st is not None else None
         if r is not None:
             r.probing = False
 
@@ -219,13 +222,20 @@ class Chain:
 
     def served(self, model: str, entry: Entry, now: float, reason: ErrorClass | None) -> list[Action]:
         """``entry`` answered a request for ``model``: clear its wait, and report a change of serving entry."""
-        st = self.state(model)
+        primary = self.primary
+        st = self.models.get(model)
+        if st is None:
+            if primary is not None and entry.name == primary.name:
+                return []  # the usual case: served where it always was, nothing to keep
+            st = self.state(model)
         st.restores.pop(entry.name, None)
-        previous = st.serving or (self.primary.name if self.primary else None)
+        previous = st.serving or (primary.name if primary else None)
         st.serving = entry.name
+        if not st.restores and primary is not None and entry.name == primary.name:
+            # Back on the primary with nothing waiting: the same as no state at all.
+            del self.models[model]
         if previous == entry.name:
             return []
-        primary = self.primary
         if primary is not None and entry.name == primary.name:
             return [
                 Action(

@@ -44,6 +44,8 @@ class Metrics:
             ["chain", "model"],
             registry=r,
         )
+        # Every fallback_active series set so far, by (chain, model): see refresh_state.
+        self._fallback_shown: dict[tuple[str, str], Gauge] = {}
         self.fallbacks = Counter(
             "keyroute_fallback_activations",
             "Times traffic moved to a fallback entry.",
@@ -147,8 +149,16 @@ class Metrics:
                     if s is CredentialState.MISSING:
                         continue
                     self.credential_state.labels(pool.name, cred.name, str(s)).set(1 if s is state else 0)
+        # The chain keeps state only for models that left an entry; one back on its primary is
+        # forgotten there, so a series set before is set to 0 here (the set of them is bounded by the
+        # models that ever fell back, not by every model asked for).
+        shown = self._fallback_shown
         for model in chain.models:
-            self.fallback_active.labels(chain.name, model or "-").set(1 if chain.on_fallback(model) else 0)
+            shown[chain.name, model] = self.fallback_active.labels(chain.name, model or "-")
+            shown[chain.name, model].set(1 if chain.on_fallback(model) else 0)
+        for (name, model), gauge in shown.items():
+            if name == chain.name and model not in chain.models:
+                gauge.set(0)
 
 
 class _Histogram:
