@@ -573,7 +573,7 @@ async def what_the_operator_wrote(kube: Any) -> Json:
     }
 
 
-async def floor_run(layout: ob.Layout, written: Json, cp_all_cores: bool, concurrency: int = 16) -> Json:
+async def floor_run(layout: ob.Layout, written: Json, cp_all_cores: bool) -> Json:
     """The API server's floor for the first sync's writes: on a fresh control plane with the same
     objects, a bare client sends exactly the statuses and config Secrets the operator wrote (16 at
     once, as the operator, and from the operator's core), with the operator's four watches open and
@@ -606,7 +606,7 @@ async def floor_run(layout: ob.Layout, written: Json, cp_all_cores: bool, concur
             for ref in body["metadata"].get("ownerReferences", []):
                 ref["uid"] = uids[ref["name"]]
         await asyncio.sleep(1.0)
-        limit = asyncio.Semaphore(concurrency)
+        limit = asyncio.Semaphore(16)
 
         async def status(plural: str, name: str, body: Json) -> None:
             async with limit:

@@ -168,7 +168,7 @@ class Route:
                 return Attempt(
                     entry,
                     lease,
-                    lease.credential.base_url or entry.base_url,  # base_url: Entry.base_url_for, written out
+                    entry.base_url_for(lease.credential),  # base_url: the invariant's URL rule, in one place
                     upstream,  # model
                     remaining if remaining < entry.connect else entry.connect,  # connect
                     remaining if remaining < entry.first_byte else entry.first_byte,  # first_byte

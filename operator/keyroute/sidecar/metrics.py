@@ -85,7 +85,6 @@ class Metrics:
         self._hot = _HotSeries()
         r.register(self._hot)
         self.overhead = self._hot.overhead
-        self._token_rows: dict[tuple[str, str, str, str], dict[str, list[float]]] = {}
 
     def request(self, chain: str, provider: str, cls: str) -> None:
         """One agent request answered (``provider``: the entry that answered, empty if none)."""
@@ -95,10 +94,7 @@ class Metrics:
         """One upstream attempt and, if it got response headers, their latency."""
         _count(self._hot.attempts, (chain, provider, credential, cls), 1)
         if latency is not None:
-            h = self._hot.latency.get(provider)
-            if h is None:
-                h = self._hot.latency[provider] = _Histogram(_LATENCY_BUCKETS)
-            h.observe(latency)
+            _observe(self._hot.latency, provider, latency)
 
     def served(self, chain: str, provider: str, credential: str, latency: float) -> None:
         """A successful attempt whose answer the agent gets: :meth:`attempt` and :meth:`request` with
@@ -106,26 +102,16 @@ class Metrics:
         hot = self._hot
         _count(hot.attempts, (chain, provider, credential, OK), 1)
         _count(hot.requests, (chain, provider, OK), 1)
-        h = hot.latency.get(provider)
-        if h is None:
-            h = hot.latency[provider] = _Histogram(_LATENCY_BUCKETS)
-        h.observe(latency)
+        _observe(hot.latency, provider, latency)
 
     def tokens_used(
         self, chain: str, provider: str, credential: str, model: str, counts: dict[str, int]
     ) -> None:
         """Count the tokens one answer reported (kinds as in :mod:`keyroute.core.usage`)."""
-        # The series of one (chain, provider, credential, model) by kind, looked up once per answer
-        # rather than one five-label key per kind (the same lists as in ``_hot.tokens``).
-        key = (chain, provider, credential, model or "-")
-        row = self._token_rows.get(key)
-        if row is None:
-            row = self._token_rows[key] = {}
+        series = self._hot.tokens
+        model = model or "-"
         for kind, n in counts.items():
-            entry = row.get(kind)
-            if entry is None:
-                entry = row[kind] = self._hot.tokens[(*key, kind)] = [0, time.time()]
-            entry[0] += n
+            _count(series, (chain, provider, credential, model, kind), n)
 
     def action(self, action: Action) -> None:
         if action.scope is not None:
@@ -154,8 +140,8 @@ class Metrics:
         # models that ever fell back, not by every model asked for).
         shown = self._fallback_shown
         for model in chain.models:
-            shown[chain.name, model] = self.fallback_active.labels(chain.name, model or "-")
-            shown[chain.name, model].set(1 if chain.on_fallback(model) else 0)
+            gauge = shown[chain.name, model] = self.fallback_active.labels(chain.name, model or "-")
+            gauge.set(1 if chain.on_fallback(model) else 0)
         for (name, model), gauge in shown.items():
             if name == chain.name and model not in chain.models:
                 gauge.set(0)
@@ -184,6 +170,14 @@ def _count(series: dict[tuple[str, ...], list[float]], labels: tuple[str, ...], 
     if entry is None:
         entry = series[labels] = [0, time.time()]
     entry[0] += n
+
+
+def _observe(histograms: dict[str, _Histogram], provider: str, latency: float) -> None:
+    """Observe an attempt's latency in its provider's histogram (made on first use)."""
+    h = histograms.get(provider)
+    if h is None:
+        h = histograms[provider] = _Histogram(_LATENCY_BUCKETS)
+    h.observe(latency)
 
 
 class _HotSeries(Collector):
