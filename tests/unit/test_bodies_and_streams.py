@@ -157,6 +157,25 @@ def test_completion_search_agrees_with_the_marker_pattern():
         assert _is_complete(data) == (_COMPLETE.search(data) is not None), data
 
 
+def test_the_done_shortcut_agrees_with_the_marker_pattern_on_long_streams():
+    # A "[DONE]" in the last 64 bytes, after "data:" and whitespace within 64 bytes, answers without
+    # the full search: on long data, with every whitespace byte of the pattern's \s and gaps around
+    # the windows' edges, it says what the pattern says, and never more.
+    from keyroute.core.streams import _COMPLETE, _is_complete
+
+    filler = b'data: {"choices":[{"delta":{"content":"x"},"finish_reason":null}]}\n\n' * 3
+    pieces = [b"data:", b"data: ", b"[DONE]", b"[DONE", b"ta:", b" ", b"\t", b"\n", b"\r\n", b"\x0b", b"\x0c",
+              b"\n\n", b"x", b"data: x", b" " * 30, b"\n" * 61, b"event: message_stop", b'"finish_reason":"']  # fmt: skip
+    rng = random.Random(29)
+    for _ in range(20000):
+        data = filler[: rng.randrange(0, len(filler))] + b"".join(
+            rng.choice(pieces) for _ in range(rng.randrange(0, 8))
+        )
+        assert _is_complete(data) == (_COMPLETE.search(data) is not None), data
+    assert _is_complete(filler + b"data:" + b" " * 58 + b"[DONE]\n\n")  # the full search finds it
+    assert not _is_complete(filler + b"data [DONE]\n\n")
+
+
 @pytest.mark.parametrize("batch", [1, 16 * 1024])
 def test_a_usage_key_is_not_joined_across_a_blank_line(batch):
     # '"us' before an event's end and 'age"' after it are not one "usage" key: StreamWatch keeps the
