@@ -109,6 +109,8 @@ OPENAI_STREAM = (
     + _sse({"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 2, "total_tokens": 13}})
     + b"data: [DONE]\n\n"
 )
+# As OpenAI sends it: no spaces, so every chunk's ``"usage":null`` takes StreamWatch's short cut.
+OPENAI_STREAM_COMPACT = OPENAI_STREAM.replace(b'": ', b'":').replace(b", ", b",")
 ANTHROPIC_STREAM = (
     _sse(
         {"type": "message_start", "message": {"usage": {"input_tokens": 25, "output_tokens": 1}}},
@@ -127,6 +129,7 @@ ANTHROPIC_STREAM = (
     ("stream", "expected"),
     [
         (OPENAI_STREAM, {"input": 11, "output": 2}),
+        (OPENAI_STREAM_COMPACT, {"input": 11, "output": 2}),
         # message_start's output_tokens is a placeholder; message_delta's running total wins.
         (ANTHROPIC_STREAM, {"input": 25, "output": 15}),
     ],
