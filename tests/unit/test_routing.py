@@ -386,7 +386,7 @@ def test_a_model_keeps_its_state_while_on_the_fallback_and_loses_it_back_on_the_
     assert chain.models[M].restores["acme"].wait == 60
 
 
-def test_the_fallback_gauge_returns_to_0_when_the_chain_forgets_the_model():
+def test_the_fallback_gauge_is_removed_when_the_chain_forgets_the_model():
     from keyroute.sidecar.metrics import Metrics
 
     metrics = Metrics()
@@ -405,8 +405,77 @@ def test_the_fallback_gauge_returns_to_0_when_the_chain_forgets_the_model():
     back.report(step(back, due), None, due)
     assert M not in chain.models
     metrics.refresh_state(chain, due)
-    assert gauge() == 0  # not left at 1 (an alert would fire on it)
+    assert gauge() is None  # removed, not left at 1 (an alert would fire on it) nor kept at 0 for ever
     other = Route(chain, "never-failed", due)
     other.report(step(other, due), None, due)
     metrics.refresh_state(chain, due)
     assert metrics.registry.get_sample_value("keyroute_fallback_active", {"chain": chain.name, "model": "never-failed"}) is None
+
+
+def _time_out_everywhere(chain: Chain, model: str, now: float) -> None:
+    # Both entries time out: the model's state waits on both, and no entry serves it.
+    route = Route(chain, model, now)
+    route.report(step(route, now), failure(ErrorClass.TIMEOUT), now)
+    route.report(step(route, now), failure(ErrorClass.TIMEOUT), now)
+    assert isinstance(route.next(now), Exhausted)
+
+
+def _fall_back(chain: Chain, model: str, now: float) -> Route:
+    route = Route(chain, model, now)
+    route.report(step(route, now), failure(ErrorClass.TIMEOUT), now)
+    served = step(route, now)
+    assert served.entry.name == "backup"
+    route.report(served, None, now)
+    return route
+
+
+def test_names_that_fail_everywhere_are_kept_up_to_the_cap_oldest_forgotten_first():
+    # A made-up model name that every provider refuses leaves state behind; an agent inventing names
+    # must not grow it without bound.
+    from keyroute.core.chains import MAX_MODEL_STATES
+
+    chain = chain_of()
+    for i in range(MAX_MODEL_STATES + 100):
+        _time_out_everywhere(chain, f"made-up-{i}", T0 + i)
+    assert len(chain.models) == MAX_MODEL_STATES
+    assert "made-up-0" not in chain.models and "made-up-99" not in chain.models
+    assert f"made-up-{MAX_MODEL_STATES + 99}" in chain.models and chain.state_refusals == 0
+
+
+def test_a_model_on_a_fallback_is_never_forgotten_for_room(monkeypatch):
+    # Its fallback was reported; only the primary serving it again may end that (PrimaryRestored).
+    from keyroute.core import chains
+    from keyroute.sidecar.metrics import Metrics
+
+    monkeypatch.setattr(chains, "MAX_MODEL_STATES", 3)
+    chain = chain_of()
+    metrics = Metrics()
+    _fall_back(chain, "on-fallback", T0)
+    _time_out_everywhere(chain, "nowhere-1", T0)
+    _time_out_everywhere(chain, "nowhere-2", T0)
+    _fall_back(chain, "also-on-fallback", T0)  # room made by forgetting nowhere-1, the oldest not on one
+    assert list(chain.models) == ["on-fallback", "nowhere-2", "also-on-fallback"]
+    _fall_back(chain, "third", T0)
+    assert list(chain.models) == ["on-fallback", "also-on-fallback", "third"]
+    metrics.refresh_state(chain, T0)
+
+    def gauge(model: str) -> float | None:
+        labels = {"chain": chain.name, "model": model}
+        return metrics.registry.get_sample_value("keyroute_fallback_active", labels)
+
+    assert [gauge(m) for m in ("on-fallback", "also-on-fallback", "third", "nowhere-2")] == [1, 1, 1, None]
+    # Every state is on a fallback: a new model is served by the fallback, but neither remembered nor
+    # reported, and counted; its next request starts at the primary again.
+    route = Route(chain, "one-too-many", T0)
+    route.report(step(route), failure(ErrorClass.TIMEOUT), T0)
+    served = step(route)
+    assert served.entry.name == "backup"
+    route.report(served, None, T0)
+    assert not [a for a in route.actions if a.kind is ActionKind.FALLBACK_ACTIVATED]
+    assert "one-too-many" not in chain.models and chain.state_refusals == 2  # the failure and the fallback
+    assert step(Route(chain, "one-too-many", T0 + 1), T0 + 1).entry.name == "acme"
+    metrics.refresh_state(chain, T0)
+    count = {"chain": chain.name}
+    assert metrics.registry.get_sample_value("keyroute_model_state_refusals_total", count) == 2
+    metrics.refresh_state(chain, T0)
+    assert metrics.registry.get_sample_value("keyroute_model_state_refusals_total", count) == 2

@@ -79,6 +79,12 @@ class Entry:
         return cred.base_url or self.base_url
 
 
+#: Per-model states one chain keeps at most. Model names are the agent's strings; a chain really serves
+#: a few dozen. Past this, the oldest state that is not on a fallback is forgotten for a new one; if
+#: every state is on a fallback (reported, so only the primary serving the model again may end it),
+#: a new model gets none (docs/errors.md, "Scope").
+MAX_MODEL_STATES = 1024
+
 #: After a failed probe, the next one waits this share of the outage so far (within restoreAfter..restoreMax).
 RESTORE_GROWTH = 1 / 8
 #: Every restore wait is scaled by a uniform factor in [1 - RESTORE_JITTER, 1 + RESTORE_JITTER].
@@ -141,7 +147,9 @@ class Chain:
         triggers = config.fallback.triggers
         self.fallback_triggers = frozenset(triggers) if triggers is not None else None
         self.models: dict[str, ModelState] = {}
+        self.state_refusals = 0  # failures and fallbacks not remembered: every state on a fallback
         if previous is not None:
+            self.state_refusals = previous.state_refusals
             # Keep routing state for entries that still exist; a removed entry's state goes with it.
             for model, st in previous.models.items():
                 kept = {n: r for n, r in st.restores.items() if n in self.by_name}
@@ -154,13 +162,26 @@ class Chain:
     def primary(self) -> Entry | None:
         return self.entries[0] if self.entries else None
 
-    def state(self, model: str) -> ModelState:
+    def state(self, model: str) -> ModelState | None:
         """``model``'s state, made if it has none. Only a failure or a fallback makes one: the model
-        is the agent's string, so a state per model ever asked for would grow without bound."""
+        is the agent's string, so a state per model ever asked for would grow without bound. None when
+        :data:`MAX_MODEL_STATES` are kept and all of them are on a fallback."""
         st = self.models.get(model)
         if st is None:
+            if len(self.models) >= MAX_MODEL_STATES and not self._forget_one():
+                self.state_refusals += 1
+                return None
             st = self.models[model] = ModelState()
         return st
+
+    def _forget_one(self) -> bool:
+        """Forget the oldest state that is not on a fallback (nothing reported depends on it)."""
+        primary = self.primary.name if self.primary else None
+        for model, st in self.models.items():
+            if st.serving is None or st.serving == primary:
+                del self.models[model]  # and stop iterating: the dict just changed
+                return True
+        return False
 
     def plan(self, model: str, now: float) -> tuple[Sequence[Entry], list[Entry]]:
         """Entries to try for a new request, in order, and the probes this request claimed.
@@ -197,6 +218,8 @@ class Chain:
     def entry_failed(self, model: str, entry: Entry, cls: ErrorClass, now: float) -> None:
         """A request left ``entry`` because of ``cls``: start (or lengthen) its restore wait."""
         st = self.state(model)
+        if st is None:
+            return  # no room: the entry is tried first again (docs/errors.md, "Scope")
         r = st.restores.get(entry.name)
         if r is None:
             wait = self.fallback.restore_after
@@ -228,6 +251,8 @@ class Chain:
             if primary is not None and entry.name == primary.name:
                 return []  # the usual case: served where it always was, nothing to keep
             st = self.state(model)
+            if st is None:
+                return []  # no room: served, but not remembered or reported (counted in state_refusals)
         st.restores.pop(entry.name, None)
         previous = st.serving or (primary.name if primary else None)
         st.serving = entry.name

@@ -44,8 +44,17 @@ class Metrics:
             ["chain", "model"],
             registry=r,
         )
-        # Every fallback_active series set so far, by (chain, model): see refresh_state.
+        # The fallback_active series set, by (chain, model): one per model the chain keeps a state for
+        # (see refresh_state).
         self._fallback_shown: dict[tuple[str, str], Gauge] = {}
+        self.state_refusals = Counter(
+            "keyroute_model_state_refusals",
+            "Failures and fallbacks of a model not remembered: every per-model state the chain keeps "
+            "was taken by a model on a fallback (docs/errors.md, Scope).",
+            ["chain"],
+            registry=r,
+        )
+        self._refusals_seen: dict[str, int] = {}
         self.fallbacks = Counter(
             "keyroute_fallback_activations",
             "Times traffic moved to a fallback entry.",
@@ -135,16 +144,24 @@ class Metrics:
                     if s is CredentialState.MISSING:
                         continue
                     self.credential_state.labels(pool.name, cred.name, str(s)).set(1 if s is state else 0)
-        # The chain keeps state only for models that left an entry; one back on its primary is
-        # forgotten there, so a series set before is set to 0 here (the set of them is bounded by the
-        # models that ever fell back, not by every model asked for).
+        # The chain keeps state only for models that left an entry (at most MAX_MODEL_STATES); one back
+        # on its primary is forgotten there, and its series removed here: series for every model that
+        # ever fell back would grow with the agent's model names. Removed, not left at 0 or 1: an
+        # alert on the series resolves when it goes.
         shown = self._fallback_shown
         for model in chain.models:
-            gauge = shown[chain.name, model] = self.fallback_active.labels(chain.name, model or "-")
+            gauge = shown.get((chain.name, model))
+            if gauge is None:
+                gauge = shown[chain.name, model] = self.fallback_active.labels(chain.name, model or "-")
             gauge.set(1 if chain.on_fallback(model) else 0)
-        for (name, model), gauge in shown.items():
-            if name == chain.name and model not in chain.models:
-                gauge.set(0)
+        gone = [key for key in shown if key[0] == chain.name and key[1] not in chain.models]
+        for key in gone:
+            del shown[key]
+            self.fallback_active.remove(key[0], key[1] or "-")
+        seen = self._refusals_seen.get(chain.name, 0)
+        if chain.state_refusals > seen:
+            self.state_refusals.labels(chain.name).inc(chain.state_refusals - seen)
+        self._refusals_seen[chain.name] = chain.state_refusals
 
 
 class _Histogram:
