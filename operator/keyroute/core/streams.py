@@ -159,7 +159,7 @@ class StreamWatch:
             at = chunk.find(USAGE_KEY)
             while at >= 0:
                 # OpenAI streams asked for usage carry ``"usage":null`` in every chunk but the last: a
-                # slice and a compare skip it, where the decode's call was ~0.5 us each (a 20-event
+                # slice and a compare skip it, where the decode's call was ~0.5 us each (a 22-chunk
                 # stream's watch went from ~38 to ~20 us).
                 if chunk[at + _USAGE_LEN : at + _USAGE_LEN + 5] != b":null":
                     self._take(chunk, at)
