@@ -341,42 +341,28 @@ async def stop_profiler(proc: asyncio.subprocess.Process | None) -> None:
         await proc.wait()
 
 
-# keyroute's own entry point with the ServiceAccount folder pointed at the bench's (the path is fixed in a
-# pod; keyroute.kube reads it at call time, as the tests rely on).
-_IN_POD = (
-    "import pathlib, sys; import keyroute.kube as k; k.SERVICE_ACCOUNT_DIR = pathlib.Path(sys.argv.pop(1)); "
-    "from keyroute.cli import main; sys.exit(main(sys.argv[1:]))"
-)
-
-
 class PodOperator(ob.Operator):
     """``keyroute operator`` logged in as in a pod: ``KUBERNETES_SERVICE_HOST``/``PORT`` and a
     ServiceAccount folder (``token``, ``ca.crt``, ``namespace``; here the admin's static token), no
     kubeconfig. That is the chart's Deployment's path: it does not import the official kubernetes
-    client, which a kubeconfig needs (~0.3 s of start-up on this machine, before the first request)."""
+    client, which a kubeconfig needs (~0.3 s of start-up on this machine, before the first request).
+    The folder and the variables are the realapi tier's (``ControlPlane.service_account_mount``), and
+    so is the launcher that points keyroute at the folder (``IN_POD``)."""
 
-    def __init__(self, server: str, sa_dir: Path, log_path: Path, env: dict[str, str]) -> None:
-        super().__init__(sa_dir, log_path, env)
-        host, _, port = server.removeprefix("https://").rpartition(":")
-        self.service = {"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port}
+    def __init__(self, cp: Any, sa_dir: Path, log_path: Path, env: dict[str, str]) -> None:
+        super().__init__(sa_dir, log_path, env)  # (the parent's kubeconfig: unused, see environment())
+        self.service = cp.service_account_mount(sa_dir, cp.admin_token, NS)
         self.sa_dir = sa_dir
 
     @property
     def command(self) -> list[str]:
-        return [ob.PY, "-c", _IN_POD, str(self.sa_dir), *super().command[1:]]
+        from tests.realapi.processes import IN_POD
+
+        return [ob.PY, "-c", IN_POD, str(self.sa_dir), *super().command[1:]]
 
     def environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
         return {**env, **self.service, **self.extra_env}
-
-
-def service_account_dir(cp: Any, where: Path) -> Path:
-    """A ServiceAccount folder as the kubelet mounts it, with the admin's token and the cluster's CA."""
-    where.mkdir(parents=True, exist_ok=True)
-    (where / "token").write_text(cp.admin_token)
-    (where / "ca.crt").write_bytes((cp.pki / "ca.crt").read_bytes())
-    (where / "namespace").write_text(NS)
-    return where
 
 
 class ElectedOperator(PodOperator):
@@ -443,7 +429,7 @@ async def one_run(
     ops: list[ob.Operator] = []
     written: Json | None = None
     try:
-        sa_dir = service_account_dir(cp, Path(cp.workdir) / "serviceaccount")  # goes with the control plane
+        sa_dir = Path(cp.workdir) / "serviceaccount"  # goes with the control plane
         audit = AuditLog(cp.audit_log)
         audit.read()
         await asyncio.sleep(1.0)
@@ -451,7 +437,7 @@ async def one_run(
         # --- initial sync ---------------------------------------------------------------------------
         out["load_before"] = loadavg()
         op = operator_cls(
-            cp.server, sa_dir, logs / f"operator-{layout.pools}-{run}.log", {"KEYROUTE_RESYNC_SECONDS": "3600"}
+            cp, sa_dir, logs / f"operator-{layout.pools}-{run}.log", {"KEYROUTE_RESYNC_SECONDS": "3600"}
         )
         ops.append(op)
         cp_cpu0 = control_plane_cpu(cp)
@@ -516,7 +502,7 @@ async def one_run(
 
         # --- restart --------------------------------------------------------------------------------
         op2 = operator_cls(
-            cp.server,
+            cp,
             sa_dir,
             logs / f"operator-{layout.pools}-{run}-restart.log",
             {"KEYROUTE_RESYNC_SECONDS": "3600"},

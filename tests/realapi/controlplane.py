@@ -605,6 +605,16 @@ class ControlPlane:
             raise AssertionError(f"TokenRequest for {namespace}/{service_account}: {status} {body}")
         return str(body["status"]["token"])
 
+    def service_account_mount(self, folder: Path, token: str, namespace: str) -> dict[str, str]:
+        """What a pod gets to log in with: ``folder`` filled as the kubelet mounts a ServiceAccount
+        (``token``, this cluster's ``ca.crt``, ``namespace``), and the service variables it returns."""
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "token").write_text(token)
+        shutil.copy(self.pki / "ca.crt", folder / "ca.crt")
+        (folder / "namespace").write_text(namespace)
+        host, port = self.server.removeprefix("https://").rsplit(":", 1)
+        return {"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port}
+
     def wait_service_account(self, namespace: str, name: str = "default", timeout: float = 20) -> None:
         """Wait until the controller manager made ``name`` in ``namespace`` (pods need it to be admitted)."""
         deadline = time.monotonic() + timeout

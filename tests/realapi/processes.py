@@ -22,6 +22,18 @@ from pathlib import Path
 
 from tests.polling import eventually
 
+# ``keyroute`` as it runs in a pod, for ``python -c IN_POD <folder> <args>``: the ServiceAccount folder
+# pointed at ``<folder>`` (the real one is /var/run/secrets/...; keyroute.kube reads it at call time).
+# At exit it says whether the kubernetes client was ever imported (a pod's operator should not).
+IN_POD = """
+import atexit, pathlib, sys
+import keyroute.kube
+keyroute.kube.SERVICE_ACCOUNT_DIR = pathlib.Path(sys.argv[1])
+atexit.register(lambda: print("kubernetes client imported:", sys.modules.get("kubernetes") is not None, flush=True))
+from keyroute.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
 
 def keyroute_command() -> list[str]:
     """The installed ``keyroute`` console script beside this interpreter (as a user runs it)."""

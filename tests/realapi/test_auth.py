@@ -37,7 +37,7 @@ from keyroute.kube import Credentials, Kube, KubeconfigError
 from tests.polling import eventually
 from tests.realapi.client import Api
 from tests.realapi.controlplane import ControlPlane, free_port
-from tests.realapi.processes import KeyrouteProcess, Processes
+from tests.realapi.processes import IN_POD, KeyrouteProcess, Processes
 
 API = "keyroute.dev/v1alpha1"
 KEY = "sk-test-REPLACE-ME-auth-key"
@@ -339,26 +339,9 @@ async def test_in_cluster_service_account(
         await kube.close()
 
 
-# What runs in a pod: ``keyroute operator`` with the ServiceAccount folder pointed at the test's (the
-# real one is /var/run/secrets/…); at exit it says whether the kubernetes client was ever imported.
-IN_POD = """
-import atexit, pathlib, sys
-import keyroute.kube
-keyroute.kube.SERVICE_ACCOUNT_DIR = pathlib.Path(sys.argv[1])
-atexit.register(lambda: print("kubernetes client imported:", sys.modules.get("kubernetes") is not None, flush=True))
-from keyroute.cli import main
-sys.exit(main(sys.argv[2:]))
-"""
-
-
 def fake_service_account(cp: ControlPlane, namespace: str, sa: str, folder: Path) -> dict[str, str]:
-    """A pod's ServiceAccount mount (TokenRequest token, CA, namespace) and its environment."""
-    folder.mkdir()
-    (folder / "token").write_text(cp.create_token(namespace, sa))
-    shutil.copy(cp.pki / "ca.crt", folder / "ca.crt")
-    (folder / "namespace").write_text(namespace)
-    host, port = cp.server.removeprefix("https://").rsplit(":", 1)
-    return {"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port}
+    """A pod's ServiceAccount mount with a real TokenRequest token for ``sa``, and its environment."""
+    return cp.service_account_mount(folder, cp.create_token(namespace, sa), namespace)
 
 
 async def test_operator_in_a_pod_on_its_service_account_without_the_kubernetes_client(

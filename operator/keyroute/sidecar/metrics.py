@@ -44,9 +44,9 @@ class Metrics:
             ["chain", "model"],
             registry=r,
         )
-        # The fallback_active series set, by (chain, model): one per model the chain keeps a state for
-        # (see refresh_state).
-        self._fallback_shown: dict[tuple[str, str], Gauge] = {}
+        # The (chain, model) of every fallback_active series shown: one per model the chain keeps a
+        # state for (see refresh_state).
+        self._fallback_shown: set[tuple[str, str]] = set()
         self.state_refusals = Counter(
             "keyroute_model_state_refusals",
             "Failures and fallbacks of a model not remembered: every per-model state the chain keeps "
@@ -150,13 +150,11 @@ class Metrics:
         # alert on the series resolves when it goes.
         shown = self._fallback_shown
         for model in chain.models:
-            gauge = shown.get((chain.name, model))
-            if gauge is None:
-                gauge = shown[chain.name, model] = self.fallback_active.labels(chain.name, model or "-")
-            gauge.set(1 if chain.on_fallback(model) else 0)
+            self.fallback_active.labels(chain.name, model or "-").set(1 if chain.on_fallback(model) else 0)
+            shown.add((chain.name, model))
         gone = [key for key in shown if key[0] == chain.name and key[1] not in chain.models]
         for key in gone:
-            del shown[key]
+            shown.discard(key)
             self.fallback_active.remove(key[0], key[1] or "-")
         seen = self._refusals_seen.get(chain.name, 0)
         if chain.state_refusals > seen:
