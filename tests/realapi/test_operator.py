@@ -296,6 +296,21 @@ async def test_63_character_names_work_end_to_end(
     no_forbidden(operator, namespace)
 
 
+async def test_a_credential_secret_with_a_long_name_is_read(
+    control_plane: ControlPlane, api: Api, namespace: str, operator: KeyrouteProcess
+) -> None:
+    """A Secret's name may be 253 characters (secretRef.name allows it): the operator read such a
+    Secret as "unreadable" and called the key missing (SecretNotFound) although it was there."""
+    long_secret = "openai-keys." + "s" * 241
+    control_plane.apply(
+        [secret(long_secret, k1=KEY1), pool("openai", "openai", ("k1", long_secret, "k1"))], namespace=namespace
+    )
+    p = await eventually(lambda: with_status(api, "credentialpools", namespace, "openai"), timeout=20)
+    assert (cond(p, "Ready")["status"], p["status"]["available"]) == ("True", 1), p["status"]
+    assert "unreadable Secret" not in operator.output
+    no_forbidden(operator, namespace)
+
+
 async def _equals(value, expected) -> bool:  # type: ignore[no-untyped-def]
     return bool(await value == expected)
 

@@ -208,6 +208,16 @@ def test_invalid_spec_status():
     assert cond(st, "Ready")["reason"] == "InvalidSpec" and st["observedGeneration"] == 4
 
 
+def test_a_credential_secret_may_have_any_name_a_secret_can_have():
+    """A Secret's name is a DNS subdomain (253 characters), as secretRef.name allows: such a Secret was
+    read as "unreadable" (the 63-character limit of keyroute's own names) and the key as missing."""
+    name = "openai-keys." + "s" * 241
+    assert len(name) == 253
+    p = pool(("k1", name, "a"))
+    st = pool_status(p, resolve_pool(p, {name: secret(name, a=KEY)}), old=None, now=T0)
+    assert cond(st, "Ready")["status"] == "True" and st["available"] == 1
+
+
 def test_invalid_name_status_says_why_and_what_to_do():
     message = chain_name_problem("agents.v1")
     assert message is not None

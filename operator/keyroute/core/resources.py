@@ -270,6 +270,13 @@ class ChainMeta(ObjectMeta):
     name: Annotated[str, AfterValidator(_check_chain_name)]
 
 
+class SecretMeta(ObjectMeta):
+    """A Secret's metadata: a Secret's name is a DNS subdomain (up to 253 characters), as
+    :class:`SecretKeyRef` allows, not one of keyroute's 63-character names."""
+
+    name: SecretName
+
+
 class _Object(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
@@ -303,6 +310,7 @@ class Secret(_Object):
 
     api_version: str = Field(default="v1", alias="apiVersion")
     kind: Literal["Secret"] = "Secret"
+    metadata: SecretMeta
     data: dict[str, str] = Field(default={}, repr=False)
     string_data: dict[str, str] = Field(default={}, alias="stringData", repr=False)
 
