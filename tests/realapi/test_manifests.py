@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
+from keyroute.core.names import CHAIN_NAME_MESSAGE, POOL_NAME_MESSAGE
+from tests.realapi.client import Api, ApiStatusError
 from tests.realapi.controlplane import ControlPlane
 from tests.realapi.objects import API, chain, pool
 
@@ -90,3 +92,30 @@ def test_kubectl_apply_of_a_bad_manifest_is_refused_with_a_message_naming_the_fi
     plural = "credentialpools" if manifest["kind"] == "CredentialPool" else "providerchains"
     status, _ = control_plane.request("GET", f"/apis/{API}/namespaces/{namespace}/{plural}/bad")
     assert status == 404  # nothing was stored
+
+
+@pytest.mark.parametrize(
+    ("manifest", "message"),
+    [
+        pytest.param(chain("agents-" + "x" * 57, OPENAI), CHAIN_NAME_MESSAGE, id="chain-64-characters"),
+        pytest.param(chain("agents.v1", OPENAI), CHAIN_NAME_MESSAGE, id="chain-dotted"),
+        pytest.param(pool("p" * 64, "openai", ("k", "s", "k")), POOL_NAME_MESSAGE, id="pool-64-characters"),
+    ],
+)
+async def test_a_name_that_cannot_work_is_refused_when_applied_with_the_reason(
+    control_plane: ControlPlane, api: Api, namespace: str, manifest: dict[str, Any], message: str
+) -> None:
+    """The API server alone accepts any DNS subdomain (253 characters, dots) for a custom resource;
+    the CRDs' root rules refuse what keyroute could never use (keyroute.core.names)."""
+    name = manifest["metadata"]["name"]
+    result = control_plane.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest), check=False
+    )
+    assert result.returncode != 0, result.stdout
+    assert f'"{name}" is invalid' in result.stderr and message in result.stderr, result.stderr
+    # Created through the API, as a GitOps tool or a client library does: the same 422.
+    with pytest.raises(ApiStatusError) as caught:
+        await api.create(manifest, namespace)
+    assert caught.value.status == 422 and message in str(caught.value)
+    plural = "credentialpools" if manifest["kind"] == "CredentialPool" else "providerchains"
+    assert await api.get(API, plural, namespace, name) is None  # nothing was stored

@@ -268,6 +268,49 @@ async def test_a_deleted_config_secret_is_rendered_again_within_seconds(
     no_forbidden(operator, namespace)
 
 
+async def test_63_character_names_work_end_to_end(
+    control_plane: ControlPlane, api: Api, namespace: str, operator: KeyrouteProcess
+) -> None:
+    """The longest names the CRDs accept (keyroute.core.names): a chain's is a label value, 63
+    characters at most; a pool's may have dots. The boundary of the rules, so that they refuse
+    nothing that works."""
+    chain_name = "agents-production-" + "x" * 45
+    pool_name = "openai.eu-west-1." + "p" * 46
+    assert len(chain_name) == len(pool_name) == 63
+    control_plane.apply(
+        [
+            secret("openai-keys", k1=KEY1),
+            pool(pool_name, "openai", ("k1", "openai-keys", "k1")),
+            chain(chain_name, ("openai", "openai", "https://api.openai.com/v1", pool_name)),
+        ],
+        namespace=namespace,
+    )
+    c = await eventually(lambda: ready(api, "providerchains", namespace, chain_name), timeout=20)
+    rendered = await api.get("v1", "secrets", namespace, f"{chain_name}-keyroute")
+    assert rendered is not None
+    assert rendered["metadata"]["labels"]["keyroute.dev/chain"] == chain_name
+    assert c["status"]["config"]["name"] == f"{chain_name}-keyroute"
+    assert [x["key"] for x in config_of(rendered)["pools"][0]["credentials"]] == [KEY1]
+    reasons = {(e["involvedObject"]["name"], e["reason"]) for e in await api.events(namespace)}
+    assert (chain_name, "ConfigRendered") in reasons and (pool_name, "CredentialsAvailable") in reasons
+    no_forbidden(operator, namespace)
+
+
+async def test_a_credential_secret_with_a_long_name_is_read(
+    control_plane: ControlPlane, api: Api, namespace: str, operator: KeyrouteProcess
+) -> None:
+    """A Secret's name may be 253 characters (secretRef.name allows it): the operator read such a
+    Secret as "unreadable" and called the key missing (SecretNotFound) although it was there."""
+    long_secret = "openai-keys." + "s" * 241
+    control_plane.apply(
+        [secret(long_secret, k1=KEY1), pool("openai", "openai", ("k1", long_secret, "k1"))], namespace=namespace
+    )
+    p = await eventually(lambda: with_status(api, "credentialpools", namespace, "openai"), timeout=20)
+    assert (cond(p, "Ready")["status"], p["status"]["available"]) == ("True", 1), p["status"]
+    assert "unreadable Secret" not in operator.output
+    no_forbidden(operator, namespace)
+
+
 async def _equals(value, expected) -> bool:  # type: ignore[no-untyped-def]
     return bool(await value == expected)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 
 from keyroute.core.conditions import fact, merge_conditions
+from keyroute.core.names import INVALID_NAME, chain_name_problem
 from keyroute.core.objects import (
     HASH_ANNOTATION,
     config_secret,
@@ -205,6 +206,29 @@ def test_credential_transition_time_is_kept_while_its_state_holds():
 def test_invalid_spec_status():
     st = invalid_status(None, "spec.strategy: Input should be 'FillFirst', ...", now=T0, generation=4)
     assert cond(st, "Ready")["reason"] == "InvalidSpec" and st["observedGeneration"] == 4
+
+
+def test_a_credential_secret_may_have_any_name_a_secret_can_have():
+    """A Secret's name is a DNS subdomain (253 characters), as secretRef.name allows: such a Secret was
+    read as "unreadable" (the 63-character limit of keyroute's own names) and the key as missing."""
+    name = "openai-keys." + "s" * 241
+    assert len(name) == 253
+    p = pool(("k1", name, "a"))
+    st = pool_status(p, resolve_pool(p, {name: secret(name, a=KEY)}), old=None, now=T0)
+    assert cond(st, "Ready")["status"] == "True" and st["available"] == 1
+
+
+def test_invalid_name_status_says_why_and_what_to_do():
+    message = chain_name_problem("agents.v1")
+    assert message is not None
+    assert message.startswith("the name 'agents.v1' cannot work: a ProviderChain name must be")
+    assert message.endswith("delete it and create it again under a valid name")
+    st = invalid_status(None, message, now=T0, generation=1, reason=INVALID_NAME)
+    ready = cond(st, "Ready")
+    assert (ready["status"], ready["reason"], ready["message"]) == ("False", "InvalidName", message)
+    # A 253-character name is shortened in the message: its length is what matters.
+    long = chain_name_problem("a" * 253)
+    assert long is not None and "(253 characters)" in long and "a" * 41 not in long
 
 
 # --- chain status and the config Secret ----------------------------------------------------------

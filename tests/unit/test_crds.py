@@ -25,6 +25,17 @@ from pydantic import BaseModel, ValidationError
 from keyroute import crdgen
 from keyroute.core import crds
 from keyroute.core.durations import DURATION_PATTERN
+from keyroute.core.inject import InjectionError, check_chain_name
+from keyroute.core.names import (
+    CHAIN_NAME_MESSAGE,
+    CHAIN_NAME_RULE,
+    DNS1123_LABEL,
+    LABEL_VALUE_MAX,
+    POOL_NAME_MESSAGE,
+    POOL_NAME_RULE,
+    chain_name_problem,
+    pool_name_problem,
+)
 from keyroute.core.resources import (
     URL_PATTERN,
     CredentialPool,
@@ -287,7 +298,9 @@ def test_cel_rules_are_well_formed(kind: str) -> None:
         for rule in node.get("x-kubernetes-validations", [])
     ]
     if kind == "ProviderChain":
-        assert [p for p, _ in rules] == ["spec", "spec.providers", "spec.providers"]
+        assert [p for p, _ in rules] == ["", "spec", "spec.providers", "spec.providers"]
+    else:
+        assert [p for p, _ in rules] == [""]  # the name rule: the root is the only node reading metadata
     for path, rule in rules:
         assert set(rule) == {"rule", "message"}, path
         assert rule["message"], path
@@ -521,6 +534,10 @@ BAD = [
     pytest.param(chain_doc, _set("spec.fallback", {"triggers": ["Teapot"]}), "spec.fallback.triggers[0]: 'Teapot' is not one of", id="unknown-error-class"),
     pytest.param(chain_doc, _set("spec.providers[0].models", {"gpt-4o": ""}), "spec.providers[0].models.gpt-4o: '' should be non-empty", id="empty-model-mapping"),
     pytest.param(chain_doc, _set("spec.fallback", {"maxAttempts": 0}), "spec.fallback.maxAttempts: 0 is less than the minimum", id="zero-attempts"),
+    pytest.param(chain_doc, _set("metadata.name", "agents.v1"), "<root>: Invalid value: a ProviderChain name must be at most 63 characters", marks=needs_cel, id="dotted-chain-name"),
+    pytest.param(chain_doc, _set("metadata.name", "a" * 64), "<root>: Invalid value: a ProviderChain name must be at most 63 characters", marks=needs_cel, id="64-character-chain-name"),
+    pytest.param(chain_doc, _set("metadata.name", "a" * 253), "(a DNS-1123 label: no dots), because pods select the chain with the label keyroute.dev/chain=<name>", marks=needs_cel, id="253-character-chain-name"),
+    pytest.param(pool_doc, _set("metadata.name", "p" * 64), "<root>: Invalid value: a CredentialPool name must be at most 63 characters, because chains refer to it in credentialPoolRef.name", marks=needs_cel, id="64-character-pool-name"),
 ]  # fmt: skip
 
 
@@ -554,6 +571,8 @@ GOOD = [
     pytest.param(chain_doc, _set("spec.fallback", {"triggers": ["RateLimited", "Timeout"], "maxWait": "500ms"}), id="fallback"),
     pytest.param(chain_doc, _set("spec.providers[0].timeouts", {"firstByte": "45s"}), id="entry-timeouts"),
     pytest.param(chain_doc, _set("spec.providers[0].name", None), id="null-is-pruned"),
+    pytest.param(chain_doc, _set("metadata.name", "a" * 62 + "0"), id="63-character-chain-name"),
+    pytest.param(pool_doc, _set("metadata.name", "openai.eu-west-1." + "p" * 46), id="63-character-dotted-pool-name"),
 ]  # fmt: skip
 
 
@@ -576,6 +595,79 @@ def test_context_length_may_name_an_entry_by_its_name() -> None:
         "spec: Invalid value: fallback.contextLength must name entries of spec.providers "
         "(an entry's name defaults to its provider)"
     ]
+
+
+# --- names (keyroute.core.names): one rule, applied by the CRD, the models, the operator, the webhook --
+
+CHAIN_NAMES = [
+    ("agents", True),
+    ("a", True),
+    ("0", True),
+    ("a1-b2", True),
+    ("a" * 63, True),
+    ("a" * 64, False),
+    ("a" * 253, False),
+    ("agents.v1", False),
+    ("x.y.z", False),
+    ("Agents", False),
+    ("-agents", False),
+    ("agents-", False),
+    ("agents_1", False),
+]
+
+
+@needs_cel
+@pytest.mark.parametrize(("name", "valid"), CHAIN_NAMES)
+def test_the_crd_the_models_the_operator_and_the_webhook_apply_one_chain_name_rule(name: str, valid: bool) -> None:
+    doc = chain_doc()
+    doc["metadata"]["name"] = name
+    errors = crds.validate("ProviderChain", doc)
+    assert (errors == []) is valid, errors
+    if not valid:
+        assert errors == [f"<root>: Invalid value: {CHAIN_NAME_MESSAGE}"]
+    try:
+        ProviderChain.model_validate(doc)
+    except ValidationError as e:
+        assert not valid and CHAIN_NAME_MESSAGE in str(e)
+    else:
+        assert valid
+    assert (chain_name_problem(name) is None) is valid
+    try:
+        check_chain_name(name)
+    except InjectionError:
+        assert not valid
+    else:
+        assert valid
+
+
+@needs_cel
+@pytest.mark.parametrize(
+    ("name", "valid"),
+    [("openai", True), ("openai.eu-west-1", True), ("p" * 63, True), ("p" * 64, False), ("p" * 253, False)],
+)
+def test_a_pool_name_may_have_dots_but_at_most_63_characters(name: str, valid: bool) -> None:
+    doc = pool_doc()
+    doc["metadata"]["name"] = name
+    errors = crds.validate("CredentialPool", doc)
+    assert (errors == []) is valid, errors
+    if not valid:
+        assert errors == [f"<root>: Invalid value: {POOL_NAME_MESSAGE}"]
+    try:
+        CredentialPool.model_validate(doc)
+    except ValidationError:
+        assert not valid
+    else:
+        assert valid
+    assert (pool_name_problem(name) is None) is valid
+
+
+def test_the_name_rules_are_built_from_the_names_module() -> None:
+    """One place for the rule: the CEL text carries the same limit and pattern as the Python check."""
+    chain_rules = crds.open_api_schema("ProviderChain")["x-kubernetes-validations"]
+    assert chain_rules == [{"rule": CHAIN_NAME_RULE, "message": CHAIN_NAME_MESSAGE}]
+    assert f"<= {LABEL_VALUE_MAX}" in CHAIN_NAME_RULE and DNS1123_LABEL in CHAIN_NAME_RULE
+    pool_rules = crds.open_api_schema("CredentialPool")["x-kubernetes-validations"]
+    assert pool_rules == [{"rule": POOL_NAME_RULE, "message": POOL_NAME_MESSAGE}]
 
 
 def test_whole_manifests_must_name_the_kind_and_api_version() -> None:

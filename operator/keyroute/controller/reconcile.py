@@ -23,6 +23,7 @@ from keyroute.controller.events import EventLane
 from keyroute.controller.metrics import OperatorMetrics
 from keyroute.core.actions import rfc3339
 from keyroute.core.config import describe_validation_error
+from keyroute.core.names import INVALID_NAME, chain_name_problem, pool_name_problem
 from keyroute.core.objects import Note, config_secret, note_event, secret_hash, transitions
 from keyroute.core.render import render, resolve_pool
 from keyroute.core.reports import ReportBook, ReportError, is_report, parse_report
@@ -135,6 +136,9 @@ class Reconciler:
         self._began: dict[tuple[str, str, str], int] = {}  # the latest reconcile start
         self._timers: dict[tuple[str, str, str], asyncio.TimerHandle] = {}
         self._seeded: set[tuple[str, str, str]] = set()
+        # Objects whose name cannot work and whose status the API server refuses (the CRD's name
+        # rule): told once, by an Event and a log line, then left alone until deleted.
+        self._unwritable: set[tuple[str, str, str]] = set()
 
     def schedule_chain(self, namespace: str, name: str) -> None:
         """Reconcile a chain soon, once, however many of its pools and Secrets changed meanwhile."""
@@ -255,6 +259,7 @@ class Reconciler:
         """The object was deleted: drop its reports and timers."""
         self.book.forget(kind, namespace, name)
         self._ended.pop((kind, namespace, name), None)
+        self._unwritable.discard((kind, namespace, name))
         timer = self._timers.pop((kind, namespace, name), None)
         if timer is not None:
             timer.cancel()
@@ -358,6 +363,11 @@ class Reconciler:
             return
         old = body.get("status") or {}
         now = self.clock()
+        problem = pool_name_problem(name)
+        if problem is not None:
+            await self._write_invalid_name(("pool", namespace, name), url, body, problem, now, "CredentialPool")
+            self.metrics.pool_seen((namespace, name), "False", {})
+            return
         try:
             pool = CredentialPool.model_validate(body)
         except ValidationError as e:
@@ -396,6 +406,12 @@ class Reconciler:
             return  # deleted: its config Secret goes with it (owner reference)
         old = body.get("status") or {}
         now = self.clock()
+        problem = chain_name_problem(name)
+        if problem is not None:
+            # Before anything is read or rendered: the webhook refuses every pod that names this
+            # chain, and over 63 characters the name cannot even be its config Secret's label value.
+            await self._write_invalid_name(("chain", namespace, name), url, body, problem, now, "ProviderChain")
+            return
         try:
             chain = ProviderChain.model_validate(body)
         except ValidationError as e:
@@ -498,6 +514,47 @@ class Reconciler:
         message = describe_validation_error(err, input_names=True)
         new = invalid_status(old, message, now=now, generation=meta.get("generation"))
         await self._write_status(url, body, old, new, kind)
+
+    async def _write_invalid_name(
+        self,
+        key: tuple[str, str, str],
+        url: str,
+        body: Mapping[str, Any],
+        message: str,
+        now: float,
+        kind: str,
+    ) -> None:
+        """An object whose name cannot work (keyroute.core.names): ``Ready=False``, ``InvalidName``,
+        and nothing else is done for it. Names cannot change, so this is final: no retry.
+
+        Once the CRD carries the name rule, the API server refuses every write to such an object,
+        its status included (a rule at the schema root is evaluated on status writes too, and
+        Kubernetes 1.28 does not ratchet it): then the Event and one log line are all there is,
+        and later reconciles of the object do nothing."""
+        if key in self._unwritable:
+            return
+        old = body.get("status") or {}
+        meta = body.get("metadata") or {}
+        new = invalid_status(old, message, now=now, generation=meta.get("generation"), reason=INVALID_NAME)
+        try:
+            await self._write_status(url, body, old, new, kind)
+        except ApiError as e:
+            if e.status != 422:
+                raise  # the API server's trouble, not the name's: retried as any failed reconcile
+            self._unwritable.add(key)
+            self.post(body, Note("Warning", INVALID_NAME, f"Ready=False: {message}"))
+            log.warning(
+                message,
+                extra={
+                    "kr": {
+                        "kind": kind,
+                        "name": meta.get("name"),
+                        "namespace": meta.get("namespace"),
+                        "reason": INVALID_NAME,
+                        "status": f"not written: {e}",
+                    }
+                },
+            )
 
     async def _write_status(
         self, url: str, body: Mapping[str, Any], old: Mapping[str, Any], new: dict[str, Any], kind: str

@@ -35,7 +35,10 @@ decision:
 - ``spec.fallback.triggers`` is a ``set`` (an error class listed twice means nothing);
   ``spec.fallback.contextLength`` is ``atomic`` (its order is the order of the tries).
 - CEL rules (``x-kubernetes-validations``) cover what the schema cannot: unique effective entry names,
-  at least one entry (also ``minItems``), ``fallback.contextLength`` naming entries of the chain.
+  at least one entry (also ``minItems``), ``fallback.contextLength`` naming entries of the chain, and,
+  at the schema root (the only node whose rules may read ``self.metadata.name``), the names keyroute
+  can use (:mod:`keyroute.core.names`: a chain's name is a label value, a DNS-1123 label of at most
+  63 characters; a pool's is at most 63 characters). The API server itself accepts any DNS subdomain.
   Every spec list has ``maxItems`` so the API server's CEL cost estimate stays small (the nested
   loops run over at most 16 by 16 entries). Unique credential names need no rule: the list-map
   already rejects duplicates, and a rule would be an O(n²) loop over 256 items.
@@ -62,6 +65,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel
 
+from keyroute.core.names import CHAIN_NAME_MESSAGE, CHAIN_NAME_RULE, POOL_NAME_MESSAGE, POOL_NAME_RULE
 from keyroute.core.resources import (
     API_VERSION,
     GROUP,
@@ -135,6 +139,7 @@ _KINDS: dict[str, _Kind] = {
             "sent to, and only ever blamed by, that provider."
         ),
         extras={
+            "": {"x-kubernetes-validations": [{"rule": POOL_NAME_RULE, "message": POOL_NAME_MESSAGE}]},
             "spec.credentials": _list_map("name"),
             "status.conditions": _list_map("type"),
             "status.credentials": _list_map("name"),
@@ -179,6 +184,7 @@ _KINDS: dict[str, _Kind] = {
             "others are tried in order when it fails."
         ),
         extras={
+            "": {"x-kubernetes-validations": [{"rule": CHAIN_NAME_RULE, "message": CHAIN_NAME_MESSAGE}]},
             "spec": {
                 "x-kubernetes-validations": [
                     {
@@ -527,8 +533,10 @@ def validate(kind: str, obj: Mapping[str, Any], part: Part | None = None) -> lis
     Approximates the API server: ``null`` field values are dropped first (the server prunes them for
     non-nullable fields; in a merge patch they delete); an undeclared field is an error here, because
     the server would silently prune it; list-map keys and set items must be unique; CEL rules run
-    when ``cel-python`` is installed (:func:`cel_available`) and the object passed the schema.
-    Not modelled: defaulting, ``metadata`` validation, ratcheting.
+    when ``cel-python`` is installed (:func:`cel_available`) and the object passed the schema;
+    for a whole manifest that includes the root rules on ``metadata.name`` (the names keyroute can
+    use), which the API server also evaluates on every update, status writes included.
+    Not modelled: defaulting, the API server's own ``metadata`` validation, ratcheting.
     """
     info = _info(kind)
     root = open_api_schema(info.kind)

@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import copy
 import enum
-import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -68,8 +67,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from keyroute.core.config import describe_validation_error
+from keyroute.core.names import CHAIN_LABEL as CHAIN_LABEL
+from keyroute.core.names import CHAIN_NAME_MAX, is_chain_name
 
-CHAIN_LABEL = "keyroute.dev/chain"
 INJECTED_ANNOTATION = "keyroute.dev/injected-chain"
 SIDECAR_NAME = "keyroute-sidecar"
 CONFIG_VOLUME = "keyroute-config"
@@ -78,11 +78,6 @@ ADMIN_PORT_NAME = "kr-admin"
 CONFIG_FILE_MODE = 0o444  # see the module docstring: 0400 would be unreadable by the non-root sidecar
 SIDECAR_UID = 65532
 CHAIN_SECRET_SUFFIX = "-keyroute"
-
-# A ProviderChain name (a DNS-1123 label, as keyroute.core.resources.Name): it becomes part of an API
-# path and of the Secret name, so anything else is refused before either is built.
-_CHAIN_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_CHAIN_NAME_MAX = 63
 
 
 class InjectionError(ValueError):
@@ -176,10 +171,13 @@ def check_chain_name(chain: str) -> str:
     """Return ``chain`` if it can name a ProviderChain; raise :class:`InjectionError` otherwise."""
     if not chain:
         raise InjectionError(f"label {CHAIN_LABEL} is empty: set it to the name of a ProviderChain")
-    if len(chain) > _CHAIN_NAME_MAX or not _CHAIN_NAME.match(chain):
+    # The rule of keyroute.core.names, which the CRD enforces too: such a chain cannot exist (unless
+    # it was stored before the CRD said so, and then it renders nothing). Checked before the name
+    # becomes part of an API path and of the Secret name.
+    if not is_chain_name(chain):
         raise InjectionError(
             f"label {CHAIN_LABEL}={chain!r} is not a ProviderChain name: lowercase letters, digits "
-            f"and '-', starting and ending with a letter or digit, at most {_CHAIN_NAME_MAX} characters"
+            f"and '-', starting and ending with a letter or digit, at most {CHAIN_NAME_MAX} characters"
         )
     return chain
 

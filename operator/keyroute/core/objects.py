@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from keyroute.core.config import CONFIG_FILENAME, SidecarConfig, content_hash
+from keyroute.core.names import CHAIN_LABEL as CHAIN_LABEL
 from keyroute.core.resources import API_VERSION, ProviderChain
 from keyroute.core.status import config_secret_name
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "keyroute"}
-CHAIN_LABEL = "keyroute.dev/chain"
 HASH_ANNOTATION = "keyroute.dev/config-hash"
 
 

@@ -27,6 +27,7 @@ from keyroute.core.enums import ApiStyle as ApiStyle
 from keyroute.core.enums import CredentialState as CredentialState
 from keyroute.core.enums import RateLimitScope as RateLimitScope
 from keyroute.core.enums import Strategy as Strategy
+from keyroute.core.names import CHAIN_NAME_MESSAGE, is_chain_name
 
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 _NAME = re.compile(NAME_PATTERN)
@@ -256,6 +257,26 @@ class ObjectMeta(BaseModel):
     annotations: dict[str, str] = {}
 
 
+def _check_chain_name(value: str) -> str:
+    if not is_chain_name(value):
+        raise ValueError(CHAIN_NAME_MESSAGE)
+    return value
+
+
+class ChainMeta(ObjectMeta):
+    """A ProviderChain's metadata: its name is a label value (keyroute.core.names), so the rule is
+    tighter than :data:`Name`'s, and the error says why."""
+
+    name: Annotated[str, AfterValidator(_check_chain_name)]
+
+
+class SecretMeta(ObjectMeta):
+    """A Secret's metadata: a Secret's name is a DNS subdomain (up to 253 characters), as
+    :class:`SecretKeyRef` allows, not one of keyroute's 63-character names."""
+
+    name: SecretName
+
+
 class _Object(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
@@ -279,6 +300,7 @@ class CredentialPool(_Object):
 
 class ProviderChain(_Object):
     kind: Literal["ProviderChain"] = "ProviderChain"
+    metadata: ChainMeta
     spec: ProviderChainSpec
     status: ProviderChainStatus | None = None
 
@@ -288,6 +310,7 @@ class Secret(_Object):
 
     api_version: str = Field(default="v1", alias="apiVersion")
     kind: Literal["Secret"] = "Secret"
+    metadata: SecretMeta
     data: dict[str, str] = Field(default={}, repr=False)
     string_data: dict[str, str] = Field(default={}, alias="stringData", repr=False)
 

@@ -8,7 +8,7 @@ no API writes.
 Condition reasons, for ``kubectl describe`` and the README:
 
 CredentialPool
-- ``Ready``: ``CredentialsAvailable`` | ``NoCredentialAvailable`` | ``InvalidSpec``
+- ``Ready``: ``CredentialsAvailable`` | ``NoCredentialAvailable`` | ``InvalidSpec`` | ``InvalidName``
 - ``Degraded``: ``AllCredentialsAvailable`` | the reason of the first unavailable credential
   (``SecretNotFound``, ``SecretKeyMissing``, or an error class such as ``RateLimited``)
 - ``Exhausted``: ``CredentialsAvailable`` | the error class that benched the keys (every credential
@@ -16,7 +16,8 @@ CredentialPool
 
 ProviderChain
 - ``Ready``: ``AllProvidersRoutable`` | ``PoolNotFound`` | ``PoolProviderMismatch`` |
-  ``NoUsableCredentials`` | ``InvalidSpec``
+  ``NoUsableCredentials`` | ``InvalidSpec`` | ``InvalidName`` (a name that cannot work,
+  :mod:`keyroute.core.names`: nothing is rendered)
 - ``FallbackActive``: ``True`` with the error class that moved the latest pod off its entry
   (``ServerError``, ``RateLimited``, ...) while any reporting sidecar serves a model from a
   fallback; ``False`` with ``PrimaryServing`` (sidecars report, none on a fallback) or
@@ -30,6 +31,7 @@ from typing import Any
 
 from keyroute.core.actions import rfc3339
 from keyroute.core.conditions import Fact, condition, fact, merge_conditions
+from keyroute.core.names import INVALID_NAME as INVALID_NAME
 from keyroute.core.render import RenderResult, ResolvedPool
 from keyroute.core.reports import POOL_WIDE, ChainSummary, CredentialReport, outranks
 from keyroute.core.resources import CredentialPool, CredentialState, ProviderChain, RateLimitScope
@@ -250,13 +252,19 @@ def _fallback_fact(summary: ChainSummary, primary: str | None) -> Fact:
 
 
 def invalid_status(
-    old: Mapping[str, Any] | None, message: str, *, now: float, generation: int | None
+    old: Mapping[str, Any] | None,
+    message: str,
+    *,
+    now: float,
+    generation: int | None,
+    reason: str = INVALID_SPEC,
 ) -> dict[str, Any]:
-    """Status for an object whose spec does not validate: ``Ready=False``, reason ``InvalidSpec``."""
+    """Status for an object the operator cannot use: ``Ready=False``, reason ``InvalidSpec`` (the spec
+    does not validate) or ``InvalidName`` (:data:`~keyroute.core.names.INVALID_NAME`)."""
     old = old or {}
     conditions = merge_conditions(
         old.get("conditions"),
-        [fact(READY, False, INVALID_SPEC, message)],
+        [fact(READY, False, reason, message)],
         now=rfc3339(now),
         generation=generation,
     )
