@@ -216,6 +216,45 @@ async def test_an_entry_that_went_silent_is_not_a_last_resort(fake_provider, sta
 # --- fallback.triggers ----------------------------------------------------------------------------
 
 
+async def test_a_key_class_not_in_triggers_hands_the_last_keys_answer_to_the_agent(
+    fake_provider, start_sidecar, agent
+):
+    primary, backup, sidecar = await two(
+        fake_provider,
+        start_sidecar,
+        primary_keys=("p1", "p2"),
+        fallback={"triggers": ["ServerError", "Timeout"]},
+    )
+    limited = {"error": {"message": "Rate limit reached", "code": "rate_limit_exceeded"}}
+    primary.set(Behaviour.rate_limited(retry_after=30, body=limited))
+    status, headers, raw = await ask(agent, sidecar)
+    # Every key of the entry was tried (rotation does not leave it); the last answer is the agent's.
+    assert status == 429 and json.loads(raw) == limited
+    assert (headers["X-Keyroute-Provider"], headers["X-Keyroute-Credential"]) == ("acme", "p2")
+    assert primary.keys_seen() == [key("p1"), key("p2")] and backup.received == []
+    # The next request finds both keys benched for that class: it does not leave the entry either.
+    status, headers, raw = await ask(agent, sidecar)
+    err = json.loads(raw)["error"]
+    assert status == 503 and err["type"] == "chain_exhausted" and err["class"] == "RateLimited"
+    assert 29 <= int(headers["Retry-After"]) <= 31  # when a key of that entry is back
+    assert len(primary.received) == 2 and backup.received == []
+    assert not sidecar.chain.on_fallback("gpt-4o")
+
+
+async def test_a_short_reset_is_still_waited_out_when_its_class_is_not_a_trigger(
+    fake_provider, start_sidecar, agent
+):
+    primary, backup, sidecar = await two(
+        fake_provider, start_sidecar, fallback={"triggers": ["ServerError"], "maxWait": 2}
+    )
+    primary.script(Behaviour.rate_limited(retry_after=0.4), Behaviour.rate_limited(retry_after=0.4))
+    status, headers, _ = await ask(agent, sidecar)
+    # Waited once on the only key, then that key's second 429 is the agent's answer.
+    assert status == 429 and headers["X-Keyroute-Credential"] == "p1"
+    assert primary.keys_seen() == [key("p1"), key("p1")] and backup.received == []
+    assert 0.4 <= primary.received[1].time - primary.received[0].time < 0.9
+
+
 # --- Streams --------------------------------------------------------------------------------------
 
 
