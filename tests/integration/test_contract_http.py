@@ -12,11 +12,13 @@ import json
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from keyroute.core.config import SidecarConfig
 from keyroute.fakeprovider import Behaviour, FakeProvider
@@ -208,6 +210,54 @@ async def test_an_entry_that_went_silent_is_not_a_last_resort(fake_provider, sta
     status, headers, raw = await ask(agent, sidecar)
     assert status == 503 and json.loads(raw)["error"]["type"] == "chain_exhausted"
     assert len(primary.received) == 1 and len(backup.received) == 1 + 2
+
+
+@pytest.fixture
+async def late_provider() -> AsyncIterator[str]:
+    """A provider whose answer comes late in two ways: ``/v1/json`` sends its headers at once and its
+    JSON body 3 s later; ``/v1/stream`` sends its headers after 0.9 s and its first event 3 s later."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        sse = request.path.endswith("/stream")
+        if sse:
+            await asyncio.sleep(0.9)
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream" if sse else "application/json"}
+        )
+        await resp.prepare(request)  # the status line and headers go now
+        await asyncio.sleep(3)
+        await resp.write(b'data: {"choices": [{"finish_reason": "stop"}]}\n\n' if sse else b"{}")
+        return resp
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.25)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    await runner.cleanup()
+
+
+@pytest.mark.parametrize("path", ["/json", "/stream"])
+async def test_the_request_deadline_bounds_the_whole_answer(start_sidecar, agent, late_provider, path):
+    """``timeouts.request`` is the deadline of the whole call. A JSON answer whose headers came at once
+    but whose body has not by the deadline, or a stream whose headers came just before it, is not
+    waited for past it (``idle`` and ``firstByte`` are 30 s here)."""
+    cfg = config(
+        [entry("slow", "slow", late_provider, "k")],
+        [pool("k", "slow", cred("k1", key("k1")))],
+        requestTimeout=1.0,
+    )
+    sidecar = await start_sidecar(cfg)
+    t = time.monotonic()
+    async with agent.post(sidecar.base_url + path, json=chat()) as resp:
+        status, raw = resp.status, await resp.read()
+    elapsed = time.monotonic() - t
+    assert status == 503, raw
+    err = json.loads(raw)["error"]
+    assert err["type"] == "chain_exhausted" and [a["class"] for a in err["attempts"]] == ["Timeout"]
+    assert 1.0 <= elapsed < 1.6
 
 
 # --- Transport failures with no answer to hand over ---------------------------------------------
