@@ -141,6 +141,18 @@ async def test_the_upstreams_headers_reach_the_agent_but_cannot_rename_who_answe
         assert resp.headers.getall("X-Keyroute-Credential") == ["p1"]
 
 
+async def test_a_client_error_body_reaches_the_agent_whole(fake_provider, start_sidecar, agent):
+    """A ClientError is "returned to the agent unchanged": a 4xx body of several socket reads (a gateway's validation
+    error echoing a long prompt) arrives whole, not cut after its first read."""
+    primary, backup, sidecar = await two(fake_provider, start_sidecar)
+    echo = {"detail": [{"type": "value_error", "msg": "invalid", "input": "y" * 600_000}]}
+    primary.set(Behaviour.status(422, body=echo))
+    status, headers, raw = await ask(agent, sidecar)
+    assert status == 422 and json.loads(raw) == echo
+    assert headers["X-Keyroute-Provider"] == "acme"
+    assert len(primary.received) == 1 and backup.received == []
+
+
 # --- One request: the chain, the budget, the deadline -------------------------------------------
 
 

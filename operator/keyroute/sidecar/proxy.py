@@ -181,7 +181,7 @@ class Proxy:
                 if status >= 400:
                     phase = "error body"
                     timer.restart(attempt.idle)
-                    payload = await upstream.content.read(MAX_ERROR_BODY)
+                    payload = await _read_upto(upstream.content, MAX_ERROR_BODY)
                 elif media == "text/event-stream":
                     # Nothing reaches the agent before the first event is in: until then the route may
                     # fail over. With firstToken set, keep-alives do not count and the wait has its own
@@ -533,6 +533,19 @@ class _IdleTimer:
             # asyncio.timeout does, so it does not hit a later await of this task.
             self._seen = True
             self._task.uncancel()
+
+
+async def _read_upto(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body up to ``limit`` bytes. ``content.read(limit)`` alone returns what has arrived so far,
+    which for a body of more than one socket read is its first part: the agent would get a cut error
+    body (a gateway's 4xx echoing a long prompt, say)."""
+    data = await content.read(limit)
+    while data and len(data) < limit:
+        more = await content.read(limit - len(data))
+        if not more:
+            break
+        data += more
+    return data
 
 
 @functools.lru_cache(maxsize=1024)
