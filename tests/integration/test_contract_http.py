@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -510,3 +511,22 @@ async def test_a_fallback_is_counted_and_shown_per_model(fake_provider, start_si
         'keyroute_upstream_attempts_total{chain="agents",class="ServerError",credential="p1",provider="acme"} 2.0'
         in text
     )
+
+
+RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
+
+
+async def test_action_log_lines_carry_the_fields_an_sre_filters_on(
+    fake_provider, start_sidecar, agent, caplog
+):
+    caplog.set_level(logging.INFO, logger="keyroute")
+    primary, _, sidecar = await two(fake_provider, start_sidecar, primary_keys=("p1", "p2"))
+    primary.script(Behaviour.rate_limited(retry_after=30), key=key("p1"))
+    assert (await ask(agent, sidecar))[1]["X-Keyroute-Credential"] == "p2"
+    [line] = [r for r in caplog.records if r.getMessage() == "credential cooling down"]
+    fields = line.kr  # type: ignore[attr-defined]
+    assert fields["class"] == "RateLimited" and fields["pool"] == "acme-keys"
+    assert fields["credential"] == "p1" and fields["fingerprint"].startswith("sha256:")
+    assert fields["model"] == "gpt-4o" and RFC3339.match(fields["until"]), fields
+    [attempt] = [r for r in caplog.records if r.getMessage() == "upstream attempt failed"]
+    assert attempt.kr["class"] == "RateLimited" and attempt.kr["status"] == 429  # type: ignore[attr-defined]
