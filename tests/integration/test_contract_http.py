@@ -142,6 +142,20 @@ async def test_the_upstreams_headers_reach_the_agent_but_cannot_rename_who_answe
         assert resp.headers.getall("X-Keyroute-Credential") == ["p1"]
 
 
+async def test_a_body_over_64_mib_is_refused_by_the_sidecar_and_never_forwarded(
+    fake_provider, start_sidecar, agent
+):
+    primary, _, sidecar = await two(fake_provider, start_sidecar)
+    big = b'{"model": "gpt-4o", "input": "' + b"x" * (64 * 1024 * 1024) + b'"}'
+    async with agent.post(
+        sidecar.base_url + "/embeddings", data=big, headers={"Content-Type": "application/json"}
+    ) as resp:
+        assert resp.status == 413
+        err = (await resp.json())["error"]
+    assert err["type"] == "request_too_large" and "64 MiB" in err["message"]
+    assert primary.received == []
+
+
 async def test_a_client_error_body_reaches_the_agent_whole(fake_provider, start_sidecar, agent):
     """A ClientError is "returned to the agent unchanged": a 4xx body of several socket reads (a gateway's validation
     error echoing a long prompt) arrives whole, not cut after its first read."""

@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("keyroute.sidecar")
 
 MAX_FIRST_EVENT = 64 * 1024
+#: The largest request body the sidecar takes (the proxy app's ``client_max_size``): above what
+#: providers accept (Anthropic 32 MB, OpenAI ~50 MB with images), so only a runaway body meets it.
+MAX_REQUEST_BODY = 64 * 1024 * 1024
 _perf = time.perf_counter
 _clock = time.time
 
@@ -100,7 +103,17 @@ class Proxy:
             return _json_error(
                 503, "no_providers", "no provider of the chain is usable (see the chain's status)", None
             )
-        raw = await request.read()
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            # aiohttp's own answer is text/plain: the agent's SDK reads its message from a JSON error.
+            log.warning(
+                "request body too large: refused",
+                extra={"kr": {"chain": chain.name, "path": path[:200], "limit": MAX_REQUEST_BODY}},
+            )
+            return _json_error(
+                413, "request_too_large", f"request bodies are limited to {MAX_REQUEST_BODY >> 20} MiB", None
+            )
         # The media type from the raw header, kept per value: aiohttp's ``content_type`` parses the header
         # again for every request and copies its parameters.
         body = inspect_body(raw, _media_type(request.headers.get("Content-Type", "")))
