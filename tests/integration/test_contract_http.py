@@ -290,6 +290,42 @@ async def test_the_request_deadline_bounds_the_whole_answer(start_sidecar, agent
 # --- Transport failures with no answer to hand over ---------------------------------------------
 
 
+async def test_refused_everywhere_is_chain_exhausted(fake_provider, start_sidecar, agent):
+    primary, backup, sidecar = await two(fake_provider, start_sidecar)
+    await primary.stop()
+    await backup.stop()
+    status, headers, raw = await ask(agent, sidecar)
+    err = json.loads(raw)["error"]
+    assert status == 503 and err["type"] == "chain_exhausted" and int(headers["Retry-After"]) >= 1
+    assert [(a["provider"], a["class"]) for a in err["attempts"]] == [
+        ("acme", "ConnectionError"),
+        ("acme", "ConnectionError"),
+        ("backup", "ConnectionError"),
+        ("backup", "ConnectionError"),
+    ]
+
+
+@pytest.mark.parametrize("failure", ["refused", "silent"])
+async def test_a_transport_failure_that_may_not_leave_its_entry_is_a_502(
+    fake_provider, start_sidecar, agent, failure
+):
+    primary, backup, sidecar = await two(
+        fake_provider, start_sidecar, fallback={"triggers": ["ServerError"]}, timeouts={"firstByte": 0.3}
+    )
+    if failure == "refused":
+        await primary.stop()
+    else:
+        primary.set(Behaviour.silence())
+    status, headers, raw = await ask(agent, sidecar)
+    err = json.loads(raw)["error"]
+    assert status == 502 and err["type"] == "upstream_unreachable"
+    if failure == "refused":
+        assert err["class"] == "ConnectionError"  # retried once on the same provider first
+    else:
+        assert err["class"] == "Timeout" and len(primary.received) == 1  # a silent route: never retried
+    assert backup.received == []
+
+
 # --- fallback.triggers ----------------------------------------------------------------------------
 
 
