@@ -65,6 +65,7 @@ class Received:
     stream: bool
     body: bytes
     headers: dict[str, str]
+    query: str = ""  # the raw query string, as received (without the "?")
 
     def body_json(self) -> Any:
         """The body parsed as JSON (raises ``ValueError`` if it is not JSON)."""
@@ -394,6 +395,12 @@ class FakeProvider:
         return len(self._queues.get((key, model), ()))
 
     # -- inspection ------------------------------------------------------------------------------
+
+    @property
+    def answering(self) -> int:
+        """Requests whose answer is still being sent (or held: silence, a stall). A client that goes
+        away ends its request here, so this shows whether a proxy let go of an upstream connection."""
+        return len(self._handlers)
 
     def keys_seen(self) -> list[str | None]:
         return [r.key for r in self.received]
@@ -915,6 +922,7 @@ def _record(request: web.Request, body: bytes, arrived: float) -> Received:
         stream=_json_field(body, "stream") is True,
         body=body,
         headers=headers,
+        query=request.rel_url.raw_query_string,
     )
 
 

@@ -208,6 +208,7 @@ async def test_upstream_rate_limited_falls_back_without_touching_the_key(fake_pr
     )
     status, headers, _ = await ask(agent, sidecar)
     assert status == 200 and headers["X-Keyroute-Provider"] == "backup"
+    assert len(primary.received) == 1  # at once: not the pool's next key first
     assert state(sidecar, "acme-keys", "p1")[0] is CredentialState.AVAILABLE
 
 
@@ -244,6 +245,7 @@ async def test_client_errors_reach_the_agent_unchanged(fake_provider, start_side
     status, headers, body = await ask(agent, sidecar)
     assert status == behaviour.status_code
     assert body == behaviour.body
+    assert (headers["X-Keyroute-Provider"], headers["X-Keyroute-Credential"]) == ("acme", "p1")
     assert len(primary.received) == 1 and len(backup.received) == 0
 
 

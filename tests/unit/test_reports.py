@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import logging
 import re
 from typing import Any
 
@@ -1529,6 +1530,20 @@ def test_fleet_adopts_other_pods_blocks_and_counts_them():
     # The fallback pool is untouched.
     backup = chain.pools["backup-keys"]
     assert all(backup.usable(c, "m", T0) for c in backup.credentials)
+
+
+def test_fleet_logs_an_adopted_state_with_the_fields_an_sre_filters_on(caplog):
+    # docs/sidecar.md "Logs": ``class`` (as on every other line) and ``until`` in RFC 3339.
+    caplog.set_level(logging.INFO, logger="keyroute")
+    chain = Chain(two_providers())
+    assert fleet(chain, Metrics()).apply("acme-keys", "MODIFIED", acme_status(acme_row(chain, 0))) == 1
+    [line] = [r for r in caplog.records if r.getMessage() == "honouring a credential state another pod reported"]
+    fields = line.kr  # type: ignore[attr-defined]
+    assert (fields["class"], fields["until"], fields["reported_by"]) == (
+        "RateLimited",
+        rfc3339(T0 + 60),
+        "pod-b",
+    )
 
 
 def test_fleet_reapplying_a_shared_rejection_adopts_it_once():

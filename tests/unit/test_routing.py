@@ -141,6 +141,49 @@ def test_fallback_triggers_narrows_the_classes_that_leave_an_entry():
     assert route.report(step(route), failure(ErrorClass.SERVER_ERROR, 500), T0) is Verdict.RETURN
 
 
+def test_a_key_class_not_in_triggers_rotates_then_hands_the_last_answer_to_the_agent():
+    chain = Chain(two_providers(fallback={"triggers": ["ServerError"]}), rng=random.Random(1))
+    limited = failure(ErrorClass.RATE_LIMITED, 429, reset_at=T0 + 30)
+    route = Route(chain, M, T0)
+    assert route.report(step(route), limited, T0) is Verdict.CONTINUE  # the next key is not leaving
+    a = step(route)
+    assert where(a)[:2] == ("acme", "acme-2")
+    assert route.report(a, limited, T0) is Verdict.RETURN  # nothing left on the entry
+    # A later request finds every key of the entry benched by that class: it does not leave either.
+    later = Route(chain, M, T0 + 1)
+    done = later.next(T0 + 1)
+    assert isinstance(done, Exhausted) and done.retry_after == pytest.approx(29)  # the entry's key
+    assert later.reason is ErrorClass.RATE_LIMITED
+    assert not chain.on_fallback(M) and M not in chain.models
+
+
+def test_a_short_reset_is_waited_out_before_a_key_class_not_in_triggers_returns():
+    chain = Chain(two_providers(primary_keys=1, fallback={"triggers": ["Timeout"]}), rng=random.Random(1))
+    route = Route(chain, M, T0)
+    short = failure(ErrorClass.RATE_LIMITED, 429, reset_at=T0 + 2)
+    assert route.report(step(route), short, T0) is Verdict.CONTINUE
+    w = route.next(T0)
+    assert isinstance(w, Wait)
+    assert route.report(step(route, w.until), short, w.until) is Verdict.RETURN  # waited once already
+
+
+def test_keys_rejected_for_good_on_an_entry_that_may_not_be_left_say_restore_after():
+    chain = Chain(two_providers(primary_keys=1, fallback={"triggers": ["Timeout"], "restoreAfter": 60}))
+    route = Route(chain, M, T0)
+    assert route.report(step(route), failure(ErrorClass.REVOKED, 401), T0) is Verdict.RETURN
+    done = Route(chain, M, T0).next(T0)
+    # Not "1 s" (the fallback is usable now, but this request may not go there), not forever.
+    assert isinstance(done, Exhausted) and done.retry_after == 60
+
+
+def test_a_key_class_not_in_triggers_returns_when_the_attempt_budget_is_spent():
+    chain = Chain(two_providers(primary_keys=3, fallback={"triggers": ["Timeout"], "maxAttempts": 2}))
+    route = Route(chain, M, T0)
+    limited = failure(ErrorClass.RATE_LIMITED, 429, reset_at=T0 + 30)
+    assert route.report(step(route), limited, T0) is Verdict.CONTINUE
+    assert route.report(step(route), limited, T0) is Verdict.RETURN  # a third key, but no third attempt
+
+
 def test_chain_exhausted_reports_retry_after_from_the_soonest_key():
     chain = chain_of(primary_keys=1, fallback_keys=1)
     route = Route(chain, M, T0)

@@ -58,25 +58,16 @@ class Action:
         return "CredentialPool" if self.kind in POOL_ACTIONS else "ProviderChain"
 
     def fields(self) -> dict[str, Any]:
-        """Non-empty fields, for structured logs."""
+        """Non-empty fields, for structured logs: named as every other sidecar log line names them
+        (``class``, not the attribute's ``error_class``: one name to filter on, docs/sidecar.md "Logs")."""
         out: dict[str, Any] = {"action": str(self.kind), self.object_kind_key: self.object_name}
-        for name in (
-            "error_class",
-            "credential",
-            "fingerprint",
-            "until",
-            "model",
-            "from_entry",
-            "to_entry",
-            "status",
-            "scope",
-        ):
+        for name, field in _LOG_FIELDS:
             value = getattr(self, name)
             if value is None:
                 continue
             if name == "until":
                 value = rfc3339(value)
-            out[name] = str(value) if isinstance(value, enum.Enum) else value
+            out[field] = str(value) if isinstance(value, enum.Enum) else value
         if self.message:
             out["detail"] = self.message
         return out
@@ -84,6 +75,20 @@ class Action:
     @property
     def object_kind_key(self) -> str:
         return "pool" if self.kind in POOL_ACTIONS else "chain"
+
+
+# (attribute, log field) in the order they are logged.
+_LOG_FIELDS = (
+    ("error_class", "class"),
+    ("credential", "credential"),
+    ("fingerprint", "fingerprint"),
+    ("until", "until"),
+    ("model", "model"),
+    ("from_entry", "from_entry"),
+    ("to_entry", "to_entry"),
+    ("status", "status"),
+    ("scope", "scope"),
+)
 
 
 def rfc3339(ts: float) -> str:

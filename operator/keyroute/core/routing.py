@@ -194,6 +194,15 @@ class Route:
                         provider=entry.name, error_class=cls, skipped=True, message="no usable credential"
                     )
                 )
+            triggers = self.chain.fallback_triggers
+            if triggers is not None and cls not in triggers:
+                # The entry may not be left for this class (fallback.triggers) and has no key to send:
+                # the request ends here, told when a key of this entry is back (restoreAfter if none
+                # ever will be: its keys are rejected until their Secret changes).
+                self.reason = cls
+                return self._exhausted(
+                    now, soonest if soonest is not None else now + self.chain.fallback.restore_after
+                )
             self._leave(entry, cls, now)
 
     # --- telling -------------------------------------------------------------------------------
@@ -231,6 +240,12 @@ class Route:
             return Verdict.RETURN
         if cls in CREDENTIAL_CLASSES:
             prog.allow_tried = False
+            triggers = self.chain.fallback_triggers
+            if triggers is not None and cls not in triggers and not self._can_stay(entry, prog, now):
+                # Not a class that may leave the entry, and nothing is left on it: the agent gets
+                # this answer rather than a fallback's (docs/errors.md, fallback.triggers).
+                self._finish()
+                return Verdict.RETURN
             return Verdict.CONTINUE  # next() rotates, waits or leaves
         if (
             cls in (ErrorClass.OVERLOADED, ErrorClass.SERVER_ERROR, ErrorClass.CONNECTION_ERROR)
@@ -253,6 +268,22 @@ class Route:
         upstream = entry.upstream_model(self.model)
         return any(
             c.name not in prog.tried and entry.pool.usable(c, upstream, now) for c in entry.pool.credentials
+        )
+
+    def _can_stay(self, entry: Entry, prog: _EntryProgress, now: float) -> bool:
+        """Whether :meth:`next` would make another attempt on ``entry`` after a key class failure:
+        another usable key, or a short reset not yet waited out, within the request's budget."""
+        if self.count >= self.max_attempts or now >= self.deadline:
+            return False
+        if self._has_other_key(entry, prog, now):
+            return True
+        if prog.waited:
+            return False
+        soonest = entry.pool.earliest_available(entry.upstream_model(self.model), now)
+        return (
+            soonest is not None
+            and soonest - now <= self.chain.fallback.max_wait
+            and soonest + WAIT_JITTER < self.deadline
         )
 
     def _leave_or_return(self, entry: Entry, cls: ErrorClass, now: float) -> Verdict:
@@ -286,8 +317,11 @@ class Route:
         self.pos += 1
         return True
 
-    def _exhausted(self, now: float) -> Exhausted:
-        soonest = self.chain.earliest_usable(self.model, now)
+    def _exhausted(self, now: float, soonest: float | None = None) -> Exhausted:
+        """Nothing more to try. ``soonest``: when what this request may use is usable again, if known
+        (else the soonest key or entry of the chain)."""
+        if soonest is None:
+            soonest = self.chain.earliest_usable(self.model, now)
         retry_after = max(1.0, (soonest - now) if soonest is not None else self.chain.fallback.restore_after)
         self.actions.append(
             Action(

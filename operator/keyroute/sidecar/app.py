@@ -27,7 +27,7 @@ from keyroute.core.chains import Chain
 from keyroute.core.config import ConfigError, SidecarConfig
 from keyroute.logs import REDACTOR
 from keyroute.sidecar.metrics import Metrics
-from keyroute.sidecar.proxy import Proxy
+from keyroute.sidecar.proxy import MAX_REQUEST_BODY, Proxy
 from keyroute.sidecar.sources import ConfigSource, signature
 from keyroute.sidecar.upstream import SESSION_HEADERS
 
@@ -196,7 +196,7 @@ class Sidecar:
             count_tokens=self.count_tokens,
             draining=lambda: self.draining,
         )
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=MAX_REQUEST_BODY)
         app.router.add_route("*", "/{tail:.*}", self._tracked(proxy.handle))
         self.port = await self._serve(app, self.listen)
         self._proxy_runner = self._runners[-1]

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from keyroute.core.actions import rfc3339
 from keyroute.core.chains import Chain
 from keyroute.core.reports import Origin, shared_blocks
 from keyroute.kube import KEYROUTE, Kube, path, watch_forever
@@ -107,8 +108,8 @@ class FleetCooldowns:
                             "pool": pool_name,
                             "credential": b.credential,
                             "state": str(b.state),
-                            "error_class": str(b.error_class),
-                            "until": b.until,
+                            "class": str(b.error_class),
+                            "until": rfc3339(b.until) if b.until is not None else None,
                             "reported_by": b.reported_by,
                             "model": b.model,
                         }

@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("keyroute.sidecar")
 
 MAX_FIRST_EVENT = 64 * 1024
+#: The largest request body the sidecar takes (the proxy app's ``client_max_size``): above what
+#: providers accept (Anthropic 32 MB, OpenAI ~50 MB with images), so only a runaway body meets it.
+MAX_REQUEST_BODY = 64 * 1024 * 1024
 _perf = time.perf_counter
 _clock = time.time
 
@@ -100,7 +103,17 @@ class Proxy:
             return _json_error(
                 503, "no_providers", "no provider of the chain is usable (see the chain's status)", None
             )
-        raw = await request.read()
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            # aiohttp's own answer is text/plain: the agent's SDK reads its message from a JSON error.
+            log.warning(
+                "request body too large: refused",
+                extra={"kr": {"chain": chain.name, "path": path[:200], "limit": MAX_REQUEST_BODY}},
+            )
+            return _json_error(
+                413, "request_too_large", f"request bodies are limited to {MAX_REQUEST_BODY >> 20} MiB", None
+            )
         # The media type from the raw header, kept per value: aiohttp's ``content_type`` parses the header
         # again for every request and copies its parameters.
         body = inspect_body(raw, _media_type(request.headers.get("Content-Type", "")))
@@ -160,8 +173,10 @@ class Proxy:
         # One deadline per attempt until the answer is committed: the first byte, then the phase that
         # follows (error body, body, or the stream's first event). A phase change only moves the
         # timer's due time (see _IdleTimer): asyncio.timeout's reschedule, a cancelled handle and a new
-        # one twice per request, was ~2% of the sidecar's samples at c=32.
-        timer = _IdleTimer(self._deadlines(), attempt.first_byte, math.inf)
+        # one twice per request, was ~2% of the sidecar's samples at c=32. Every phase ends by the
+        # request deadline too (a body or first event that comes late must not outlive it).
+        deadlines = self._deadlines()
+        timer = _IdleTimer(deadlines, attempt.first_byte, route.deadline - _clock() + deadlines.loop.time())
         try:
             try:
                 upstream = await self._session().request(
@@ -179,7 +194,7 @@ class Proxy:
                 if status >= 400:
                     phase = "error body"
                     timer.restart(attempt.idle)
-                    payload = await upstream.content.read(MAX_ERROR_BODY)
+                    payload = await _read_upto(upstream.content, MAX_ERROR_BODY)
                 elif media == "text/event-stream":
                     # Nothing reaches the agent before the first event is in: until then the route may
                     # fail over. With firstToken set, keep-alives do not count and the wait has its own
@@ -531,6 +546,19 @@ class _IdleTimer:
             # asyncio.timeout does, so it does not hit a later await of this task.
             self._seen = True
             self._task.uncancel()
+
+
+async def _read_upto(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body up to ``limit`` bytes. ``content.read(limit)`` alone returns what has arrived so far,
+    which for a body of more than one socket read is its first part: the agent would get a cut error
+    body (a gateway's 4xx echoing a long prompt, say)."""
+    data = await content.read(limit)
+    while data and len(data) < limit:
+        more = await content.read(limit - len(data))
+        if not more:
+            break
+        data += more
+    return data
 
 
 @functools.lru_cache(maxsize=1024)

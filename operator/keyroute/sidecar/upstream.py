@@ -38,7 +38,7 @@ ANTHROPIC_VERSION = "2023-06-01"
 _ANTHROPIC = ApiStyle.ANTHROPIC
 PROVIDER_HEADER = "X-Keyroute-Provider"
 CREDENTIAL_HEADER = "X-Keyroute-Credential"
-#: An error body is read up to this size for classification and passed on as read.
+#: An error body is read up to this size for classification and passed on as read (its first MiB).
 MAX_ERROR_BODY = 1 << 20
 
 
