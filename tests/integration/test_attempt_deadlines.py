@@ -11,7 +11,7 @@ from keyroute.sidecar.proxy import _Deadlines, _IdleTimer
 
 
 async def _bounded(deadlines: _Deadlines, idle: float, work: float, restart: float | None = None) -> str:
-    timer = _IdleTimer(deadlines, idle, float("inf"))
+    timer = _IdleTimer(deadlines, idle, float("inf"))  # no request deadline
     try:
         try:
             if restart is not None:

@@ -124,7 +124,8 @@ class Proxy:
         waited = 0.0
         try:
             while True:
-                step = route.next(_clock())
+                now = _clock()
+                step = route.next(now)
                 if route.actions:
                     self._flush(route)
                 if isinstance(step, Wait):
@@ -138,7 +139,7 @@ class Proxy:
                 try:
                     t0 = _perf()
                     response = await self._attempt(
-                        request, route, step, body.with_model(step.model), suffix
+                        request, route, step, body.with_model(step.model), suffix, now
                     )
                     waited += _perf() - t0
                     return response
@@ -161,7 +162,10 @@ class Proxy:
         attempt: Attempt,
         data: bytes,
         suffix: str,
+        planned: float,
     ) -> web.StreamResponse:
+        """One upstream attempt; ``planned``: the wall-clock time the route planned it at (microseconds
+        ago), which bounds the attempt by the request deadline without reading the clock again."""
         url = _url(attempt.base_url + suffix)
         first_token = attempt.first_token
         upstream: aiohttp.ClientResponse | None = None
@@ -175,8 +179,7 @@ class Proxy:
         # timer's due time (see _IdleTimer): asyncio.timeout's reschedule, a cancelled handle and a new
         # one twice per request, was ~2% of the sidecar's samples at c=32. Every phase ends by the
         # request deadline too (a body or first event that comes late must not outlive it).
-        deadlines = self._deadlines()
-        timer = _IdleTimer(deadlines, attempt.first_byte, route.deadline - _clock() + deadlines.loop.time())
+        timer = _IdleTimer(self._deadlines(), attempt.first_byte, route.deadline - planned)
         try:
             try:
                 upstream = await self._session().request(
@@ -356,8 +359,7 @@ class Proxy:
         reason = ""
         deadlines = self._deadlines()
         loop = deadlines.loop
-        deadline = route.deadline - _clock() + loop.time()
-        timer = _IdleTimer(deadlines, attempt.idle, deadline)
+        timer = _IdleTimer(deadlines, attempt.idle, route.deadline - _clock())
         try:
             try:
                 while True:
@@ -375,7 +377,7 @@ class Proxy:
             finally:
                 timer.close()
         except TimeoutError:
-            why = "request deadline reached" if loop.time() >= deadline else f"no data for {attempt.idle:g}s"
+            why = "request deadline reached" if loop.time() >= timer.deadline else f"no data for {attempt.idle:g}s"
             reason = f"upstream stream stalled: {why}"
             ending = error_event(ErrorClass.TIMEOUT, reason, attempt.entry.name)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
@@ -496,15 +498,17 @@ class _IdleTimer:
 
     __slots__ = ("_cancelling", "_deadlines", "_seen", "_task", "deadline", "expired", "idle", "last")
 
-    def __init__(self, deadlines: _Deadlines, idle: float, deadline: float):
+    def __init__(self, deadlines: _Deadlines, idle: float, left: float):
+        """Bound the current task by ``idle`` seconds without progress and by the request deadline,
+        ``left`` seconds from now."""
         task = asyncio.current_task()
         assert task is not None
         self._deadlines = deadlines
         self._task = task
         self._cancelling = task.cancelling()
         self.idle = idle
-        self.deadline = deadline
         self.last = now = deadlines.loop.time()
+        self.deadline = deadline = now + left
         self.expired = False
         self._seen = False
         # due(), written out here and in restart(): these run for every attempt, and a method call
