@@ -476,32 +476,6 @@ async def test_an_agent_leaving_mid_stream_is_quiet_and_lets_go_of_the_upstream(
     )
 
 
-async def test_an_agent_leaving_before_the_stream_starts_still_counts_as_served(fake_provider, start_sidecar):
-    primary, _, sidecar = await stream_setup(fake_provider, start_sidecar)
-    primary.set(Behaviour.stream(3, first_event_delay=0.3))
-    body = json.dumps(chat(stream=True)).encode()
-    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
-    writer.write(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: sidecar\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-    )
-    await writer.drain()
-    await eventually(lambda: len(primary.received) == 1)
-    writer.close()
-    await writer.wait_closed()
-    served = {"chain": "agents", "provider": "acme", "credential": "p1", "class": "OK"}
-    await eventually(
-        lambda: sidecar.metrics.registry.get_sample_value("keyroute_upstream_attempts_total", served) == 1
-    )
-    assert (
-        sidecar.metrics.registry.get_sample_value(
-            "keyroute_requests_total", {"chain": "agents", "provider": "acme", "class": "OK"}
-        )
-        == 1
-    )
-    assert len(primary.received) == 1  # not retried elsewhere: the upstream did answer
-
-
 # --- Config and reloads ---------------------------------------------------------------------------
 
 

@@ -267,7 +267,7 @@ async def test_first_token_does_not_apply_to_answers_that_are_not_streamed(
         assert resp.status == 200 and resp.headers["X-Keyroute-Provider"] == "acme"
 
 
-async def test_an_agent_leaving_while_the_stream_starts_is_one_debug_line(
+async def test_an_agent_leaving_while_the_stream_starts_is_one_debug_line_and_served(
     fake_provider, start_sidecar, caplog
 ):
     """The agent closes its connection while the sidecar waits for the first event: when it comes, the
@@ -299,3 +299,10 @@ async def test_an_agent_leaving_while_the_stream_starts_is_one_debug_line(
     assert len(left) == 1 and left[0].levelno == logging.DEBUG and left[0].exc_info is None
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert not [r for r in caplog.records if r.exc_info]
+    # The upstream did answer: the attempt and the request count as served, and nothing is retried.
+    served = {"chain": "agents", "provider": "acme", "credential": "p1", "class": "OK"}
+    registry = sidecar.metrics.registry
+    await eventually(lambda: registry.get_sample_value("keyroute_upstream_attempts_total", served) == 1)
+    request = {"chain": "agents", "provider": "acme", "class": "OK"}
+    assert registry.get_sample_value("keyroute_requests_total", request) == 1
+    assert len(primary.received) == 1
