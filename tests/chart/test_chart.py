@@ -767,6 +767,7 @@ def test_injection_config_defaults(helm: HelmRunner) -> None:
         "proxyPort": 8411,
         "adminPort": 8412,
         "logLevel": "info",
+        "lookupTimeoutSeconds": 2.5,  # half of webhook.timeoutSeconds
     }
 
 
@@ -781,6 +782,7 @@ def test_injection_config_from_values(helm: HelmRunner) -> None:
         "proxyPort": 9411,
         "adminPort": 9412,
         "logLevel": "debug",
+        "lookupTimeoutSeconds": 1.5,  # webhook.timeoutSeconds 3
     }
 
 
@@ -791,6 +793,23 @@ def test_the_operator_accepts_the_injection_config(helm: HelmRunner, scenario: s
     cm = one(rendered(helm, scenario), "ConfigMap", f"{FULLNAME}-injection")
     settings = load_settings(cm["data"]["injection.yaml"])
     assert settings.model_dump(by_alias=True, mode="json") == injection_settings(rendered(helm, scenario))
+
+
+@pytest.mark.parametrize("timeout", [1, 2, 5, 30])
+def test_the_chain_lookup_gives_up_before_the_api_server_gives_up_on_the_webhook(
+    helm: HelmRunner, timeout: int
+) -> None:
+    # docs/injection.md: a chain that cannot be looked up (a slow API server) injects with a warning.
+    # A lookup that outlives the webhook's timeoutSeconds is refused by failurePolicy Fail instead
+    # (it did with the defaults, 5 s each; tests/realapi/test_webhook_failures.py shows it on a real
+    # API server). The chart gives the lookup half of the webhook's time, the rest for the round trip.
+    from keyroute.core.inject import load_settings
+
+    objs = helm.template({"webhook": {"timeoutSeconds": timeout}})
+    cm = one(objs, "ConfigMap", f"{FULLNAME}-injection")
+    lookup = load_settings(cm["data"]["injection.yaml"]).lookup_timeout
+    assert webhook_of(objs)["timeoutSeconds"] == timeout
+    assert 0 < lookup <= timeout / 2
 
 
 def test_injection_change_rolls_the_operator(helm: HelmRunner) -> None:
