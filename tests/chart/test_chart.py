@@ -65,11 +65,7 @@ OPERATOR_NAMESPACED_RULES = {
         for r in ["credentialpools", "providerchains"]
         for v in ["get", "list", "watch"]
     ),
-    *(
-        ("keyroute.dev", r, v)
-        for r in ["credentialpools/status", "providerchains/status"]
-        for v in ["patch"]
-    ),
+    *(("keyroute.dev", r, v) for r in ["credentialpools/status", "providerchains/status"] for v in ["patch"]),
     *(("", "secrets", v) for v in ["get", "list", "watch", "create", "patch"]),
     *(("", "events", v) for v in ["create", "list", "watch"]),
 }
@@ -406,9 +402,15 @@ def test_pod_disruption_budget_and_spread_across_nodes(helm: HelmRunner) -> None
     assert of_kind(single, "PodDisruptionBudget") == []
     assert one(single, "Deployment", FULLNAME)["spec"]["replicas"] == 1
     # Given constraints replace the default verbatim.
-    zones = [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "DoNotSchedule"}]
-    spread = helm.template({"topologySpreadConstraints": zones, "podDisruptionBudget": {"minAvailable": "50%"}})
-    assert one(spread, "Deployment", FULLNAME)["spec"]["template"]["spec"]["topologySpreadConstraints"] == zones
+    zones = [
+        {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "DoNotSchedule"}
+    ]
+    spread = helm.template(
+        {"topologySpreadConstraints": zones, "podDisruptionBudget": {"minAvailable": "50%"}}
+    )
+    assert (
+        one(spread, "Deployment", FULLNAME)["spec"]["template"]["spec"]["topologySpreadConstraints"] == zones
+    )
     assert one(spread, "PodDisruptionBudget", FULLNAME)["spec"]["minAvailable"] == "50%"
 
 
@@ -416,7 +418,12 @@ def test_leader_election_and_listen_addresses_from_values(helm: HelmRunner) -> N
     from keyroute.cli import build_parser, operator_config
 
     values = {
-        "leaderElection": {"leaseName": "kr-lock", "leaseDuration": "30s", "renewDeadline": "20s", "retryPeriod": "4s"},
+        "leaderElection": {
+            "leaseName": "kr-lock",
+            "leaseDuration": "30s",
+            "renewDeadline": "20s",
+            "retryPeriod": "4s",
+        },
         "listen": {"webhook": "::", "metrics": "127.0.0.1", "health": "0.0.0.0"},
     }
     args = build_parser().parse_args(operator_container(helm.template(values))["args"])
@@ -482,7 +489,11 @@ def leader_election_role(objs: list[dict[str, Any]]) -> dict[str, Any]:
     role = one(objs, "Role", f"{FULLNAME}-leader-election")
     binding = one(objs, "RoleBinding", f"{FULLNAME}-leader-election")
     assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == NAMESPACE
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
     objs.remove(role)
     objs.remove(binding)
@@ -560,7 +571,12 @@ def test_rbac_rules_are_written_in_one_place() -> None:
     for path in (CHART / "templates").iterdir():
         text = path.read_text()
         if path.name == "rbac.yaml":
-            for name in ("operatorNamespacedRules", "operatorClusterRules", "leaderElectionRules", "sidecarRules"):
+            for name in (
+                "operatorNamespacedRules",
+                "operatorClusterRules",
+                "leaderElectionRules",
+                "sidecarRules",
+            ):
                 assert text.count(f'define "keyroute.{name}"') == 1
         else:
             assert "verbs:" not in text, path.name
@@ -875,7 +891,9 @@ def test_sidecar_pod_monitor_scrapes_labelled_pods_on_the_admin_port(helm: HelmR
     assert pm["metadata"]["labels"]["release"] == "prom"
     assert pm["spec"]["selector"] == {"matchExpressions": [{"key": CHAIN_LABEL, "operator": "Exists"}]}
     assert pm["spec"]["namespaceSelector"] == {"any": True}
-    assert [(e["port"], e["path"]) for e in pm["spec"]["podMetricsEndpoints"]] == [(ADMIN_PORT_NAME, "/metrics")]
+    assert [(e["port"], e["path"]) for e in pm["spec"]["podMetricsEndpoints"]] == [
+        (ADMIN_PORT_NAME, "/metrics")
+    ]
     namespaced = helm.template(
         {"watchNamespaces": ["agents"], "metrics": {"sidecarPodMonitor": {"enabled": True}}}
     )
@@ -896,7 +914,11 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("bad lease duration", {"leaderElection": {"leaseDuration": "15"}}, "leaderElection.leaseDuration"),
     ("typo in leaderElection", {"leaderElection": {"enable": False}}, "enable"),
     ("bad listen address", {"listen": {"webhook": "0.0.0.0:9443x"}}, "listen.webhook"),
-    ("bad minAvailable", {"podDisruptionBudget": {"minAvailable": "half"}}, "podDisruptionBudget.minAvailable"),
+    (
+        "bad minAvailable",
+        {"podDisruptionBudget": {"minAvailable": "half"}},
+        "podDisruptionBudget.minAvailable",
+    ),
     ("typo in a section", {"webhook": {"failurePolicyy": "Fail"}}, "failurePolicyy"),
     ("namespaces as a string", {"watchNamespaces": "agents"}, "watchNamespaces"),
     ("bad namespace name", {"watchNamespaces": ["Agents_1"]}, "watchNamespaces.0"),
@@ -1028,3 +1050,120 @@ def test_notes_follow_the_values(helm: HelmRunner, notes_chart: Path) -> None:
     assert "cert-manager" in notes
     assert "(container mode)" in notes
     assert not re.search(r"<no value>|%!|\{\{", notes)
+
+
+# --- every other documented value changes what values.yaml says it does --------------------------
+
+
+def test_pod_placement_and_metadata_values_reach_the_operator_pod(helm: HelmRunner) -> None:
+    """values.yaml's pass-through values, each where a user of other charts expects it."""
+    affinity = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [{"key": "infra", "operator": "Exists"}]}]
+            }
+        }
+    }
+    tolerations = [{"key": "infra", "operator": "Exists", "effect": "NoSchedule"}]
+    objs = helm.template(
+        {
+            "imagePullSecrets": [{"name": "regcred"}],
+            "podAnnotations": {"team/owner": "llm"},
+            "podLabels": {"team": "llm"},
+            "nodeSelector": {"pool": "infra"},
+            "tolerations": tolerations,
+            "affinity": affinity,
+            "priorityClassName": "system-cluster-critical",
+            "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}],
+            "resources": {"requests": {"cpu": "200m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+            "metrics": {"service": {"annotations": {"prometheus.io/scrape": "true"}}},
+        }
+    )
+    template = one(objs, "Deployment", FULLNAME)["spec"]["template"]
+    pod = template["spec"]
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert template["metadata"]["annotations"]["team/owner"] == "llm"
+    assert "checksum/injection" in template["metadata"]["annotations"]  # podAnnotations add, never replace
+    assert template["metadata"]["labels"]["team"] == "llm"
+    assert (pod["nodeSelector"], pod["tolerations"], pod["affinity"]) == (
+        {"pool": "infra"},
+        tolerations,
+        affinity,
+    )
+    assert pod["priorityClassName"] == "system-cluster-critical"
+    c = operator_container(objs)
+    assert {"name": "HTTPS_PROXY", "value": "http://proxy:3128"} in c["env"]
+    assert {e["name"] for e in c["env"]} >= {"POD_NAME", "POD_NAMESPACE"}  # extraEnv adds, never replaces
+    assert c["resources"] == {"requests": {"cpu": "200m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
+    svc = one(objs, "Service", f"{FULLNAME}-metrics")
+    assert svc["metadata"]["annotations"] == {"prometheus.io/scrape": "true"}
+    # Unset, they leave nothing behind.
+    bare = one(rendered(helm, "default"), "Deployment", FULLNAME)["spec"]["template"]["spec"]
+    assert not {"imagePullSecrets", "nodeSelector", "tolerations", "affinity", "priorityClassName"} & set(
+        bare
+    )
+
+
+def test_an_existing_service_account_is_bound_and_not_created(helm: HelmRunner) -> None:
+    """``serviceAccount.create: false``: ``name`` must exist already; RBAC still binds it."""
+    objs = helm.template({"serviceAccount": {"create": False, "name": "platform-operator"}})
+    assert of_kind(objs, "ServiceAccount") == []
+    assert (
+        one(objs, "Deployment", FULLNAME)["spec"]["template"]["spec"]["serviceAccountName"]
+        == "platform-operator"
+    )
+    for binding in of_kind(objs, "ClusterRoleBinding") + of_kind(objs, "RoleBinding"):
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "platform-operator", "namespace": NAMESPACE}
+        ]
+    annotated = helm.template(
+        {"serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/kr"}}}
+    )
+    sa = one(annotated, "ServiceAccount", FULLNAME)
+    assert sa["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/kr"}
+
+
+def test_name_overrides_rename_every_object(helm: HelmRunner) -> None:
+    full = helm.template({"fullnameOverride": "router"})
+    names = {(o["kind"], o["metadata"]["name"]) for o in full}
+    assert ("Deployment", "router") in names and ("ClusterRole", "router-sidecar") in names
+    assert ("Secret", "router-webhook-tls") in names and ("ConfigMap", "router-injection") in names
+    assert all(name.startswith("router") for _, name in names)
+    short = helm.template({"nameOverride": "kr2"})
+    deploy = one(short, "Deployment", f"{RELEASE}-kr2")
+    assert deploy["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] == "kr2"
+    hook = one(short, "MutatingWebhookConfiguration", f"{RELEASE}-kr2")["webhooks"][0]
+    assert hook["clientConfig"]["service"]["name"] == f"{RELEASE}-kr2-webhook"
+
+
+def test_pod_disruption_budget_can_be_turned_off(helm: HelmRunner) -> None:
+    assert of_kind(helm.template({"podDisruptionBudget": {"enabled": False}}), "PodDisruptionBudget") == []
+
+
+def test_cert_manager_certificate_lifetimes_from_values(helm: HelmRunner) -> None:
+    objs = helm.template(
+        {"webhook": {"certManager": {"enabled": True, "duration": "2160h", "renewBefore": "360h"}}}
+    )
+    spec = one(objs, "Certificate")["spec"]
+    assert (spec["duration"], spec["renewBefore"]) == ("2160h", "360h")
+    default = one(rendered(helm, "certmanager-container"), "Certificate")["spec"]
+    assert (default["duration"], default["renewBefore"]) == ("8760h", "720h")
+
+
+def test_sidecar_settings_from_values_reach_the_injection_config(helm: HelmRunner) -> None:
+    resources = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "1", "memory": "512Mi"}}
+    settings = injection_settings(
+        helm.template({"injection": {"imagePullPolicy": "Never", "resources": resources}})
+    )
+    assert settings["imagePullPolicy"] == "Never"  # wins over image.pullPolicy
+    assert settings["resources"] == resources
+
+
+def test_sidecar_pod_monitor_namespaces_from_values(helm: HelmRunner) -> None:
+    objs = helm.template(
+        {
+            "watchNamespaces": ["agents"],
+            "metrics": {"sidecarPodMonitor": {"enabled": True, "namespaces": ["batch"]}},
+        }
+    )
+    assert one(objs, "PodMonitor")["spec"]["namespaceSelector"] == {"matchNames": ["batch"]}
