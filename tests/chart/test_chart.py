@@ -1167,3 +1167,35 @@ def test_sidecar_pod_monitor_namespaces_from_values(helm: HelmRunner) -> None:
         }
     )
     assert one(objs, "PodMonitor")["spec"]["namespaceSelector"] == {"matchNames": ["batch"]}
+
+
+@pytest.mark.parametrize(
+    ("release", "cluster_role"),
+    [
+        ("keyroute", "keyroute-sidecar"),
+        ("keyroute-prod", "keyroute-prod-sidecar"),
+        ("platform", "platform-keyroute-sidecar"),
+    ],
+)
+def test_the_docs_name_the_sidecar_cluster_role_as_the_chart_does(
+    helm: HelmRunner, release: str, cluster_role: str
+) -> None:
+    """The README, docs/reporting.md and the runbook tell users which ClusterRole to bind. It is
+    ``<fullname>-sidecar``: ``keyroute-sidecar`` for a release named ``keyroute`` (the README's
+    install), ``<release>-keyroute-sidecar`` for a release name without ``keyroute`` in it; the docs
+    said ``<release>-sidecar``, which names no ClusterRole for such a release."""
+    out = helm.run("template", release, "--namespace", NAMESPACE, values={})
+    assert out.returncode == 0, out.stderr
+    roles = {
+        o["metadata"]["name"] for o in yaml.safe_load_all(out.stdout) if o and o["kind"] == "ClusterRole"
+    }
+    assert cluster_role in roles
+    for doc in ("README.md", "docs/reporting.md", "docs/runbook.md"):
+        text = (ROOT / doc).read_text()
+        assert "<release>-sidecar" not in text, doc
+        assert "<fullname>-sidecar" in text, doc
+    readme = (ROOT / "README.md").read_text()
+    assert (
+        "release name when it contains `keyroute` (`keyroute-sidecar` for the install above), `<release>-keyroute`\notherwise"
+        in readme
+    )
