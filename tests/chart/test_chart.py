@@ -928,6 +928,44 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("boolean as text", {"webhook": {"certManager": {"enabled": "yes"}}}, "webhook.certManager.enabled"),
     ("bad log level", {"injection": {"logLevel": "loud"}}, "injection.logLevel"),
     ("bad resources key", {"injection": {"resources": {"limit": {"memory": "1Gi"}}}}, "limit"),
+    ("webhook timeout 0", {"webhook": {"timeoutSeconds": 0}}, "webhook.timeoutSeconds"),
+    ("webhook path without /", {"webhook": {"path": "keyroute-inject"}}, "webhook.path"),
+    (
+        "bad namespaceSelector operator",
+        {"webhook": {"namespaceSelector": {"matchExpressions": [{"key": "a", "operator": "Has"}]}}},
+        "operator",
+    ),
+    (
+        "issuerRef kind without name",
+        {"webhook": {"certManager": {"issuerRef": {"kind": "ClusterIssuer"}}}},
+        "name",
+    ),
+    (
+        "bad issuerRef kind",
+        {"webhook": {"certManager": {"issuerRef": {"name": "ca", "kind": "Vault"}}}},
+        "kind",
+    ),
+    (
+        "bad cert duration",
+        {"webhook": {"certManager": {"duration": "1 year"}}},
+        "webhook.certManager.duration",
+    ),
+    ("bad lease name", {"leaderElection": {"leaseName": "Lease_1"}}, "leaderElection.leaseName"),
+    ("duplicate watched namespace", {"watchNamespaces": ["agents", "agents"]}, "watchNamespaces"),
+    ("bad sidecar pull policy", {"injection": {"imagePullPolicy": "Sometimes"}}, "injection.imagePullPolicy"),
+    ("bad quantity", {"resources": {"limits": {"memory": "lots"}}}, "memory"),
+    (
+        "runbook URL without scheme",
+        {"metrics": {"prometheusRule": {"runbookURL": "runbooks.example/x"}}},
+        "runbookURL",
+    ),
+    (
+        "bad serviceAccount namespace",
+        {"sidecar": {"serviceAccounts": [{"namespace": "Agents", "name": "a"}]}},
+        "namespace",
+    ),
+    ("extraEnv without name", {"extraEnv": [{"value": "x"}]}, "name"),
+    ("fullnameOverride too long", {"fullnameOverride": "x" * 51}, "fullnameOverride"),
 ]
 
 
