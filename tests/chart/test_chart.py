@@ -1232,6 +1232,17 @@ def test_the_docs_name_the_sidecar_cluster_role_as_the_chart_does(
         text = (ROOT / doc).read_text()
         assert "<release>-sidecar" not in text, doc
         assert "<fullname>-sidecar" in text, doc
+    # Nor the operator's objects as `<release>-keyroute...`: for the README's release `keyroute` that is
+    # `keyroute-keyroute`, which does not exist (`<release>-keyroute` only as the definition of <fullname>).
+    for doc in ("README.md", "docs/metrics.md", "docs/reporting.md", "docs/runbook.md"):
+        assert re.findall(r"<release>-keyroute(?!`)", (ROOT / doc).read_text()) == [], doc
+    fullname = cluster_role.removesuffix("-sidecar")
+    names = {(o["kind"], o["metadata"]["name"]) for o in yaml.safe_load_all(out.stdout) if o}
+    assert {
+        ("Deployment", fullname),
+        ("Service", f"{fullname}-metrics"),
+        ("ConfigMap", f"{fullname}-injection"),
+    } <= names
     readme = (ROOT / "README.md").read_text()
     assert (
         "release name when it contains `keyroute` (`keyroute-sidecar` for the install above), `<release>-keyroute`\notherwise"
