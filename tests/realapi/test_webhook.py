@@ -342,3 +342,34 @@ async def test_the_injected_sidecar_as_stored_keeps_a_restricted_namespace_admis
         "ANTHROPIC_BASE_URL": "http://127.0.0.1:8411",
     }
     assert "--report" not in sidecar["args"]  # the pod has its ServiceAccount token: it reports
+
+
+async def test_an_empty_label_and_a_pod_that_cannot_take_the_sidecar_are_refused_saying_why(
+    control_plane: ControlPlane, api: Api, namespace: str, webhooks: Webhooks
+) -> None:
+    """docs/injection.md's other refusals, as ``kubectl`` shows them: an empty ``keyroute.dev/chain``
+    (the objectSelector's ``Exists`` sends it; it names no chain) and ``CannotInject`` (the pod has a
+    volume named like keyroute's config volume)."""
+    use(control_plane, namespace, "native")
+    create_chain(control_plane, namespace)
+    empty = yaml.safe_load(pod_manifest("empty", None))
+    empty["metadata"]["labels"][core.CHAIN_LABEL] = ""
+    result = control_plane.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(empty), check=False
+    )
+    assert result.returncode != 0
+    assert "label keyroute.dev/chain is empty: set it to the name of a ProviderChain" in result.stderr, (
+        result.stderr
+    )
+    clash = pod_manifest("clash", "agents", volumes=[{"name": core.CONFIG_VOLUME, "emptyDir": {}}])
+    result = control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=clash, check=False)
+    assert result.returncode != 0
+    assert "the pod already has a volume named 'keyroute-config'" in result.stderr, result.stderr
+    assert await api.get("v1", "pods", namespace, "empty") is None
+    assert await api.get("v1", "pods", namespace, "clash") is None
+    mine = [
+        json.loads(line)
+        for line in webhooks.native.output.splitlines()
+        if namespace in line and line.startswith("{")
+    ]
+    assert sum(r["msg"] == "pod refused: cannot inject" and r["level"] == "warning" for r in mine) == 1

@@ -201,3 +201,58 @@ async def test_a_slow_api_server_injects_with_a_warning_before_the_api_server_ti
             stop(operator)
     finally:
         proxy.close()
+
+
+def chart_selector_webhook(
+    control_plane: ControlPlane, helm: Helm, rbac: ChartRbac, url: str, ca_bundle: str, values: dict[str, Any]
+) -> contextlib.AbstractContextManager[dict[str, Any]]:
+    """The chart's webhook with the chart's own namespaceSelector (not a test label), pointed at ``url``."""
+
+    @contextlib.contextmanager
+    def applied() -> Iterator[dict[str, Any]]:
+        objects = helm.template(rbac.release, rbac.namespace, values)
+        rendered = next(o for o in objects if o["kind"] == "MutatingWebhookConfiguration")
+        selector = rendered["webhooks"][0]["namespaceSelector"]
+        hook = webhook_configuration(
+            objects, f"{rbac.release}-selector-{secrets.token_hex(3)}", url, ca_bundle, selector
+        )
+        control_plane.apply(hook)
+        try:
+            yield hook["webhooks"][0]
+        finally:
+            control_plane.kubectl(
+                "delete", "mutatingwebhookconfiguration", hook["metadata"]["name"], "--ignore-not-found", check=False
+            )  # fmt: skip
+
+    return applied()
+
+
+async def test_the_charts_namespace_selector_keeps_system_and_unwatched_namespaces_away_from_the_webhook(
+    control_plane: ControlPlane, api: Api, helm: Helm, chart_rbac: ChartRbac, namespace: str, tmp_path: Path
+) -> None:
+    """values.yaml: by default the webhook sees every namespace but kube-system and kube-node-lease;
+    with watchNamespaces, only those. Shown with no operator answering (failurePolicy Fail): a pod the
+    webhook sees is refused, a pod it does not see is created."""
+    down = f"https://127.0.0.1:{free_port()}/keyroute-inject"
+    ca = WebhookTls.make(tmp_path / "tls").ca_bundle
+    name = f"labelled-{secrets.token_hex(3)}"
+    created: list[str] = []
+    try:
+        with chart_selector_webhook(control_plane, helm, chart_rbac, down, ca, {}):
+            assert create_pod(control_plane, namespace, name, "agents").returncode != 0  # seen: refused
+            for system in ("kube-system", "kube-node-lease"):
+                result = create_pod(control_plane, system, name, "agents")
+                assert result.returncode == 0, (system, result.stderr)
+                created.append(system)
+        with chart_selector_webhook(
+            control_plane, helm, chart_rbac, down, ca, {"watchNamespaces": [namespace]}
+        ):
+            assert create_pod(control_plane, namespace, name, "agents").returncode != 0  # watched: refused
+            result = create_pod(control_plane, "default", name, "agents")  # not watched: never sent
+            assert result.returncode == 0, result.stderr
+            created.append("default")
+    finally:
+        for ns in created:
+            control_plane.kubectl(
+                "-n", ns, "delete", "pod", name, "--wait=false", "--ignore-not-found", check=False
+            )
