@@ -65,11 +65,7 @@ OPERATOR_NAMESPACED_RULES = {
         for r in ["credentialpools", "providerchains"]
         for v in ["get", "list", "watch"]
     ),
-    *(
-        ("keyroute.dev", r, v)
-        for r in ["credentialpools/status", "providerchains/status"]
-        for v in ["patch"]
-    ),
+    *(("keyroute.dev", r, v) for r in ["credentialpools/status", "providerchains/status"] for v in ["patch"]),
     *(("", "secrets", v) for v in ["get", "list", "watch", "create", "patch"]),
     *(("", "events", v) for v in ["create", "list", "watch"]),
 }
@@ -406,9 +402,15 @@ def test_pod_disruption_budget_and_spread_across_nodes(helm: HelmRunner) -> None
     assert of_kind(single, "PodDisruptionBudget") == []
     assert one(single, "Deployment", FULLNAME)["spec"]["replicas"] == 1
     # Given constraints replace the default verbatim.
-    zones = [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "DoNotSchedule"}]
-    spread = helm.template({"topologySpreadConstraints": zones, "podDisruptionBudget": {"minAvailable": "50%"}})
-    assert one(spread, "Deployment", FULLNAME)["spec"]["template"]["spec"]["topologySpreadConstraints"] == zones
+    zones = [
+        {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "DoNotSchedule"}
+    ]
+    spread = helm.template(
+        {"topologySpreadConstraints": zones, "podDisruptionBudget": {"minAvailable": "50%"}}
+    )
+    assert (
+        one(spread, "Deployment", FULLNAME)["spec"]["template"]["spec"]["topologySpreadConstraints"] == zones
+    )
     assert one(spread, "PodDisruptionBudget", FULLNAME)["spec"]["minAvailable"] == "50%"
 
 
@@ -416,7 +418,12 @@ def test_leader_election_and_listen_addresses_from_values(helm: HelmRunner) -> N
     from keyroute.cli import build_parser, operator_config
 
     values = {
-        "leaderElection": {"leaseName": "kr-lock", "leaseDuration": "30s", "renewDeadline": "20s", "retryPeriod": "4s"},
+        "leaderElection": {
+            "leaseName": "kr-lock",
+            "leaseDuration": "30s",
+            "renewDeadline": "20s",
+            "retryPeriod": "4s",
+        },
         "listen": {"webhook": "::", "metrics": "127.0.0.1", "health": "0.0.0.0"},
     }
     args = build_parser().parse_args(operator_container(helm.template(values))["args"])
@@ -482,7 +489,11 @@ def leader_election_role(objs: list[dict[str, Any]]) -> dict[str, Any]:
     role = one(objs, "Role", f"{FULLNAME}-leader-election")
     binding = one(objs, "RoleBinding", f"{FULLNAME}-leader-election")
     assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == NAMESPACE
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
     objs.remove(role)
     objs.remove(binding)
@@ -560,7 +571,12 @@ def test_rbac_rules_are_written_in_one_place() -> None:
     for path in (CHART / "templates").iterdir():
         text = path.read_text()
         if path.name == "rbac.yaml":
-            for name in ("operatorNamespacedRules", "operatorClusterRules", "leaderElectionRules", "sidecarRules"):
+            for name in (
+                "operatorNamespacedRules",
+                "operatorClusterRules",
+                "leaderElectionRules",
+                "sidecarRules",
+            ):
                 assert text.count(f'define "keyroute.{name}"') == 1
         else:
             assert "verbs:" not in text, path.name
@@ -767,6 +783,7 @@ def test_injection_config_defaults(helm: HelmRunner) -> None:
         "proxyPort": 8411,
         "adminPort": 8412,
         "logLevel": "info",
+        "lookupTimeoutSeconds": 2.5,  # half of webhook.timeoutSeconds
     }
 
 
@@ -781,6 +798,7 @@ def test_injection_config_from_values(helm: HelmRunner) -> None:
         "proxyPort": 9411,
         "adminPort": 9412,
         "logLevel": "debug",
+        "lookupTimeoutSeconds": 1.5,  # webhook.timeoutSeconds 3
     }
 
 
@@ -791,6 +809,23 @@ def test_the_operator_accepts_the_injection_config(helm: HelmRunner, scenario: s
     cm = one(rendered(helm, scenario), "ConfigMap", f"{FULLNAME}-injection")
     settings = load_settings(cm["data"]["injection.yaml"])
     assert settings.model_dump(by_alias=True, mode="json") == injection_settings(rendered(helm, scenario))
+
+
+@pytest.mark.parametrize("timeout", [1, 2, 5, 30])
+def test_the_chain_lookup_gives_up_before_the_api_server_gives_up_on_the_webhook(
+    helm: HelmRunner, timeout: int
+) -> None:
+    # docs/injection.md: a chain that cannot be looked up (a slow API server) injects with a warning.
+    # A lookup that outlives the webhook's timeoutSeconds is refused by failurePolicy Fail instead
+    # (it did with the defaults, 5 s each; tests/realapi/test_webhook_failures.py shows it on a real
+    # API server). The chart gives the lookup half of the webhook's time, the rest for the round trip.
+    from keyroute.core.inject import load_settings
+
+    objs = helm.template({"webhook": {"timeoutSeconds": timeout}})
+    cm = one(objs, "ConfigMap", f"{FULLNAME}-injection")
+    lookup = load_settings(cm["data"]["injection.yaml"]).lookup_timeout
+    assert webhook_of(objs)["timeoutSeconds"] == timeout
+    assert 0 < lookup <= timeout / 2
 
 
 def test_injection_change_rolls_the_operator(helm: HelmRunner) -> None:
@@ -856,7 +891,9 @@ def test_sidecar_pod_monitor_scrapes_labelled_pods_on_the_admin_port(helm: HelmR
     assert pm["metadata"]["labels"]["release"] == "prom"
     assert pm["spec"]["selector"] == {"matchExpressions": [{"key": CHAIN_LABEL, "operator": "Exists"}]}
     assert pm["spec"]["namespaceSelector"] == {"any": True}
-    assert [(e["port"], e["path"]) for e in pm["spec"]["podMetricsEndpoints"]] == [(ADMIN_PORT_NAME, "/metrics")]
+    assert [(e["port"], e["path"]) for e in pm["spec"]["podMetricsEndpoints"]] == [
+        (ADMIN_PORT_NAME, "/metrics")
+    ]
     namespaced = helm.template(
         {"watchNamespaces": ["agents"], "metrics": {"sidecarPodMonitor": {"enabled": True}}}
     )
@@ -877,7 +914,11 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("bad lease duration", {"leaderElection": {"leaseDuration": "15"}}, "leaderElection.leaseDuration"),
     ("typo in leaderElection", {"leaderElection": {"enable": False}}, "enable"),
     ("bad listen address", {"listen": {"webhook": "0.0.0.0:9443x"}}, "listen.webhook"),
-    ("bad minAvailable", {"podDisruptionBudget": {"minAvailable": "half"}}, "podDisruptionBudget.minAvailable"),
+    (
+        "bad minAvailable",
+        {"podDisruptionBudget": {"minAvailable": "half"}},
+        "podDisruptionBudget.minAvailable",
+    ),
     ("typo in a section", {"webhook": {"failurePolicyy": "Fail"}}, "failurePolicyy"),
     ("namespaces as a string", {"watchNamespaces": "agents"}, "watchNamespaces"),
     ("bad namespace name", {"watchNamespaces": ["Agents_1"]}, "watchNamespaces.0"),
@@ -887,6 +928,44 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("boolean as text", {"webhook": {"certManager": {"enabled": "yes"}}}, "webhook.certManager.enabled"),
     ("bad log level", {"injection": {"logLevel": "loud"}}, "injection.logLevel"),
     ("bad resources key", {"injection": {"resources": {"limit": {"memory": "1Gi"}}}}, "limit"),
+    ("webhook timeout 0", {"webhook": {"timeoutSeconds": 0}}, "webhook.timeoutSeconds"),
+    ("webhook path without /", {"webhook": {"path": "keyroute-inject"}}, "webhook.path"),
+    (
+        "bad namespaceSelector operator",
+        {"webhook": {"namespaceSelector": {"matchExpressions": [{"key": "a", "operator": "Has"}]}}},
+        "operator",
+    ),
+    (
+        "issuerRef kind without name",
+        {"webhook": {"certManager": {"issuerRef": {"kind": "ClusterIssuer"}}}},
+        "name",
+    ),
+    (
+        "bad issuerRef kind",
+        {"webhook": {"certManager": {"issuerRef": {"name": "ca", "kind": "Vault"}}}},
+        "kind",
+    ),
+    (
+        "bad cert duration",
+        {"webhook": {"certManager": {"duration": "1 year"}}},
+        "webhook.certManager.duration",
+    ),
+    ("bad lease name", {"leaderElection": {"leaseName": "Lease_1"}}, "leaderElection.leaseName"),
+    ("duplicate watched namespace", {"watchNamespaces": ["agents", "agents"]}, "watchNamespaces"),
+    ("bad sidecar pull policy", {"injection": {"imagePullPolicy": "Sometimes"}}, "injection.imagePullPolicy"),
+    ("bad quantity", {"resources": {"limits": {"memory": "lots"}}}, "memory"),
+    (
+        "runbook URL without scheme",
+        {"metrics": {"prometheusRule": {"runbookURL": "runbooks.example/x"}}},
+        "runbookURL",
+    ),
+    (
+        "bad serviceAccount namespace",
+        {"sidecar": {"serviceAccounts": [{"namespace": "Agents", "name": "a"}]}},
+        "namespace",
+    ),
+    ("extraEnv without name", {"extraEnv": [{"value": "x"}]}, "name"),
+    ("fullnameOverride too long", {"fullnameOverride": "x" * 51}, "fullnameOverride"),
 ]
 
 
@@ -1009,3 +1088,163 @@ def test_notes_follow_the_values(helm: HelmRunner, notes_chart: Path) -> None:
     assert "cert-manager" in notes
     assert "(container mode)" in notes
     assert not re.search(r"<no value>|%!|\{\{", notes)
+
+
+# --- every other documented value changes what values.yaml says it does --------------------------
+
+
+def test_pod_placement_and_metadata_values_reach_the_operator_pod(helm: HelmRunner) -> None:
+    """values.yaml's pass-through values, each where a user of other charts expects it."""
+    affinity = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [{"key": "infra", "operator": "Exists"}]}]
+            }
+        }
+    }
+    tolerations = [{"key": "infra", "operator": "Exists", "effect": "NoSchedule"}]
+    objs = helm.template(
+        {
+            "imagePullSecrets": [{"name": "regcred"}],
+            "podAnnotations": {"team/owner": "llm"},
+            "podLabels": {"team": "llm"},
+            "nodeSelector": {"pool": "infra"},
+            "tolerations": tolerations,
+            "affinity": affinity,
+            "priorityClassName": "system-cluster-critical",
+            "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}],
+            "resources": {"requests": {"cpu": "200m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+            "metrics": {"service": {"annotations": {"prometheus.io/scrape": "true"}}},
+        }
+    )
+    template = one(objs, "Deployment", FULLNAME)["spec"]["template"]
+    pod = template["spec"]
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert template["metadata"]["annotations"]["team/owner"] == "llm"
+    assert "checksum/injection" in template["metadata"]["annotations"]  # podAnnotations add, never replace
+    assert template["metadata"]["labels"]["team"] == "llm"
+    assert (pod["nodeSelector"], pod["tolerations"], pod["affinity"]) == (
+        {"pool": "infra"},
+        tolerations,
+        affinity,
+    )
+    assert pod["priorityClassName"] == "system-cluster-critical"
+    c = operator_container(objs)
+    assert {"name": "HTTPS_PROXY", "value": "http://proxy:3128"} in c["env"]
+    assert {e["name"] for e in c["env"]} >= {"POD_NAME", "POD_NAMESPACE"}  # extraEnv adds, never replaces
+    assert c["resources"] == {"requests": {"cpu": "200m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
+    svc = one(objs, "Service", f"{FULLNAME}-metrics")
+    assert svc["metadata"]["annotations"] == {"prometheus.io/scrape": "true"}
+    # Unset, they leave nothing behind.
+    bare = one(rendered(helm, "default"), "Deployment", FULLNAME)["spec"]["template"]["spec"]
+    assert not {"imagePullSecrets", "nodeSelector", "tolerations", "affinity", "priorityClassName"} & set(
+        bare
+    )
+
+
+def test_an_existing_service_account_is_bound_and_not_created(helm: HelmRunner) -> None:
+    """``serviceAccount.create: false``: ``name`` must exist already; RBAC still binds it."""
+    objs = helm.template({"serviceAccount": {"create": False, "name": "platform-operator"}})
+    assert of_kind(objs, "ServiceAccount") == []
+    assert (
+        one(objs, "Deployment", FULLNAME)["spec"]["template"]["spec"]["serviceAccountName"]
+        == "platform-operator"
+    )
+    for binding in of_kind(objs, "ClusterRoleBinding") + of_kind(objs, "RoleBinding"):
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "platform-operator", "namespace": NAMESPACE}
+        ]
+    annotated = helm.template(
+        {"serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/kr"}}}
+    )
+    sa = one(annotated, "ServiceAccount", FULLNAME)
+    assert sa["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/kr"}
+
+
+def test_name_overrides_rename_every_object(helm: HelmRunner) -> None:
+    full = helm.template({"fullnameOverride": "router"})
+    names = {(o["kind"], o["metadata"]["name"]) for o in full}
+    assert ("Deployment", "router") in names and ("ClusterRole", "router-sidecar") in names
+    assert ("Secret", "router-webhook-tls") in names and ("ConfigMap", "router-injection") in names
+    assert all(name.startswith("router") for _, name in names)
+    short = helm.template({"nameOverride": "kr2"})
+    deploy = one(short, "Deployment", f"{RELEASE}-kr2")
+    assert deploy["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] == "kr2"
+    hook = one(short, "MutatingWebhookConfiguration", f"{RELEASE}-kr2")["webhooks"][0]
+    assert hook["clientConfig"]["service"]["name"] == f"{RELEASE}-kr2-webhook"
+
+
+def test_pod_disruption_budget_can_be_turned_off(helm: HelmRunner) -> None:
+    assert of_kind(helm.template({"podDisruptionBudget": {"enabled": False}}), "PodDisruptionBudget") == []
+
+
+def test_cert_manager_certificate_lifetimes_from_values(helm: HelmRunner) -> None:
+    objs = helm.template(
+        {"webhook": {"certManager": {"enabled": True, "duration": "2160h", "renewBefore": "360h"}}}
+    )
+    spec = one(objs, "Certificate")["spec"]
+    assert (spec["duration"], spec["renewBefore"]) == ("2160h", "360h")
+    default = one(rendered(helm, "certmanager-container"), "Certificate")["spec"]
+    assert (default["duration"], default["renewBefore"]) == ("8760h", "720h")
+
+
+def test_sidecar_settings_from_values_reach_the_injection_config(helm: HelmRunner) -> None:
+    resources = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "1", "memory": "512Mi"}}
+    settings = injection_settings(
+        helm.template({"injection": {"imagePullPolicy": "Never", "resources": resources}})
+    )
+    assert settings["imagePullPolicy"] == "Never"  # wins over image.pullPolicy
+    assert settings["resources"] == resources
+
+
+def test_sidecar_pod_monitor_namespaces_from_values(helm: HelmRunner) -> None:
+    objs = helm.template(
+        {
+            "watchNamespaces": ["agents"],
+            "metrics": {"sidecarPodMonitor": {"enabled": True, "namespaces": ["batch"]}},
+        }
+    )
+    assert one(objs, "PodMonitor")["spec"]["namespaceSelector"] == {"matchNames": ["batch"]}
+
+
+@pytest.mark.parametrize(
+    ("release", "cluster_role"),
+    [
+        ("keyroute", "keyroute-sidecar"),
+        ("keyroute-prod", "keyroute-prod-sidecar"),
+        ("platform", "platform-keyroute-sidecar"),
+    ],
+)
+def test_the_docs_name_the_sidecar_cluster_role_as_the_chart_does(
+    helm: HelmRunner, release: str, cluster_role: str
+) -> None:
+    """The README, docs/reporting.md and the runbook tell users which ClusterRole to bind. It is
+    ``<fullname>-sidecar``: ``keyroute-sidecar`` for a release named ``keyroute`` (the README's
+    install), ``<release>-keyroute-sidecar`` for a release name without ``keyroute`` in it; the docs
+    said ``<release>-sidecar``, which names no ClusterRole for such a release."""
+    out = helm.run("template", release, "--namespace", NAMESPACE, values={})
+    assert out.returncode == 0, out.stderr
+    roles = {
+        o["metadata"]["name"] for o in yaml.safe_load_all(out.stdout) if o and o["kind"] == "ClusterRole"
+    }
+    assert cluster_role in roles
+    for doc in ("README.md", "docs/reporting.md", "docs/runbook.md"):
+        text = (ROOT / doc).read_text()
+        assert "<release>-sidecar" not in text, doc
+        assert "<fullname>-sidecar" in text, doc
+    # Nor the operator's objects as `<release>-keyroute...`: for the README's release `keyroute` that is
+    # `keyroute-keyroute`, which does not exist (`<release>-keyroute` only as the definition of <fullname>).
+    for doc in ("README.md", "docs/metrics.md", "docs/reporting.md", "docs/runbook.md"):
+        assert re.findall(r"<release>-keyroute(?!`)", (ROOT / doc).read_text()) == [], doc
+    fullname = cluster_role.removesuffix("-sidecar")
+    names = {(o["kind"], o["metadata"]["name"]) for o in yaml.safe_load_all(out.stdout) if o}
+    assert {
+        ("Deployment", fullname),
+        ("Service", f"{fullname}-metrics"),
+        ("ConfigMap", f"{fullname}-injection"),
+    } <= names
+    readme = (ROOT / "README.md").read_text()
+    assert (
+        "release name when it contains `keyroute` (`keyroute-sidecar` for the install above), `<release>-keyroute`\notherwise"
+        in readme
+    )

@@ -164,3 +164,25 @@ def test_the_default_native_mode_is_refused_on_kubernetes_1_28_with_what_to_set(
     assert "set injection.mode=container" in result.stderr
     assert helm.run("list", "-n", namespace, "-q").stdout.strip() == ""
     control_plane.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def test_deleting_the_webhook_secret_and_upgrading_rotates_the_certificate(
+    control_plane: ControlPlane, helm: Helm, release: Release
+) -> None:
+    """values.yaml: "To rotate: delete the Secret, `helm upgrade`, restart the operator." The upgrade
+    generates a new CA and certificate, and the webhook's caBundle follows them."""
+    name = f"{release.fullname}-webhook-tls"
+    before = get(control_plane, "secret", name, release.namespace)
+    assert before is not None
+    control_plane.kubectl("-n", release.namespace, "delete", "secret", name)
+    # The install's own values (an earlier test may have pointed watchNamespaces at a deleted namespace).
+    helm.run(
+        "upgrade", release.name, str(CHART), "-n", release.namespace, "--reset-values",
+        "--set", "injection.mode=container",
+    )  # fmt: skip
+    after = get(control_plane, "secret", name, release.namespace)
+    hook = get(control_plane, "mutatingwebhookconfiguration", release.fullname)
+    assert after is not None and hook is not None
+    assert after["data"]["ca.crt"] != before["data"]["ca.crt"]
+    assert after["data"]["tls.crt"] != before["data"]["tls.crt"]
+    assert hook["webhooks"][0]["clientConfig"]["caBundle"] == after["data"]["ca.crt"]

@@ -234,7 +234,11 @@ async def test_a_missing_chain_is_refused_with_the_message_the_user_sees(
     )
     # A user's mistake, not the operator's: one warning each, no ERROR line to page anybody (kopf's
     # own error line for a refused admission is filtered out).
-    mine = [json.loads(line) for line in webhooks.native.output.splitlines() if namespace in line and line.startswith("{")]
+    mine = [
+        json.loads(line)
+        for line in webhooks.native.output.splitlines()
+        if namespace in line and line.startswith("{")
+    ]
     assert [r for r in mine if r["level"] in ("error", "critical")] == []
     assert sum(r["msg"] == "pod refused: chain not found" and r["level"] == "warning" for r in mine) == 1
     assert sum(r["msg"] == "pod refused: invalid chain label" and r["level"] == "warning" for r in mine) == 1
@@ -269,3 +273,103 @@ async def test_container_mode_injects_a_missing_chain_with_a_warning_when_the_po
 async def _at_least(getter: Any, n: int) -> Any:
     items = await getter
     return items if len(items) >= n else None
+
+
+RESTRICTED = {
+    "runAsNonRoot": True,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+async def test_the_injected_sidecar_as_stored_keeps_a_restricted_namespace_admissible(
+    control_plane: ControlPlane, api: Api, namespace: str, webhooks: Webhooks
+) -> None:
+    """docs/injection.md's sidecar, field by field, as the API server stored it; and the API server's
+    own Pod Security admission (``restricted``, enforced after the mutating webhooks) accepts it."""
+    use(control_plane, namespace, "native")
+    control_plane.kubectl(
+        "label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted", "--overwrite"
+    )
+    create_chain(control_plane, namespace)
+    # Enforced here: a labelled pod whose own container is not restricted is refused.
+    loose = control_plane.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=pod_manifest("loose", "agents"), check=False
+    )
+    assert loose.returncode != 0 and "violates PodSecurity" in loose.stderr, loose.stderr
+    manifest = yaml.safe_load(pod_manifest("agent", "agents"))
+    manifest["spec"]["containers"][0]["securityContext"] = RESTRICTED
+    result = control_plane.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest), check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Warning" not in result.stderr, result.stderr
+    pod = await api.get("v1", "pods", namespace, "agent")
+    assert pod is not None
+    sidecar = pod["spec"]["initContainers"][0]
+    assert sidecar["name"] == core.SIDECAR_NAME and sidecar["restartPolicy"] == "Always"
+    # The chart's injection.resources: no CPU limit (a throttled proxy slows every call).
+    assert sidecar["resources"] == {
+        "requests": {"cpu": "50m", "memory": "64Mi"},
+        "limits": {"memory": "256Mi"},
+    }
+    assert sidecar["securityContext"] == {
+        **RESTRICTED,
+        "runAsUser": 65532,
+        "runAsGroup": 65532,
+        "readOnlyRootFilesystem": True,
+    }
+    assert sidecar["ports"] == [{"name": "kr-admin", "containerPort": 8412, "protocol": "TCP"}]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert sidecar[probe]["httpGet"]["port"] == 8412, probe
+    assert {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in sidecar["env"]} == {
+        "POD_NAME": "metadata.name",
+        "POD_NAMESPACE": "metadata.namespace",
+    }
+    # The config: the chain's Secret as a directory (never subPath), read-only, in the sidecar only.
+    # (The ServiceAccount admission adds the token's mount to every container, the sidecar's too.)
+    assert [m for m in sidecar["volumeMounts"] if m["name"] == core.CONFIG_VOLUME] == [
+        {"name": core.CONFIG_VOLUME, "mountPath": "/etc/keyroute/config", "readOnly": True}
+    ]
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == core.CONFIG_VOLUME)
+    assert volume["secret"] == {"secretName": "agents-keyroute", "optional": False, "defaultMode": 0o444}
+    agent = pod["spec"]["containers"][0]
+    assert core.CONFIG_VOLUME not in {m["name"] for m in agent.get("volumeMounts") or []}
+    assert {k: v for k, v in env_of(agent).items() if k.endswith(("_BASE_URL", "_API_BASE"))} == {
+        "OPENAI_BASE_URL": "http://127.0.0.1:8411/v1",
+        "OPENAI_API_BASE": "http://127.0.0.1:8411/v1",
+        "ANTHROPIC_BASE_URL": "http://127.0.0.1:8411",
+    }
+    assert "--report" not in sidecar["args"]  # the pod has its ServiceAccount token: it reports
+
+
+async def test_an_empty_label_and_a_pod_that_cannot_take_the_sidecar_are_refused_saying_why(
+    control_plane: ControlPlane, api: Api, namespace: str, webhooks: Webhooks
+) -> None:
+    """docs/injection.md's other refusals, as ``kubectl`` shows them: an empty ``keyroute.dev/chain``
+    (the objectSelector's ``Exists`` sends it; it names no chain) and ``CannotInject`` (the pod has a
+    volume named like keyroute's config volume)."""
+    use(control_plane, namespace, "native")
+    create_chain(control_plane, namespace)
+    empty = yaml.safe_load(pod_manifest("empty", None))
+    empty["metadata"]["labels"][core.CHAIN_LABEL] = ""
+    result = control_plane.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(empty), check=False
+    )
+    assert result.returncode != 0
+    assert "label keyroute.dev/chain is empty: set it to the name of a ProviderChain" in result.stderr, (
+        result.stderr
+    )
+    clash = pod_manifest("clash", "agents", volumes=[{"name": core.CONFIG_VOLUME, "emptyDir": {}}])
+    result = control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=clash, check=False)
+    assert result.returncode != 0
+    assert "the pod already has a volume named 'keyroute-config'" in result.stderr, result.stderr
+    assert await api.get("v1", "pods", namespace, "empty") is None
+    assert await api.get("v1", "pods", namespace, "clash") is None
+    mine = [
+        json.loads(line)
+        for line in webhooks.native.output.splitlines()
+        if namespace in line and line.startswith("{")
+    ]
+    assert sum(r["msg"] == "pod refused: cannot inject" and r["level"] == "warning" for r in mine) == 1

@@ -252,6 +252,7 @@ def test_settings_defaults_and_aliases() -> None:
         "proxyPort": 8411,
         "adminPort": 8412,
         "logLevel": "info",
+        "lookupTimeoutSeconds": 2.5,  # the chart's: half of its default webhook timeoutSeconds (5)
     }
     # JSON is YAML too, and what the chart renders round-trips.
     assert load_settings(json.dumps(s.model_dump(mode="json", by_alias=True))) == s

@@ -72,4 +72,7 @@ resources:
 proxyPort: {{ $inj.proxyPort }}
 adminPort: {{ $inj.adminPort }}
 logLevel: {{ $inj.logLevel | quote }}
+{{- /* Half the API server's patience: a slow ProviderChain lookup ends in "inject with a warning"
+       before the API server times the webhook out (and failurePolicy Fail refuses the pod). */}}
+lookupTimeoutSeconds: {{ divf .Values.webhook.timeoutSeconds 2 }}
 {{- end }}

@@ -62,9 +62,10 @@ DEFAULT_ADDRESS = "0.0.0.0"  # a pod's webhook is reached through its Service
 ENV_INJECTION_CONFIG = "KEYROUTE_INJECTION_CONFIG"
 DEFAULT_CERT_DIR = "/etc/keyroute/webhook-tls"
 DEFAULT_INJECTION_CONFIG = "/etc/keyroute/injection/injection.yaml"
-# Well inside the API server's webhook timeout (at most 30 s): on a slow API, inject with a warning
-# rather than have the API server give up on the webhook.
-LOOKUP_TIMEOUT = 5.0
+# The lookup's default deadline when the injection settings name none (the chart always renders one:
+# half of the webhook's timeoutSeconds): on a slow API, inject with a warning rather than have the API
+# server give up on the webhook first (failurePolicy Fail would then refuse the pod).
+LOOKUP_TIMEOUT = 2.5
 
 GROUP, VERSION = "keyroute.dev", "v1alpha1"
 
@@ -269,7 +270,9 @@ def _kube() -> Kube | None:
     return kube
 
 
-async def chain_exists(namespace: str | None, chain: str) -> tuple[bool | None, str]:
+async def chain_exists(
+    namespace: str | None, chain: str, within: float = LOOKUP_TIMEOUT
+) -> tuple[bool | None, str]:
     """Whether the ProviderChain exists: ``(True|False, "")``, or ``(None, why)`` if unknown.
 
     Any failure to look it up (API down or slow, refused credentials, a client that cannot even be
@@ -282,12 +285,12 @@ async def chain_exists(namespace: str | None, chain: str) -> tuple[bool | None, 
         kube = _kube()
         if kube is None:
             return None, "the operator is not logged in to the API server yet"
-        async with asyncio.timeout(LOOKUP_TIMEOUT):
+        async with asyncio.timeout(within):
             found = await kube.get(url)
     except ApiError as e:
         return None, str(e)
     except TimeoutError:
-        return None, f"GET {url}: no answer within {LOOKUP_TIMEOUT:g}s"
+        return None, f"GET {url}: no answer within {within:g}s"
     except Exception as e:  # an SSL error, a bad certificate, a refused connection, a bug: never a 500
         log.warning(
             "ProviderChain lookup failed", extra={"kr": {"url": url, "error": type(e).__name__}}
@@ -342,7 +345,7 @@ async def inject_sidecar(
         admissions.labels("refused", "InvalidChainLabel").inc()
         raise kopf.AdmissionError(f"keyroute: {e}", code=400) from None
 
-    exists, why = await chain_exists(namespace, chain)
+    exists, why = await chain_exists(namespace, chain, injection.lookup_timeout)
     decision = core.decide(chain, namespace or "?", exists, injection.missing_chain, lookup_error=why)
     if not decision.inject:
         log.warning("pod refused: chain not found", extra={"kr": {**where, "reason": decision.message}})

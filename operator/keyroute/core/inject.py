@@ -125,6 +125,11 @@ class InjectionSettings(BaseModel):
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
         default="info", alias="logLevel"
     )
+    # How long the webhook waits for the ProviderChain lookup before injecting with a warning. It must
+    # end well before the API server gives up on the webhook (its ``timeoutSeconds``, 5 by default):
+    # otherwise a slow API server makes the webhook call time out and, with ``failurePolicy: Fail``,
+    # refuses the pod the docs promise to inject. The chart renders half of ``webhook.timeoutSeconds``.
+    lookup_timeout: float = Field(default=2.5, gt=0, le=30, alias="lookupTimeoutSeconds")
 
     @field_validator("image")
     @classmethod
