@@ -62,10 +62,6 @@ DEFAULT_ADDRESS = "0.0.0.0"  # a pod's webhook is reached through its Service
 ENV_INJECTION_CONFIG = "KEYROUTE_INJECTION_CONFIG"
 DEFAULT_CERT_DIR = "/etc/keyroute/webhook-tls"
 DEFAULT_INJECTION_CONFIG = "/etc/keyroute/injection/injection.yaml"
-# The lookup's default deadline when the injection settings name none (the chart always renders one:
-# half of the webhook's timeoutSeconds): on a slow API, inject with a warning rather than have the API
-# server give up on the webhook first (failurePolicy Fail would then refuse the pod).
-LOOKUP_TIMEOUT = 2.5
 
 GROUP, VERSION = "keyroute.dev", "v1alpha1"
 
@@ -271,7 +267,7 @@ def _kube() -> Kube | None:
 
 
 async def chain_exists(
-    namespace: str | None, chain: str, within: float = LOOKUP_TIMEOUT
+    namespace: str | None, chain: str, within: float = core.LOOKUP_TIMEOUT
 ) -> tuple[bool | None, str]:
     """Whether the ProviderChain exists: ``(True|False, "")``, or ``(None, why)`` if unknown.
 

@@ -78,6 +78,9 @@ ADMIN_PORT_NAME = "kr-admin"
 CONFIG_FILE_MODE = 0o444  # see the module docstring: 0400 would be unreadable by the non-root sidecar
 SIDECAR_UID = 65532
 CHAIN_SECRET_SUFFIX = "-keyroute"
+#: The webhook's ProviderChain lookup deadline when the settings name none: half the chart's default
+#: ``webhook.timeoutSeconds`` (5), so a slow API server ends in "inject with a warning" first.
+LOOKUP_TIMEOUT = 2.5
 
 
 class InjectionError(ValueError):
@@ -129,7 +132,7 @@ class InjectionSettings(BaseModel):
     # end well before the API server gives up on the webhook (its ``timeoutSeconds``, 5 by default):
     # otherwise a slow API server makes the webhook call time out and, with ``failurePolicy: Fail``,
     # refuses the pod the docs promise to inject. The chart renders half of ``webhook.timeoutSeconds``.
-    lookup_timeout: float = Field(default=2.5, gt=0, le=30, alias="lookupTimeoutSeconds")
+    lookup_timeout: float = Field(default=LOOKUP_TIMEOUT, gt=0, le=30, alias="lookupTimeoutSeconds")
 
     @field_validator("image")
     @classmethod
