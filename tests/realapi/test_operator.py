@@ -268,6 +268,80 @@ async def test_a_deleted_config_secret_is_rendered_again_within_seconds(
     no_forbidden(operator, namespace)
 
 
+async def test_a_config_secret_edited_by_hand_is_put_back_at_the_chains_next_reconcile(
+    control_plane: ControlPlane, api: Api, namespace: str, operator: KeyrouteProcess
+) -> None:
+    """README: a config Secret "edited by hand is put back at the next reconcile of its chain". A
+    ``kubectl edit`` of its data leaves the hash annotation as it was: the operator trusted the
+    annotation and never put the data back, and the sidecars kept reading the edit."""
+    control_plane.apply(one_chain(), namespace=namespace)
+    await eventually(lambda: ready(api, "providerchains", namespace, "agents"), timeout=20)
+    first = await api.get("v1", "secrets", namespace, "agents-keyroute")
+    edited = base64.b64encode(json.dumps({"edited": "by hand"}).encode()).decode()
+    await api.patch("v1", "secrets", namespace, "agents-keyroute", {"data": {"config.json": edited}})
+    # The chain's next reconcile: its key Secret changes, in a key nothing renders (the Secret watch
+    # brings the edit above first: one stream, in order).
+    unrelated = base64.b64encode(b"not a credential").decode()
+    await api.patch("v1", "secrets", namespace, "openai-keys", {"data": {"note": unrelated}})
+
+    async def put_back() -> bool:
+        s = await api.get("v1", "secrets", namespace, "agents-keyroute")
+        return bool(s is not None and config_of(s) == config_of(first))
+
+    await eventually(put_back, timeout=10, interval=0.05)
+    no_forbidden(operator, namespace)
+
+
+async def test_a_deleted_key_secret_benches_its_keys_and_its_return_restores_them(
+    control_plane: ControlPlane, api: Api, namespace: str, operator: KeyrouteProcess
+) -> None:
+    """What kubectl shows when a pool's only Secret goes, and when it comes back (the Secret watch,
+    not the resync): the key ``Missing`` (``SecretNotFound``), the pool not ready, the chain routing
+    nothing (``NoRoutableProvider``) and its config without the entry; then all of it undone."""
+    control_plane.apply(one_chain(), namespace=namespace)
+    await eventually(lambda: ready(api, "providerchains", namespace, "agents"), timeout=20)
+    await api.delete("v1", "secrets", namespace, "openai-keys")
+    p = await eventually(
+        lambda: _where(
+            api.get(API, "credentialpools", namespace, "openai"),
+            lambda p: cond(p, "Ready").get("status") == "False",
+        ),
+        timeout=10,
+    )
+    assert [(r["name"], r["state"], r.get("reason")) for r in p["status"]["credentials"]] == [
+        ("k1", "Missing", "SecretNotFound")
+    ]
+    assert (p["status"]["available"], p["status"]["total"]) == (0, 1)
+    assert cond(p, "Ready")["reason"] == "NoCredentialAvailable" and "k1" in cond(p, "Ready")["message"]
+    assert (cond(p, "Degraded")["status"], cond(p, "Degraded")["reason"]) == ("True", "SecretNotFound")
+    # Missing is not a benched key: no cooldown is running, nothing comes back by itself.
+    assert cond(p, "Exhausted")["status"] == "False" and "nextAvailableAt" not in p["status"]
+    c = await eventually(
+        lambda: _where(
+            api.get(API, "providerchains", namespace, "agents"),
+            lambda c: cond(c, "Ready").get("status") == "False",
+        ),
+        timeout=10,
+    )
+    assert cond(c, "Ready")["reason"] == "NoRoutableProvider", cond(c, "Ready")
+    assert "no credential with a usable key" in cond(c, "Ready")["message"]
+    assert config_of(await api.get("v1", "secrets", namespace, "agents-keyroute"))["entries"] == []
+
+    control_plane.apply([secret("openai-keys", k1=KEY1)], namespace=namespace)
+    c = await eventually(lambda: ready(api, "providerchains", namespace, "agents"), timeout=10)
+    p = await api.get(API, "credentialpools", namespace, "openai")
+    assert row_state(p) == [("k1", "Available")] and cond(p, "Degraded")["reason"] == "AllCredentialsAvailable"
+    cfg = config_of(await api.get("v1", "secrets", namespace, "agents-keyroute"))
+    assert [x["key"] for x in cfg["pools"][0]["credentials"]] == [KEY1]
+    reasons = [e["reason"] for e in await api.events(namespace) if e["involvedObject"]["name"] == "openai"]
+    assert "SecretNotFound" in reasons and "CredentialAvailable" in reasons
+    no_forbidden(operator, namespace)
+
+
+def row_state(p: dict | None) -> list[tuple[str, str]]:
+    return [(r["name"], r["state"]) for r in ((p or {}).get("status") or {}).get("credentials") or []]
+
+
 async def test_63_character_names_work_end_to_end(
     control_plane: ControlPlane, api: Api, namespace: str, operator: KeyrouteProcess
 ) -> None:

@@ -324,3 +324,15 @@ def test_a_chain_with_no_routable_entry_says_no_routable_provider_and_names_why(
     ready = cond(chain_status(c, result, old=None, now=T0), "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "NoRoutableProvider")
     assert "nowhere not found" in ready["message"] and "empty" in ready["message"]
+
+
+def test_a_config_secret_whose_data_was_edited_by_hand_has_no_hash():
+    """The hash annotation is trusted only while the data has that hash: a ``kubectl edit`` of the
+    data leaves it as it was, and the operator must put the rendered config back."""
+    c = chain(("openai", "openai"))
+    sec = config_secret(c, render(c, {"openai": pool(("k1", "s", "a"))}, {"s": secret("s", a=KEY)}).config)
+    assert secret_hash(sec) is not None
+    edited = {**sec, "data": {"config.json": base64.b64encode(b'{"edited": true}').decode()}}
+    assert secret_hash(edited) is None
+    assert secret_hash({**sec, "data": {"config.json": "not base64!"}}) is None
+    assert secret_hash({**sec, "data": {}}) is None
