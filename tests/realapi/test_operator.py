@@ -342,6 +342,41 @@ def row_state(p: dict | None) -> list[tuple[str, str]]:
     return [(r["name"], r["state"]) for r in ((p or {}).get("status") or {}).get("credentials") or []]
 
 
+async def test_a_failing_reconcile_is_tried_again_every_5s_not_once(
+    control_plane: ControlPlane, api: Api, namespace: str, operator: KeyrouteProcess
+) -> None:
+    """README: "a failed reconcile is tried again 5 s later". A real failure the API server gives on
+    cue: an immutable Secret of the user's that holds the config Secret's name, so that every write
+    of the config is refused (422). Once it is deleted, which no watch tells the chain about (it is
+    no config Secret and no credential Secret), the next retry renders the chain. The first retry
+    used to be the last: a retry that failed too waited for the 5-minute resync."""
+    control_plane.apply(
+        [
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "agents-keyroute"},
+                "immutable": True,
+                "stringData": {"config.json": "{}"},
+            }
+        ],
+        namespace=namespace,
+    )
+    failed = f'"namespace": "{namespace}", "chain": "agents"'
+
+    def failures() -> int:
+        return sum(1 for line in operator.output.splitlines() if "reconcile failed" in line and failed in line)
+
+    control_plane.apply(one_chain(), namespace=namespace)
+    await eventually(lambda: failures() >= 2, timeout=15)  # the first try and its retry, 5 s later
+    await api.delete("v1", "secrets", namespace, "agents-keyroute")
+    began = time.monotonic()
+    c = await eventually(lambda: ready(api, "providerchains", namespace, "agents"), timeout=10)
+    print(f"rendered {time.monotonic() - began:.2f}s after the blocking Secret went")
+    rendered = await api.get("v1", "secrets", namespace, "agents-keyroute")
+    assert c["status"]["config"]["hash"] == rendered["metadata"]["annotations"]["keyroute.dev/config-hash"]
+
+
 async def test_63_character_names_work_end_to_end(
     control_plane: ControlPlane, api: Api, namespace: str, operator: KeyrouteProcess
 ) -> None:
