@@ -9,6 +9,7 @@ write), and the restart is also checked from the outside: no object's ``resource
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import time
 import urllib.request
@@ -202,3 +203,28 @@ def _reconciled(port: int, pools: int) -> bool:
         return reconciles(port, "CredentialPool") >= pools
     except OSError:  # not serving its metrics yet
         return False
+
+
+async def test_the_periodic_resync_puts_back_what_no_watch_event_reports(
+    control_plane: ControlPlane, api: Api, namespace: str, keyroute_process: Processes
+) -> None:
+    """README: "every object is also resynced every 5 minutes (--resync-interval), whatever happens on
+    the watches". A config Secret edited by hand starts no reconcile of its chain; the resync puts
+    it back (2 s here)."""
+    await api.create(secret("keys", k1="sk-test-RESYNC-0001"), namespace)
+    await api.create(pool("openai", "openai", ("k1", "keys", "k1")), namespace)
+    await api.create(chain("agents", ("openai", "openai", "https://openai.invalid/v1", "openai")), namespace)
+    args = ["operator", "-n", namespace, "--metrics-port", "0", "--health-port", "0", "--leader-elect=false"]
+    operator = keyroute_process.start(
+        *args, "--resync-interval", "2s", kubeconfig=control_plane.admin_token_kubeconfig, name="resync"
+    )
+    rendered = await eventually(lambda: api.get("v1", "secrets", namespace, "agents-keyroute"), timeout=20)
+    edited = base64.b64encode(b'{"edited": "by hand"}').decode()
+    await api.patch("v1", "secrets", namespace, "agents-keyroute", {"data": {"config.json": edited}})
+
+    async def put_back() -> bool:
+        s = await api.get("v1", "secrets", namespace, "agents-keyroute")
+        return bool(s and s["data"]["config.json"] == rendered["data"]["config.json"])
+
+    await eventually(put_back, timeout=8, interval=0.1)
+    await operator.terminate()
