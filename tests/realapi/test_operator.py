@@ -17,11 +17,15 @@ from typing import Any
 
 import pytest
 
+from keyroute.core.actions import Action, ActionKind
+from keyroute.core.classes import ErrorClass
+from keyroute.core.config import fingerprint
+from keyroute.core.reports import Origin, event_body
 from tests.polling import eventually
 from tests.realapi.chart import ChartRbac, forbidden_lines, run_operator
 from tests.realapi.client import Api
 from tests.realapi.controlplane import ControlPlane
-from tests.realapi.objects import API, chain, cond, config_of, pool, secret
+from tests.realapi.objects import API, chain, cond, config_of, pool, row, secret
 from tests.realapi.processes import KeyrouteProcess, Processes
 
 KEY1 = "sk-test-REALAPI-OPERATOR-KEY-0001"
@@ -375,6 +379,49 @@ async def test_a_failing_reconcile_is_tried_again_every_5s_not_once(
     print(f"rendered {time.monotonic() - began:.2f}s after the blocking Secret went")
     rendered = await api.get("v1", "secrets", namespace, "agents-keyroute")
     assert c["status"]["config"]["hash"] == rendered["metadata"]["annotations"]["keyroute.dev/config-hash"]
+
+
+async def test_a_rejected_key_stays_rejected_until_its_secret_value_changes(
+    control_plane: ControlPlane, api: Api, namespace: str, operator: KeyrouteProcess
+) -> None:
+    """docs/resources.md: ``Rejected`` (revoked) holds "until its Secret value changes", with no
+    ``until``; a rotated key starts healthy (its fingerprint differs). The report is posted as a
+    sidecar posts it."""
+    control_plane.apply(one_chain(), namespace=namespace)
+    p = await eventually(lambda: ready(api, "credentialpools", namespace, "openai"), timeout=20)
+    action = Action(
+        kind=ActionKind.REJECTED,
+        at=time.time(),
+        namespace=namespace,
+        object_name="openai",
+        error_class=ErrorClass.REVOKED,
+        credential="k1",
+        fingerprint=fingerprint(KEY1),
+        status=401,
+    )
+    uid = p["metadata"]["uid"]
+    await api.create(event_body(action, Origin("pod-a", namespace), name="openai.rejected-1", uid=uid), namespace)
+    p = await eventually(
+        lambda: _where(
+            api.get(API, "credentialpools", namespace, "openai"),
+            lambda p: row(p, "k1").get("state") == "Rejected",
+        ),
+        timeout=10,
+    )
+    assert (row(p, "k1")["reason"], row(p, "k1")["lastErrorCode"]) == ("Revoked", 401)
+    assert "until" not in row(p, "k1") and "nextAvailableAt" not in p["status"]
+    assert (cond(p, "Ready")["reason"], cond(p, "Exhausted")["reason"]) == ("NoCredentialAvailable", "Revoked")
+
+    await api.patch("v1", "secrets", namespace, "openai-keys", {"stringData": {"k1": ROTATED}})
+    p = await eventually(
+        lambda: _where(
+            api.get(API, "credentialpools", namespace, "openai"),
+            lambda p: row(p, "k1").get("state") == "Available",
+        ),
+        timeout=10,
+    )
+    assert row(p, "k1")["fingerprint"] == fingerprint(ROTATED) and cond(p, "Ready")["status"] == "True"
+    no_forbidden(operator, namespace)
 
 
 async def test_63_character_names_work_end_to_end(
