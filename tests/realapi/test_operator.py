@@ -17,11 +17,15 @@ from typing import Any
 
 import pytest
 
+from keyroute.core.actions import Action, ActionKind
+from keyroute.core.classes import ErrorClass
+from keyroute.core.config import fingerprint
+from keyroute.core.reports import Origin, event_body
 from tests.polling import eventually
 from tests.realapi.chart import ChartRbac, forbidden_lines, run_operator
 from tests.realapi.client import Api
 from tests.realapi.controlplane import ControlPlane
-from tests.realapi.objects import API, chain, cond, config_of, pool, secret
+from tests.realapi.objects import API, chain, cond, config_of, pool, row, secret
 from tests.realapi.processes import KeyrouteProcess, Processes
 
 KEY1 = "sk-test-REALAPI-OPERATOR-KEY-0001"
@@ -265,6 +269,158 @@ async def test_a_deleted_config_secret_is_rendered_again_within_seconds(
     print(f"deleted config Secret rendered again in {took:.2f}s")
     assert took < 5  # the Secret watch, not the 5-minute resync
     assert config_of(second) == config_of(first)
+    no_forbidden(operator, namespace)
+
+
+async def test_a_config_secret_edited_by_hand_is_put_back_at_the_chains_next_reconcile(
+    control_plane: ControlPlane, api: Api, namespace: str, operator: KeyrouteProcess
+) -> None:
+    """README: a config Secret "edited by hand is put back at the next reconcile of its chain". A
+    ``kubectl edit`` of its data leaves the hash annotation as it was: the operator trusted the
+    annotation and never put the data back, and the sidecars kept reading the edit."""
+    control_plane.apply(one_chain(), namespace=namespace)
+    await eventually(lambda: ready(api, "providerchains", namespace, "agents"), timeout=20)
+    first = await api.get("v1", "secrets", namespace, "agents-keyroute")
+    edited = base64.b64encode(json.dumps({"edited": "by hand"}).encode()).decode()
+    await api.patch("v1", "secrets", namespace, "agents-keyroute", {"data": {"config.json": edited}})
+    # The chain's next reconcile: its key Secret changes, in a key nothing renders (the Secret watch
+    # brings the edit above first: one stream, in order).
+    unrelated = base64.b64encode(b"not a credential").decode()
+    await api.patch("v1", "secrets", namespace, "openai-keys", {"data": {"note": unrelated}})
+
+    async def put_back() -> bool:
+        s = await api.get("v1", "secrets", namespace, "agents-keyroute")
+        return bool(s is not None and config_of(s) == config_of(first))
+
+    await eventually(put_back, timeout=10, interval=0.05)
+    no_forbidden(operator, namespace)
+
+
+async def test_a_deleted_key_secret_benches_its_keys_and_its_return_restores_them(
+    control_plane: ControlPlane, api: Api, namespace: str, operator: KeyrouteProcess
+) -> None:
+    """What kubectl shows when a pool's only Secret goes, and when it comes back (the Secret watch,
+    not the resync): the key ``Missing`` (``SecretNotFound``), the pool not ready, the chain routing
+    nothing (``NoRoutableProvider``) and its config without the entry; then all of it undone."""
+    control_plane.apply(one_chain(), namespace=namespace)
+    await eventually(lambda: ready(api, "providerchains", namespace, "agents"), timeout=20)
+    await api.delete("v1", "secrets", namespace, "openai-keys")
+    p = await eventually(
+        lambda: _where(
+            api.get(API, "credentialpools", namespace, "openai"),
+            lambda p: cond(p, "Ready").get("status") == "False",
+        ),
+        timeout=10,
+    )
+    assert [(r["name"], r["state"], r.get("reason")) for r in p["status"]["credentials"]] == [
+        ("k1", "Missing", "SecretNotFound")
+    ]
+    assert (p["status"]["available"], p["status"]["total"]) == (0, 1)
+    assert cond(p, "Ready")["reason"] == "NoCredentialAvailable" and "k1" in cond(p, "Ready")["message"]
+    assert (cond(p, "Degraded")["status"], cond(p, "Degraded")["reason"]) == ("True", "SecretNotFound")
+    # Missing is not a benched key: no cooldown is running, nothing comes back by itself.
+    assert cond(p, "Exhausted")["status"] == "False" and "nextAvailableAt" not in p["status"]
+    c = await eventually(
+        lambda: _where(
+            api.get(API, "providerchains", namespace, "agents"),
+            lambda c: cond(c, "Ready").get("status") == "False",
+        ),
+        timeout=10,
+    )
+    assert cond(c, "Ready")["reason"] == "NoRoutableProvider", cond(c, "Ready")
+    assert "no credential with a usable key" in cond(c, "Ready")["message"]
+    assert config_of(await api.get("v1", "secrets", namespace, "agents-keyroute"))["entries"] == []
+
+    control_plane.apply([secret("openai-keys", k1=KEY1)], namespace=namespace)
+    c = await eventually(lambda: ready(api, "providerchains", namespace, "agents"), timeout=10)
+    p = await api.get(API, "credentialpools", namespace, "openai")
+    assert row_state(p) == [("k1", "Available")] and cond(p, "Degraded")["reason"] == "AllCredentialsAvailable"
+    cfg = config_of(await api.get("v1", "secrets", namespace, "agents-keyroute"))
+    assert [x["key"] for x in cfg["pools"][0]["credentials"]] == [KEY1]
+    reasons = [e["reason"] for e in await api.events(namespace) if e["involvedObject"]["name"] == "openai"]
+    assert "SecretNotFound" in reasons and "CredentialAvailable" in reasons
+    no_forbidden(operator, namespace)
+
+
+def row_state(p: dict | None) -> list[tuple[str, str]]:
+    return [(r["name"], r["state"]) for r in ((p or {}).get("status") or {}).get("credentials") or []]
+
+
+async def test_a_failing_reconcile_is_tried_again_every_5s_not_once(
+    control_plane: ControlPlane, api: Api, namespace: str, operator: KeyrouteProcess
+) -> None:
+    """README: "a failed reconcile is tried again 5 s later". A real failure the API server gives on
+    cue: an immutable Secret of the user's that holds the config Secret's name, so that every write
+    of the config is refused (422). Once it is deleted, which no watch tells the chain about (it is
+    no config Secret and no credential Secret), the next retry renders the chain. The first retry
+    used to be the last: a retry that failed too waited for the 5-minute resync."""
+    control_plane.apply(
+        [
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "agents-keyroute"},
+                "immutable": True,
+                "stringData": {"config.json": "{}"},
+            }
+        ],
+        namespace=namespace,
+    )
+    failed = f'"namespace": "{namespace}", "chain": "agents"'
+
+    def failures() -> int:
+        return sum(1 for line in operator.output.splitlines() if "reconcile failed" in line and failed in line)
+
+    control_plane.apply(one_chain(), namespace=namespace)
+    await eventually(lambda: failures() >= 2, timeout=15)  # the first try and its retry, 5 s later
+    await api.delete("v1", "secrets", namespace, "agents-keyroute")
+    began = time.monotonic()
+    c = await eventually(lambda: ready(api, "providerchains", namespace, "agents"), timeout=10)
+    print(f"rendered {time.monotonic() - began:.2f}s after the blocking Secret went")
+    rendered = await api.get("v1", "secrets", namespace, "agents-keyroute")
+    assert c["status"]["config"]["hash"] == rendered["metadata"]["annotations"]["keyroute.dev/config-hash"]
+
+
+async def test_a_rejected_key_stays_rejected_until_its_secret_value_changes(
+    control_plane: ControlPlane, api: Api, namespace: str, operator: KeyrouteProcess
+) -> None:
+    """docs/resources.md: ``Rejected`` (revoked) holds "until its Secret value changes", with no
+    ``until``; a rotated key starts healthy (its fingerprint differs). The report is posted as a
+    sidecar posts it."""
+    control_plane.apply(one_chain(), namespace=namespace)
+    p = await eventually(lambda: ready(api, "credentialpools", namespace, "openai"), timeout=20)
+    action = Action(
+        kind=ActionKind.REJECTED,
+        at=time.time(),
+        namespace=namespace,
+        object_name="openai",
+        error_class=ErrorClass.REVOKED,
+        credential="k1",
+        fingerprint=fingerprint(KEY1),
+        status=401,
+    )
+    uid = p["metadata"]["uid"]
+    await api.create(event_body(action, Origin("pod-a", namespace), name="openai.rejected-1", uid=uid), namespace)
+    p = await eventually(
+        lambda: _where(
+            api.get(API, "credentialpools", namespace, "openai"),
+            lambda p: row(p, "k1").get("state") == "Rejected",
+        ),
+        timeout=10,
+    )
+    assert (row(p, "k1")["reason"], row(p, "k1")["lastErrorCode"]) == ("Revoked", 401)
+    assert "until" not in row(p, "k1") and "nextAvailableAt" not in p["status"]
+    assert (cond(p, "Ready")["reason"], cond(p, "Exhausted")["reason"]) == ("NoCredentialAvailable", "Revoked")
+
+    await api.patch("v1", "secrets", namespace, "openai-keys", {"stringData": {"k1": ROTATED}})
+    p = await eventually(
+        lambda: _where(
+            api.get(API, "credentialpools", namespace, "openai"),
+            lambda p: row(p, "k1").get("state") == "Available",
+        ),
+        timeout=10,
+    )
+    assert row(p, "k1")["fingerprint"] == fingerprint(ROTATED) and cond(p, "Ready")["status"] == "True"
     no_forbidden(operator, namespace)
 
 

@@ -153,6 +153,7 @@ async def test_a_429_reaches_pool_status_and_the_other_pod_never_sends_that_key(
         assert sent + 30 <= parse_rfc3339(k1["until"]) <= answered + 31
         assert (p["status"]["available"], p["status"]["total"]) == (1, 2)
         assert cond(p, "Degraded")["reason"] == "RateLimited"
+        assert p["status"]["nextAvailableAt"] == k1["until"]  # the NEXT AVAILABLE column
 
         # Pod B learns it from the pool's status (its account may list pools, never read Secrets).
         await eventually(
@@ -171,6 +172,17 @@ async def test_a_429_reaches_pool_status_and_the_other_pod_never_sends_that_key(
     assert ev["related"] == {"apiVersion": "v1", "kind": "Pod", "name": "pod-a", "namespace": namespace}
     for text in ("k1", "RateLimited", "pod-a", k1["until"]):
         assert text in ev["message"]
+    # The README's step 2: the operator's own Event follows, the error class as its reason.
+    await eventually(
+        lambda: _has(
+            api.events(namespace),
+            lambda e: e["reason"] == "RateLimited"
+            and e["type"] == "Warning"
+            and e["source"].get("component") == "keyroute.dev/operator"
+            and e["message"] == f"credential k1: CoolingDown until {k1['until']}",
+        ),
+        timeout=10,
+    )
     described = control_plane.kubectl("-n", namespace, "describe", "cpool", "openai").stdout
     assert "CredentialCoolingDown" in described and "reported by pod pod-a" in described
     assert await a.metric("keyroute_reports_total", result="rejected") == 0
@@ -286,6 +298,18 @@ async def test_a_cooldown_ends_by_the_operators_own_timer_when_the_pod_is_gone(
     assert time.time() >= until
     assert "until" not in row(p, "k1") and p["status"]["available"] == 2
     assert cond(p, "Degraded")["status"] == "False"
+    assert "nextAvailableAt" not in p["status"]  # removed from the stored status, not left stale
+    # ... and posts CredentialAvailable (docs/reporting.md), as the operator, not as a sidecar report.
+    await eventually(
+        lambda: _has(
+            api.events(namespace),
+            lambda e: e["reason"] == "CredentialAvailable"
+            and e["involvedObject"]["name"] == "openai"
+            and e["source"].get("component") == "keyroute.dev/operator"
+            and "k1" in e["message"],
+        ),
+        timeout=10,
+    )
 
 
 async def test_an_unbound_agent_still_routes_and_its_reports_are_refused_not_retried(
@@ -316,3 +340,7 @@ async def test_an_unbound_agent_still_routes_and_its_reports_are_refused_not_ret
 
 async def _positive(value: Any) -> bool:
     return bool(await value > 0)
+
+
+async def _has(events, ok) -> bool:  # type: ignore[no-untyped-def]
+    return any(ok(e) for e in await events)

@@ -9,14 +9,20 @@ write), and the restart is also checked from the outside: no object's ``resource
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
+import time
 import urllib.request
 
+from keyroute.core.actions import Action, ActionKind
+from keyroute.core.classes import ErrorClass
+from keyroute.core.config import fingerprint
+from keyroute.core.reports import Origin, event_body
 from tests.polling import eventually
 from tests.realapi.bursts import assert_written_before_events, create_burst, written_then_events
 from tests.realapi.client import Api
 from tests.realapi.controlplane import ControlPlane, free_port
-from tests.realapi.objects import API, chain, pool, secret
+from tests.realapi.objects import API, chain, cond, pool, row, secret
 from tests.realapi.processes import KeyrouteProcess, Processes
 
 POOLS = [f"pool-{i}" for i in range(4)]
@@ -140,3 +146,85 @@ async def test_a_first_sync_writes_every_status_before_its_events(
     state, events = got
     assert_written_before_events(state, events, op.output)
     await op.terminate()
+
+
+async def test_after_a_restart_a_benched_key_whose_event_expired_stays_benched_until_its_until(
+    control_plane: ControlPlane, api: Api, namespace: str, keyroute_process: Processes
+) -> None:
+    """docs/reporting.md: after a restart, "benched keys whose Events expired are kept from the
+    status the operator wrote before", and the operator's own timer still flips them back at
+    ``until``. The report is posted as a sidecar posts it; its expiry (the API server's event TTL,
+    1 h) is a deletion here."""
+    key1, key2 = "sk-test-RESTART-BENCHED-0001", "sk-test-RESTART-BENCHED-0002"
+    await api.create(secret("keys", k1=key1, k2=key2), namespace)
+    p = await api.create(pool("openai", "openai", ("k1", "keys", "k1"), ("k2", "keys", "k2")), namespace)
+    first, _ = start(keyroute_process, control_plane, namespace, "first")
+
+    async def state(want: str) -> dict | None:
+        obj = await api.get(API, "credentialpools", namespace, "openai")
+        return obj if row(obj, "k1").get("state") == want else None
+
+    await eventually(lambda: api.get(API, "credentialpools", namespace, "openai"), timeout=20)
+    until = time.time() + 15
+    action = Action(
+        kind=ActionKind.COOLED_DOWN,
+        at=time.time(),
+        namespace=namespace,
+        object_name="openai",
+        error_class=ErrorClass.RATE_LIMITED,
+        credential="k1",
+        fingerprint=fingerprint(key1),
+        until=until,
+        status=429,
+    )
+    report = event_body(action, Origin("pod-a", namespace), name="openai.report-1", uid=p["metadata"]["uid"])
+    await api.create(report, namespace)
+    benched = await eventually(lambda: state("CoolingDown"), timeout=10)
+    assert benched["status"]["nextAvailableAt"] == row(benched, "k1")["until"]
+    await first.terminate()
+    await api.delete("v1", "events", namespace, "openai.report-1")  # expired, as after an hour
+
+    second, port = start(keyroute_process, control_plane, namespace, "second")
+    await eventually(lambda: _reconciled(port, 1), timeout=20)
+    # A reconcile after the start-up's, with the pool read from the API: still benched.
+    await api.patch("v1", "secrets", namespace, "keys", {"stringData": {"note": "not a key"}})
+    await eventually(lambda: _reconciled(port, 2), timeout=10)
+    kept = await api.get(API, "credentialpools", namespace, "openai")
+    assert row(kept, "k1") == row(benched, "k1") and kept["status"]["available"] == 1, kept["status"]
+    assert time.time() < until - 2, "too slow to tell a kept row from an expired one"
+    # ... and at until the operator's own timer brings it back.
+    back = await eventually(lambda: state("Available"), timeout=until - time.time() + 10)
+    assert time.time() >= until - 1 and cond(back, "Degraded")["status"] == "False"
+    await second.terminate()
+
+
+def _reconciled(port: int, pools: int) -> bool:
+    try:
+        return reconciles(port, "CredentialPool") >= pools
+    except OSError:  # not serving its metrics yet
+        return False
+
+
+async def test_the_periodic_resync_puts_back_what_no_watch_event_reports(
+    control_plane: ControlPlane, api: Api, namespace: str, keyroute_process: Processes
+) -> None:
+    """README: "every object is also resynced every 5 minutes (--resync-interval), whatever happens on
+    the watches". A config Secret edited by hand starts no reconcile of its chain; the resync puts
+    it back (2 s here)."""
+    await api.create(secret("keys", k1="sk-test-RESYNC-0001"), namespace)
+    await api.create(pool("openai", "openai", ("k1", "keys", "k1")), namespace)
+    await api.create(chain("agents", ("openai", "openai", "https://openai.invalid/v1", "openai")), namespace)
+    args = ["operator", "-n", namespace, "--metrics-port", "0", "--health-port", "0", "--leader-elect=false"]
+    operator = keyroute_process.start(
+        *args, "--resync-interval", "2s", kubeconfig=control_plane.admin_token_kubeconfig, name="resync"
+    )
+    rendered = await eventually(lambda: api.get("v1", "secrets", namespace, "agents-keyroute"), timeout=20)
+    edited = base64.b64encode(b'{"edited": "by hand"}').decode()
+    await api.patch("v1", "secrets", namespace, "agents-keyroute", {"data": {"config.json": edited}})
+
+    async def put_back() -> bool:
+        s = await api.get("v1", "secrets", namespace, "agents-keyroute")
+        return bool(s and s["data"]["config.json"] == rendered["data"]["config.json"])
+
+    await eventually(put_back, timeout=8, interval=0.1)
+    await operator.terminate()

@@ -301,3 +301,38 @@ def test_transitions_post_events_only_for_changes():
     reasons = [(n.type, n.reason) for n in transitions(first, fixed)]
     assert ("Normal", "CredentialAvailable") in reasons and ("Normal", "AllCredentialsAvailable") in reasons
     assert all(KEY not in n.message for n in notes)
+
+
+def test_a_pool_without_a_usable_key_leaves_its_entry_out_with_no_usable_credentials():
+    c = chain(("openai", "openai"), ("openrouter", "empty"))
+    empty = pool(("o1", "gone", "a"), provider="openrouter")
+    empty = empty.model_copy(update={"metadata": empty.metadata.model_copy(update={"name": "empty"})})
+    result = render(c, {"openai": pool(("k1", "s", "a")), "empty": empty}, {"s": secret("s", a=KEY)})
+    ready = cond(chain_status(c, result, old=None, now=T0), "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "NoUsableCredentials")
+    assert [e.name for e in result.config.entries] == ["openai"]
+
+
+def test_a_chain_with_no_routable_entry_says_no_routable_provider_and_names_why():
+    """The docs' tables: ``NoRoutableProvider`` when no entry at all can be routed (every request
+    of its pods fails), told apart from one entry left out while others still serve."""
+    c = chain(("openai", "nowhere"), ("openrouter", "empty"))
+    empty = pool(("o1", "gone", "a"), provider="openrouter")
+    empty = empty.model_copy(update={"metadata": empty.metadata.model_copy(update={"name": "empty"})})
+    result = render(c, {"empty": empty}, {})
+    assert result.config.entries == []
+    ready = cond(chain_status(c, result, old=None, now=T0), "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "NoRoutableProvider")
+    assert "nowhere not found" in ready["message"] and "empty" in ready["message"]
+
+
+def test_a_config_secret_whose_data_was_edited_by_hand_has_no_hash():
+    """The hash annotation is trusted only while the data has that hash: a ``kubectl edit`` of the
+    data leaves it as it was, and the operator must put the rendered config back."""
+    c = chain(("openai", "openai"))
+    sec = config_secret(c, render(c, {"openai": pool(("k1", "s", "a"))}, {"s": secret("s", a=KEY)}).config)
+    assert secret_hash(sec) is not None
+    edited = {**sec, "data": {"config.json": base64.b64encode(b'{"edited": true}').decode()}}
+    assert secret_hash(edited) is None
+    assert secret_hash({**sec, "data": {"config.json": "not base64!"}}) is None
+    assert secret_hash({**sec, "data": {}}) is None

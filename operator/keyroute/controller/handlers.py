@@ -196,7 +196,9 @@ class Operator:
         term = self._term
         kube = _login.client(FencedKube)
         kube.fence = lambda: self._term == term and self.is_leader()
-        return Reconciler(kube, self.metrics, cache=self.cache, events_idle=self.event_tasks_idle)
+        return Reconciler(
+            kube, self.metrics, cache=self.cache, events_idle=self.event_tasks_idle, retry=self.retry_later
+        )
 
     def _started_leading(self) -> None:
         """The Lease is ours: fresh state, then reconcile everything known (the standby's cache)."""

@@ -108,8 +108,12 @@ class Reconciler:
         sleep: Sleep = asyncio.sleep,
         cache: ObjectCache | None = None,
         events_idle: asyncio.Event | None = None,
+        retry: Callable[[str, str, str], None] | None = None,
     ):
         self.kube = kube
+        # Called with (kind, namespace, name) when a scheduled reconcile fails: the operator tries it
+        # again soon, as it does an event-started one (else a retry that failed waited for the resync).
+        self.retry = retry
         # Reads of pools and Secrets for renders; without one (tests), every read is a GET.
         self.cache = cache
         self.metrics = metrics
@@ -178,12 +182,14 @@ class Reconciler:
                 return  # a reconcile started after every request this task stood for: it saw them
             try:
                 await fn(namespace, name)
-            except Exception as e:  # the periodic resync retries; say what failed now
+            except Exception as e:
                 log.error(
                     f"{kind} reconcile failed",
                     extra={"kr": {"namespace": namespace, kind: name, "error": str(e) or type(e).__name__}},
                     exc_info=True,
                 )
+                if self.retry is not None:
+                    self.retry(kind, namespace, name)
 
         task = asyncio.create_task(run(), name=f"keyroute-{kind}-{namespace}-{name}")
         self._tasks.add(task)

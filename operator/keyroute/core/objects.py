@@ -54,12 +54,22 @@ def config_secret(chain: ProviderChain, config: SidecarConfig) -> dict[str, Any]
 
 
 def secret_hash(secret: Mapping[str, Any] | None) -> str | None:
-    """The config hash a rendered Secret says it holds."""
+    """The config hash a rendered Secret holds: its annotation, if the data it carries has that
+    hash. None when it has no annotation, or when its data was edited by hand (a ``kubectl edit``
+    leaves the annotation as it was): the operator then puts the rendered config back, as it
+    promises, instead of trusting the annotation."""
     if not secret:
         return None
     annotations = (secret.get("metadata") or {}).get("annotations") or {}
     value = annotations.get(HASH_ANNOTATION)
-    return value if isinstance(value, str) else None
+    if not isinstance(value, str):
+        return None
+    data = (secret.get("data") or {}).get(CONFIG_FILENAME)
+    try:
+        text = base64.b64decode(data, validate=True).decode() if isinstance(data, str) else None
+    except (ValueError, UnicodeDecodeError):
+        text = None
+    return value if text is not None and content_hash(text) == value else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,8 @@ CredentialPool
 
 ProviderChain
 - ``Ready``: ``AllProvidersRoutable`` | ``PoolNotFound`` | ``PoolProviderMismatch`` |
-  ``NoUsableCredentials`` | ``InvalidSpec`` | ``InvalidName`` (a name that cannot work,
+  ``NoUsableCredentials`` | ``NoRoutableProvider`` (no entry routes; before the others) |
+  ``InvalidSpec`` | ``InvalidName`` (a name that cannot work,
   :mod:`keyroute.core.names`: nothing is rendered)
 - ``FallbackActive``: ``True`` with the error class that moved the latest pod off its entry
   (``ServerError``, ``RateLimited``, ...) while any reporting sidecar serves a model from a
@@ -178,10 +179,18 @@ def chain_status(
     stamp = rfc3339(now)
     cfg = result.config
     excluded = result.excluded_entries
-    if excluded:
+    if not cfg.entries:
+        # Before the first exclusion's reason: a chain that routes nothing fails every request of its
+        # pods, which an SRE (and an alert on the reason) must tell from one entry left out.
+        why = "; ".join(x.message for x in excluded)
+        ready = fact(
+            READY,
+            False,
+            "NoRoutableProvider",
+            "no entry of the chain can be routed" + (f": {why}" if why else ""),
+        )
+    elif excluded:
         ready = fact(READY, False, excluded[0].reason, "; ".join(x.message for x in excluded))
-    elif not cfg.entries:
-        ready = fact(READY, False, "NoRoutableProvider", "no entry of the chain can be routed")
     else:
         ready = fact(
             READY,
