@@ -180,8 +180,7 @@ class Route:
             if prog is None:
                 prog = self._progress[entry.name] = _EntryProgress()
             soonest = entry.pool.earliest_available(upstream, now)
-            max_wait = self.chain.fallback.max_wait
-            if soonest is not None and not prog.waited and soonest - now <= max_wait:
+            if soonest is not None and self._short_reset(soonest, prog, now):
                 until = soonest + self._rng.uniform(0, WAIT_JITTER)
                 if until < self.deadline:
                     prog.waited = True
@@ -277,14 +276,18 @@ class Route:
             return False
         if self._has_other_key(entry, prog, now):
             return True
-        if prog.waited:
-            return False
         soonest = entry.pool.earliest_available(entry.upstream_model(self.model), now)
+        # As next() would wait, with its jitter at its most: staying must not be promised otherwise.
         return (
             soonest is not None
-            and soonest - now <= self.chain.fallback.max_wait
+            and self._short_reset(soonest, prog, now)
             and soonest + WAIT_JITTER < self.deadline
         )
+
+    def _short_reset(self, soonest: float, prog: _EntryProgress, now: float) -> bool:
+        """Whether the entry's soonest key (``soonest``) is back within ``fallback.maxWait`` and the
+        request has not waited on this entry yet: the one wait it may make there."""
+        return not prog.waited and soonest - now <= self.chain.fallback.max_wait
 
     def _leave_or_return(self, entry: Entry, cls: ErrorClass, now: float) -> Verdict:
         if self.chain.fallback_triggers is not None and cls not in self.chain.fallback_triggers:
