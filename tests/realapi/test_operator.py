@@ -101,9 +101,8 @@ async def test_a_pool_and_its_chain_become_ready_and_the_config_secret_is_render
     # What a user sees with kubectl: the printer columns of the generated CRDs.
     table = control_plane.kubectl("-n", namespace, "get", "cpool,pchain").stdout
     assert "openai" in table and "agents" in table and "True" in table
-    reasons = {(e["involvedObject"]["name"], e["reason"]) for e in await api.events(namespace)}
-    assert ("agents", "ConfigRendered") in reasons and ("openai", "CredentialsAvailable") in reasons
-    everything = json.dumps([p, c, await api.events(namespace)])
+    events = await posted(api, namespace, ("agents", "ConfigRendered"), ("openai", "CredentialsAvailable"))
+    everything = json.dumps([p, c, events])
     assert KEY1 not in everything and KEY2 not in everything
     no_forbidden(operator, namespace)
 
@@ -337,8 +336,7 @@ async def test_a_deleted_key_secret_benches_its_keys_and_its_return_restores_the
     assert row_state(p) == [("k1", "Available")] and cond(p, "Degraded")["reason"] == "AllCredentialsAvailable"
     cfg = config_of(await api.get("v1", "secrets", namespace, "agents-keyroute"))
     assert [x["key"] for x in cfg["pools"][0]["credentials"]] == [KEY1]
-    reasons = [e["reason"] for e in await api.events(namespace) if e["involvedObject"]["name"] == "openai"]
-    assert "SecretNotFound" in reasons and "CredentialAvailable" in reasons
+    await posted(api, namespace, ("openai", "SecretNotFound"), ("openai", "CredentialAvailable"))
     no_forbidden(operator, namespace)
 
 
@@ -447,8 +445,7 @@ async def test_63_character_names_work_end_to_end(
     assert rendered["metadata"]["labels"]["keyroute.dev/chain"] == chain_name
     assert c["status"]["config"]["name"] == f"{chain_name}-keyroute"
     assert [x["key"] for x in config_of(rendered)["pools"][0]["credentials"]] == [KEY1]
-    reasons = {(e["involvedObject"]["name"], e["reason"]) for e in await api.events(namespace)}
-    assert (chain_name, "ConfigRendered") in reasons and (pool_name, "CredentialsAvailable") in reasons
+    await posted(api, namespace, (chain_name, "ConfigRendered"), (pool_name, "CredentialsAvailable"))
     no_forbidden(operator, namespace)
 
 
@@ -469,6 +466,22 @@ async def test_a_credential_secret_with_a_long_name_is_read(
 
 async def _equals(value, expected) -> bool:  # type: ignore[no-untyped-def]
     return bool(await value == expected)
+
+
+async def posted(api: Api, namespace: str, *wanted: tuple[str, str]) -> list[dict[str, Any]]:
+    """The namespace's Events once every (object name, reason) in ``wanted`` is among them.
+
+    The operator posts Events behind the status and config writes (controller/events.py: news about
+    a change already written), so a status that reads Ready does not mean its Events are posted yet.
+    """
+
+    async def all_posted() -> list[dict[str, Any]]:
+        events = await api.events(namespace)
+        seen = {(e["involvedObject"]["name"], e["reason"]) for e in events}
+        assert set(wanted) <= seen, f"not yet posted: {set(wanted) - seen}; posted: {seen}"
+        return events
+
+    return await eventually(all_posted, timeout=10)  # type: ignore[no-any-return]
 
 
 async def _where(getter, ok):  # type: ignore[no-untyped-def]
