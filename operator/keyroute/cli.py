@@ -250,7 +250,15 @@ def operator_config(args: argparse.Namespace) -> Any:
         resync = float(os.environ.get("KEYROUTE_RESYNC_SECONDS", "300"))
     if resync <= 0:
         raise ValueError("--resync-interval must be > 0")
-    return OperatorConfig(namespaces=tuple(args.namespace or ()), resync=resync, election=election)
+    # Unset, the first retry is 5 s, or the resync interval if that is shorter (a test's 2 s).
+    retry = min(5.0, resync) if args.retry_delay is None else args.retry_delay
+    if retry <= 0:
+        raise ValueError("--retry-delay must be > 0")
+    if retry > resync:
+        raise ValueError(f"--retry-delay ({retry:g}s) must not be longer than --resync-interval ({resync:g}s)")
+    return OperatorConfig(
+        namespaces=tuple(args.namespace or ()), resync=resync, retry_delay=retry, election=election
+    )
 
 
 def _cmd_operator(args: argparse.Namespace) -> int:
@@ -418,6 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="reconcile every pool and chain this often, a net for missed events "
         "(default $KEYROUTE_RESYNC_SECONDS, else 300s)",
+    )
+    o.add_argument(
+        "--retry-delay",
+        type=_seconds,
+        metavar="DURATION",
+        help="wait before a failed reconcile's first retry; it doubles with each further failure of "
+        "that object, up to --resync-interval, and starts over once it reconciles (default 5s, at "
+        "most the resync interval)",
     )
     # Leader election: controller-runtime's flag names and defaults; the timings as kube-controller-manager's.
     o.add_argument(

@@ -13,6 +13,7 @@ import base64
 import json
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -36,7 +37,8 @@ KEYS = (KEY1, KEY2, ROTATED)
 
 @pytest.fixture(scope="module")
 def operator(chart_rbac: ChartRbac, module_processes: Processes) -> Iterator[KeyrouteProcess]:
-    with run_operator(chart_rbac, module_processes) as process:
+    # A first retry of 1 s instead of 5: the backoff test below sees three failures in 3 s.
+    with run_operator(chart_rbac, module_processes, "--retry-delay", "1s") as process:
         yield process
     for key in KEYS:
         assert key not in process.output
@@ -344,14 +346,15 @@ def row_state(p: dict | None) -> list[tuple[str, str]]:
     return [(r["name"], r["state"]) for r in ((p or {}).get("status") or {}).get("credentials") or []]
 
 
-async def test_a_failing_reconcile_is_tried_again_every_5s_not_once(
+async def test_a_failing_reconcile_is_tried_again_after_doubling_delays(
     control_plane: ControlPlane, api: Api, namespace: str, operator: KeyrouteProcess
 ) -> None:
-    """README: "a failed reconcile is tried again 5 s later". A real failure the API server gives on
-    cue: an immutable Secret of the user's that holds the config Secret's name, so that every write
-    of the config is refused (422). Once it is deleted, which no watch tells the chain about (it is
-    no config Secret and no credential Secret), the next retry renders the chain. The first retry
-    used to be the last: a retry that failed too waited for the 5-minute resync."""
+    """README: a failed reconcile is tried again after ``--retry-delay`` (1 s for this module's
+    operator), then after twice as long at each further failure. A real failure the API server gives
+    on cue: an immutable Secret of the user's that holds the config Secret's name, so that every
+    write of the config is refused (422). Once it is deleted, which no watch tells the chain about
+    (it is no config Secret and no credential Secret), the next retry renders the chain. The first
+    retry used to be the last: a retry that failed too waited for the 5-minute resync."""
     control_plane.apply(
         [
             {
@@ -364,16 +367,32 @@ async def test_a_failing_reconcile_is_tried_again_every_5s_not_once(
         ],
         namespace=namespace,
     )
-    failed = f'"namespace": "{namespace}", "chain": "agents"'
 
-    def failures() -> int:
-        return sum(1 for line in operator.output.splitlines() if "reconcile failed" in line and failed in line)
+    def failures() -> list[dict[str, Any]]:
+        """The chain's failure lines, the first of each count in the streak (another event's
+        reconcile failing while a retry is pending repeats the count)."""
+        first: dict[int, dict[str, Any]] = {}
+        for line in operator.output.splitlines():
+            if not line.startswith("{"):
+                continue
+            fields = json.loads(line)
+            if fields.get("msg", "").startswith("chain reconcile failed") and (
+                fields.get("namespace"),
+                fields.get("chain"),
+            ) == (namespace, "agents"):
+                first.setdefault(fields["failures"], fields)
+        return [first[n] for n in sorted(first)]
 
     control_plane.apply(one_chain(), namespace=namespace)
-    await eventually(lambda: failures() >= 2, timeout=15)  # the first try and its retry, 5 s later
+    lines = await eventually(lambda: len(failures()) >= 3 and failures(), timeout=20)
+    assert [(f["failures"], f["retry_in"]) for f in lines[:3]] == [(1, 1), (2, 2), (3, 4)]
+    assert "immutable" in lines[0]["error"] or "422" in lines[0]["error"], lines[0]
+    at = [datetime.fromisoformat(f["ts"].replace("Z", "+00:00")).timestamp() for f in lines[:3]]
+    # Each retry waited at least its delay (less 0.1 s: the log's timestamps are to the millisecond).
+    assert at[1] - at[0] >= 0.9 and at[2] - at[1] >= 1.9, at
     await api.delete("v1", "secrets", namespace, "agents-keyroute")
     began = time.monotonic()
-    c = await eventually(lambda: ready(api, "providerchains", namespace, "agents"), timeout=10)
+    c = await eventually(lambda: ready(api, "providerchains", namespace, "agents"), timeout=15)
     print(f"rendered {time.monotonic() - began:.2f}s after the blocking Secret went")
     rendered = await api.get("v1", "secrets", namespace, "agents-keyroute")
     assert c["status"]["config"]["hash"] == rendered["metadata"]["annotations"]["keyroute.dev/config-hash"]

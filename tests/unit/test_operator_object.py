@@ -149,3 +149,54 @@ async def test_shutdown_reports_a_dead_background_task_and_never_raises(caplog: 
     assert all(t.done() for t in op._leader_tasks) and op._leader_tasks == []
     [record] = [r for r in caplog.records if r.getMessage() == "a background task had failed"]
     assert record.kr == {"error": "the report watch died"}  # type: ignore[attr-defined]
+
+
+def test_the_first_retry_delay_has_a_flag_and_must_fit_in_the_resync() -> None:
+    assert config("--leader-elect=false").retry_delay == 5.0
+    assert config("--leader-elect=false", "--retry-delay", "500ms").retry_delay == 0.5
+    with pytest.raises(ValueError, match="--retry-delay must be > 0"):
+        config("--leader-elect=false", "--retry-delay", "0s")
+    with pytest.raises(ValueError, match=r"--retry-delay \(600s\) .* --resync-interval \(300s\)"):
+        config("--leader-elect=false", "--retry-delay", "10m")
+    assert config("--leader-elect=false", "--resync-interval", "2s").retry_delay == 2.0  # unset: fits
+
+
+async def test_a_failing_object_is_retried_after_doubling_delays_and_each_line_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """README: 5 s, then twice as long per further failure up to the resync interval; 5 s again once
+    it reconciled. A failure while a retry is pending (another event's reconcile) is the same streak."""
+    op = Operator(OperatorConfig(resync=60.0))
+    key = ("chain", "ns", "agents")
+    delays = []
+    for _ in range(6):
+        delays.append(op.retry_later(*key, RuntimeError("PATCH refused: 422")))
+        op._retries.pop(key).cancel()  # as if it fired: the next failure is the retry's
+    assert delays == [5, 10, 20, 40, 60, 60]
+
+    first = op.retry_later(*key, RuntimeError("again"))
+    again = op.retry_later(*key, RuntimeError("another event's reconcile"))
+    assert (first, op.backoff.failures(key)) == (60, 7) and 59 < again <= 60  # the pending retry stands
+
+    lines = [r for r in caplog.records if r.getMessage().startswith("chain reconcile failed")]
+    fields = [r.kr for r in lines]  # type: ignore[attr-defined]
+    assert [f["failures"] for f in fields] == [1, 2, 3, 4, 5, 6, 7, 7]
+    assert [f["retry_in"] for f in fields][:7] == [5, 10, 20, 40, 60, 60, 60]
+    assert fields[0] == {"namespace": "ns", "chain": "agents", "error": "PATCH refused: 422", "failures": 1, "retry_in": 5}
+    assert lines[0].getMessage() == "chain reconcile failed; retrying in 5s"
+    assert [r.exc_info is not None for r in lines] == [True] + [False] * 7  # the traceback once per streak
+
+    op.reconciled(*key)  # succeeded: the streak ends and the pending retry is moot
+    assert key not in op._retries and op.backoff.failures(key) == 0
+    assert op.retry_later(*key, RuntimeError("new streak")) == 5
+    assert lines[-1] is not caplog.records[-1] and caplog.records[-1].exc_info is not None
+
+    op.forget(*key)  # deleted: nothing pending, nothing counted
+    assert key not in op._retries and op.backoff.failures(key) == 0
+
+    # Not logged in yet is no failure: the first delay, no count, no log line.
+    before = len(caplog.records)
+    assert op.retry_later("pool", "ns", "openai") == 5 and op.backoff.failures(("pool", "ns", "openai")) == 0
+    assert len(caplog.records) == before
+    op._stopped_leading()  # losing the Lease drops every retry and streak
+    assert op._retries == {}

@@ -69,6 +69,7 @@ from keyroute.controller.election import ElectionConfig, LeaderElector
 from keyroute.controller.metrics import OperatorMetrics
 from keyroute.controller.reconcile import ObjectCache, Reconciler
 from keyroute.controller.settings import OperatorConfig
+from keyroute.core.backoff import Backoff
 from keyroute.core.objects import config_secret_chain, secret_hash
 from keyroute.core.references import RefIndex, referenced
 from keyroute.core.reports import REPORT_LABEL, REPORT_LABEL_VALUE
@@ -77,9 +78,6 @@ from keyroute.kube import CORE, Kube, path, watch_forever
 GROUP, VERSION = "keyroute.dev", "v1alpha1"
 POOLS = (GROUP, VERSION, "credentialpools")
 CHAINS = (GROUP, VERSION, "providerchains")
-# A failed reconcile started by an event is tried again this much later (the periodic resync is
-# the net under that; kopf's own retries would need its progress annotations: writes).
-RETRY_DELAY = 5.0
 # Reconciles started by events at once, at most: at start-up every listed object's handler starts
 # one, and thousands in flight held their reads and half-built statuses in memory together while
 # waiting for one of the client's connections (issue 11). The rest wait, holding their event only.
@@ -156,7 +154,10 @@ class Operator:
         self._reconciler: Reconciler | None = None
         self._term = 0
         self._leader_tasks: list[asyncio.Task[None]] = []
+        # A failed reconcile is tried again later, whatever started it (kopf's own retries would need
+        # its progress annotations: writes), after a delay that doubles while it keeps failing.
         self._retries: dict[tuple[str, str, str], asyncio.TimerHandle] = {}
+        self.backoff: Backoff[tuple[str, str, str]] = Backoff(self.config.retry_delay, self.config.resync)
         self._tasks: list[asyncio.Task[None]] = []
         self.reconciles = asyncio.Semaphore(MAX_RECONCILES)
         # Reconciles started by watch events, waiting for a slot or running (cancelled at shutdown).
@@ -197,7 +198,12 @@ class Operator:
         kube = _login.client(FencedKube)
         kube.fence = lambda: self._term == term and self.is_leader()
         return Reconciler(
-            kube, self.metrics, cache=self.cache, events_idle=self.event_tasks_idle, retry=self.retry_later
+            kube,
+            self.metrics,
+            cache=self.cache,
+            events_idle=self.event_tasks_idle,
+            retry=self.retry_later,
+            reconciled=self.reconciled,
         )
 
     def _started_leading(self) -> None:
@@ -234,6 +240,7 @@ class Operator:
         for handle in self._retries.values():
             handle.cancel()
         self._retries.clear()
+        self.backoff.clear()
         r, self._reconciler = self._reconciler, None
         if r is not None:
             r.cancel()
@@ -308,22 +315,59 @@ class Operator:
             await _close(elector.kube)
 
     def forget(self, kind: str, namespace: str, name: str) -> None:
-        """An object was deleted: drop what the leader's reconciler holds about it."""
+        """An object was deleted: drop what the leader's reconciler holds about it, and its retry."""
+        self.reconciled(kind, namespace, name)
         if self._reconciler is not None:
             self._reconciler.forget(kind, namespace, name)
 
-    def retry_later(self, kind: str, namespace: str, name: str) -> None:
-        """Reconcile again in :data:`RETRY_DELAY` seconds (an event-started reconcile failed)."""
+    def retry_later(self, kind: str, namespace: str, name: str, error: Exception | None = None) -> float:
+        """Reconcile ``kind`` (``pool`` or ``chain``) again later; return in how many seconds.
+
+        ``error``: why its reconcile failed, logged here (every path's failures alike), and the wait
+        is the object's :class:`Backoff`, doubling per consecutive failure. Without one (not logged
+        in yet), the first delay. A retry already pending stands: a failure before it fires (another
+        event's reconcile) is the same streak, not a longer one.
+        """
         key = (kind, namespace, name)
-        if key in self._retries:
-            return
+        loop = asyncio.get_running_loop()
+        pending = self._retries.get(key)
+        if pending is not None:
+            delay = max(0.0, pending.when() - loop.time())
+        else:
+            delay = self.backoff.failed(key) if error is not None else self.backoff.first
 
-        def fire() -> None:
-            self._retries.pop(key, None)
-            if self.is_leader() and self._reconciler is not None:
-                self._reconciler.schedule(kind, namespace, name)
+            def fire() -> None:
+                self._retries.pop(key, None)
+                if self.is_leader() and self._reconciler is not None:
+                    self._reconciler.schedule(kind, namespace, name)
 
-        self._retries[key] = asyncio.get_running_loop().call_later(RETRY_DELAY, fire)
+            self._retries[key] = loop.call_later(delay, fire)
+        if error is not None:
+            failures = self.backoff.failures(key)
+            log.error(
+                f"{kind} reconcile failed; retrying in {delay:.3g}s",
+                extra={
+                    "kr": {
+                        "namespace": namespace,
+                        kind: name,
+                        "error": str(error) or type(error).__name__,
+                        "failures": failures,
+                        "retry_in": round(delay, 3),
+                    }
+                },
+                # The traceback once per streak: the same failure's again every retry says nothing new.
+                exc_info=error if failures == 1 and pending is None else None,
+            )
+        return delay
+
+    def reconciled(self, kind: str, namespace: str, name: str) -> None:
+        """``kind`` reconciled: its next failure is retried after the first delay again, and a retry
+        still pending from an earlier failure is moot."""
+        key = (kind, namespace, name)
+        self.backoff.succeeded(key)
+        pending = self._retries.pop(key, None)
+        if pending is not None:
+            pending.cancel()
 
     # --- leader tasks --------------------------------------------------------------------------
 
@@ -334,17 +378,16 @@ class Operator:
             await asyncio.sleep(self.config.resync)
             r = self.reconciler()
             r.book.prune(r.clock())
-            for kind, fn in (("pools", r.pool), ("chains", r.chain)):
-                for namespace, name in sorted(self.known[kind]):
+            for kind, known, fn in (("pool", "pools", r.pool), ("chain", "chains", r.chain)):
+                for namespace, name in sorted(self.known[known]):
                     try:
                         await fn(namespace, name)
                     except NotLeader:
                         return
                     except Exception as e:  # one broken object must not stop the resync of the others
-                        log.error(
-                            "resync failed",
-                            extra={"kr": {"kind": kind, "namespace": namespace, "name": name, "error": str(e)}},
-                        )
+                        self.retry_later(kind, namespace, name, e)
+                    else:
+                        self.reconciled(kind, namespace, name)
 
     async def _watch_reports(self) -> None:
         """Sidecar reports are Events labelled ``keyroute.dev/report=sidecar``; the label selector keeps
@@ -564,11 +607,9 @@ async def _guarded(op: Operator, kind: str, namespace: str, name: str, work: Cor
     except kopf.TemporaryError:  # not logged in yet
         op.retry_later(kind, namespace, name)
     except Exception as e:
-        log.error(
-            f"{kind} reconcile failed; retrying in {RETRY_DELAY:g}s",
-            extra={"kr": {"namespace": namespace, kind: name, "error": str(e) or type(e).__name__}},
-        )
-        op.retry_later(kind, namespace, name)
+        op.retry_later(kind, namespace, name, e)
+    else:
+        op.reconciled(kind, namespace, name)
 
 
 async def operate(op: Operator, registry: kopf.OperatorRegistry, **kopf_options: Any) -> None:

@@ -108,12 +108,15 @@ class Reconciler:
         sleep: Sleep = asyncio.sleep,
         cache: ObjectCache | None = None,
         events_idle: asyncio.Event | None = None,
-        retry: Callable[[str, str, str], None] | None = None,
+        retry: Callable[[str, str, str, Exception], float] | None = None,
+        reconciled: Callable[[str, str, str], None] | None = None,
     ):
         self.kube = kube
-        # Called with (kind, namespace, name) when a scheduled reconcile fails: the operator tries it
-        # again soon, as it does an event-started one (else a retry that failed waited for the resync).
+        # Called with (kind, namespace, name, error) when a scheduled reconcile fails: the operator logs
+        # it and tries it again later, as it does an event-started one (else a retry that failed
+        # waited for the resync); ``reconciled`` when one succeeds (its backoff ends).
         self.retry = retry
+        self.reconciled = reconciled
         # Reads of pools and Secrets for renders; without one (tests), every read is a GET.
         self.cache = cache
         self.metrics = metrics
@@ -183,13 +186,17 @@ class Reconciler:
             try:
                 await fn(namespace, name)
             except Exception as e:
-                log.error(
-                    f"{kind} reconcile failed",
-                    extra={"kr": {"namespace": namespace, kind: name, "error": str(e) or type(e).__name__}},
-                    exc_info=True,
-                )
                 if self.retry is not None:
-                    self.retry(kind, namespace, name)
+                    self.retry(kind, namespace, name, e)
+                else:
+                    log.error(
+                        f"{kind} reconcile failed",
+                        extra={"kr": {"namespace": namespace, kind: name, "error": str(e) or type(e).__name__}},
+                        exc_info=True,
+                    )
+            else:
+                if self.reconciled is not None:
+                    self.reconciled(kind, namespace, name)
 
         task = asyncio.create_task(run(), name=f"keyroute-{kind}-{namespace}-{name}")
         self._tasks.add(task)

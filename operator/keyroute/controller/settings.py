@@ -15,5 +15,8 @@ class OperatorConfig:
     # The namespaces the operator serves (empty: all), for the report watch.
     namespaces: tuple[str, ...] = ()
     resync: float = 300.0
+    # A failed reconcile's first retry; each further failure doubles the wait, up to ``resync`` (the
+    # resync tries every object that often anyway).
+    retry_delay: float = 5.0
     # None: no election, this replica always leads (a single replica, tests).
     election: ElectionConfig | None = None
