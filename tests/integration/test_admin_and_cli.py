@@ -9,6 +9,7 @@ import sys
 import time
 
 import aiohttp
+import pytest
 
 from keyroute.demo import run_demo
 from keyroute.fakeprovider import FakeProvider
@@ -64,7 +65,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def test_cli_sidecar_in_local_mode(fake_provider, tmp_path):
+@pytest.mark.parametrize("token_metrics", ["on", "off"])
+async def test_cli_sidecar_in_local_mode(fake_provider, tmp_path, token_metrics):
+    """The CLI's local mode end to end, in its own process; ``--token-metrics`` reaches the metrics."""
     fp: FakeProvider = await fake_provider("acme", keys=["cli-key-0000000000000000"])
     (tmp_path / "all.yaml").write_text(f"""\
 apiVersion: v1
@@ -97,6 +100,8 @@ spec:
         f"127.0.0.1:{port}",
         "--admin-listen",
         f"127.0.0.1:{admin}",
+        "--token-metrics",
+        token_metrics,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -114,6 +119,13 @@ spec:
                 await asyncio.sleep(0.1)
             async with client.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=chat()) as resp:
                 assert resp.status == 200 and resp.headers["X-Keyroute-Credential"] == "k1"
+                assert (await resp.json())["usage"]["prompt_tokens"] > 0  # there were tokens to count
+            async with client.get(f"http://127.0.0.1:{admin}/metrics") as resp:
+                metrics = await resp.text()
+        # Served requests are counted either way; tokens only with --token-metrics on (the default).
+        assert 'keyroute_requests_total{chain="local"' in metrics
+        counted = [line for line in metrics.splitlines() if line.startswith("keyroute_tokens_total{")]
+        assert bool(counted) == (token_metrics == "on"), counted
     finally:
         proc.terminate()
         _, stderr = await asyncio.wait_for(proc.communicate(), 10)
