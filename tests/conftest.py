@@ -15,12 +15,14 @@ Add further shared fixtures below, each with a line saying what it provides.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 
 from keyroute.fakeprovider import FakeProvider
+from keyroute.logs import REDACTOR
 
 MakeFakeProvider = Callable[..., Awaitable[FakeProvider]]
 """``await make(name="fake", **FakeProvider kwargs)``: a started :class:`FakeProvider`."""
@@ -40,3 +42,19 @@ async def fake_provider() -> AsyncIterator[MakeFakeProvider]:
     yield make
     for provider in reversed(started):
         await provider.stop()
+
+
+@pytest.fixture(autouse=True)
+def _process_logging_undone() -> Iterator[None]:
+    """Undo what a test's in-process ``keyroute`` run (``cli.main``, a sidecar loading keys) did to
+    the process-wide logging: its root handler writes to a stream pytest has closed since, and the
+    redactor, a filter on that handler, turns a record's ``exc_info`` into text before ``caplog``
+    sees it. Left in place, both leaked into every later test (``--- Logging error ---`` noise, and
+    a traceback assertion that held alone and failed in the full suite)."""
+    root = logging.getLogger()
+    level, keys = root.level, REDACTOR._keys
+    yield
+    for handler in [h for h in root.handlers if REDACTOR in h.filters]:
+        root.removeHandler(handler)
+    root.setLevel(level)
+    REDACTOR.set_keys(keys)

@@ -26,6 +26,7 @@ class Redactor(logging.Filter):
         self._keys: frozenset[str] = frozenset()
 
     def set_keys(self, keys: Iterable[str]) -> None:
+        """Track ``keys`` (replacing the ones tracked so far)."""
         self._keys = frozenset(k for k in keys if len(k) >= 8)
 
     def scrub(self, text: str) -> str:
