@@ -29,8 +29,9 @@ from urllib.parse import urlparse
 import yaml
 
 from keyroute.core import inject as core
+from tests.polling import eventually
 from tests.realapi.chart import ChartRbac, Helm, WebhookTls, stop, wait_serving, webhook_configuration
-from tests.realapi.client import Api
+from tests.realapi.client import Api, ApiStatusError, api_path
 from tests.realapi.controlplane import ControlPlane, free_port
 from tests.realapi.processes import Processes
 from tests.realapi.test_webhook import injection_settings, path_of, pod_manifest
@@ -63,6 +64,28 @@ def chart_webhook(
         )
 
 
+async def in_effect(api: Api, namespace: str, *, refused: bool, timeout: float = 10) -> None:  # noqa: ASYNC109
+    """Until a labelled pod created in ``namespace`` is refused by keyroute's webhook (``refused``),
+    or admitted (not ``refused``: no configuration that fails it applies any more).
+
+    The API server reads webhook configurations and namespaces' labels from its own informers: a
+    configuration just applied, deleted, or a namespace just labelled takes effect a moment later
+    (Kubernetes' own e2e tests wait for it the same way, with marker requests). The probe is a
+    server-side dry run (nothing stored; the chart's hook has ``sideEffects: None``, so it is called
+    for dry runs too) of a pod whose chain label no chain can have: a webhook that answers refuses
+    it before any ProviderChain lookup, so the probe opens no connection for the lookup client."""
+    probe = yaml.safe_load(pod_manifest("in-effect-probe", "Not_A_Chain"))
+
+    async def answered() -> bool:
+        try:
+            await api.request("POST", api_path("v1", "pods", namespace), probe, params={"dryRun": "All"})
+        except ApiStatusError as e:
+            return refused and "inject.keyroute.dev" in str(e)
+        return not refused
+
+    await eventually(answered, timeout=timeout, interval=0.1)
+
+
 def create_pod(control_plane: ControlPlane, namespace: str, name: str, chain: str | None) -> Any:
     return control_plane.kubectl(
         "create", "-n", namespace, "-f", "-", input=pod_manifest(name, chain), check=False
@@ -76,6 +99,7 @@ async def test_with_no_operator_answering_fail_refuses_labelled_pods_and_ignore_
     ca = WebhookTls.make(tmp_path / "tls").ca_bundle
     with chart_webhook(control_plane, helm, chart_rbac, namespace, down, ca) as hook:
         assert hook["failurePolicy"] == "Fail"  # the chart's default
+        await in_effect(api, namespace, refused=True)
         refused = create_pod(control_plane, namespace, "labelled", "agents")
         assert refused.returncode != 0
         assert 'failed calling webhook "inject.keyroute.dev"' in refused.stderr, refused.stderr
@@ -87,6 +111,7 @@ async def test_with_no_operator_answering_fail_refuses_labelled_pods_and_ignore_
         control_plane, helm, chart_rbac, namespace, down, ca, {"webhook": {"failurePolicy": "Ignore"}}
     ) as hook:
         assert hook["failurePolicy"] == "Ignore"
+        await in_effect(api, namespace, refused=False)  # the Fail configuration above no longer applies
         admitted = create_pod(control_plane, namespace, "bare", "agents")
         assert admitted.returncode == 0, admitted.stderr
         pod = await api.get("v1", "pods", namespace, "bare")
@@ -187,6 +212,7 @@ async def test_a_slow_api_server_injects_with_a_warning_before_the_api_server_ti
             url = f"https://127.0.0.1:{port}{path_of(objects)}"
             with chart_webhook(control_plane, helm, chart_rbac, namespace, url, tls.ca_bundle) as hook:
                 assert (hook["timeoutSeconds"], hook["failurePolicy"]) == (5, "Fail")  # the chart's defaults
+                await in_effect(api, namespace, refused=True)
                 proxy.stalled.set()
                 started = time.monotonic()
                 result = create_pod(control_plane, namespace, "agent", "agents")
@@ -239,6 +265,7 @@ async def test_the_charts_namespace_selector_keeps_system_and_unwatched_namespac
     created: list[str] = []
     try:
         with chart_selector_webhook(control_plane, helm, chart_rbac, down, ca, {}):
+            await in_effect(api, namespace, refused=True)
             assert create_pod(control_plane, namespace, name, "agents").returncode != 0  # seen: refused
             for system in ("kube-system", "kube-node-lease"):
                 result = create_pod(control_plane, system, name, "agents")
@@ -247,6 +274,10 @@ async def test_the_charts_namespace_selector_keeps_system_and_unwatched_namespac
         with chart_selector_webhook(
             control_plane, helm, chart_rbac, down, ca, {"watchNamespaces": [namespace]}
         ):
+            # The first configuration (every namespace but the system ones) is gone from the API
+            # server's view once a pod in "default" is admitted: only the new one can then refuse one.
+            await in_effect(api, "default", refused=False)
+            await in_effect(api, namespace, refused=True)
             assert create_pod(control_plane, namespace, name, "agents").returncode != 0  # watched: refused
             result = create_pod(control_plane, "default", name, "agents")  # not watched: never sent
             assert result.returncode == 0, result.stderr
