@@ -39,6 +39,7 @@ from tests.realapi.bursts import assert_written_before_events, create_burst, wri
 from tests.realapi.client import Api
 from tests.realapi.controlplane import ControlPlane, free_port
 from tests.realapi.processes import KeyrouteProcess, Processes
+from tests.realapi.test_webhook import in_effect
 
 cert_dir = _cert_dir
 API = "keyroute.dev/v1alpha1"
@@ -187,6 +188,9 @@ async def test_sigkill_the_leader_the_standby_admits_pods_takes_over_within_20s_
     hook_name = f"keyroute-{namespace}"
     control_plane.apply(webhook_configuration(hook_name, namespace, b.webhook_port or 0, cert_dir))
     try:
+        # The API server uses a webhook configuration once its informer brought it: the pod below is
+        # created in-process within milliseconds of the apply, so wait until the hook answers.
+        await in_effect(api, namespace, refused=True)
         killed = time.monotonic()
         await a.process.terminate(signal.SIGKILL)
         assert await holder(api, namespace) == "op-a"  # the dead leader still holds the Lease...

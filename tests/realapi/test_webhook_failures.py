@@ -29,12 +29,11 @@ from urllib.parse import urlparse
 import yaml
 
 from keyroute.core import inject as core
-from tests.polling import eventually
 from tests.realapi.chart import ChartRbac, Helm, WebhookTls, stop, wait_serving, webhook_configuration
-from tests.realapi.client import Api, ApiStatusError, api_path
+from tests.realapi.client import Api
 from tests.realapi.controlplane import ControlPlane, free_port
 from tests.realapi.processes import Processes
-from tests.realapi.test_webhook import injection_settings, path_of, pod_manifest
+from tests.realapi.test_webhook import in_effect, injection_settings, path_of, pod_manifest
 
 SELECT_LABEL = "keyroute-test/failures"
 
@@ -62,28 +61,6 @@ def chart_webhook(
             "--ignore-not-found",
             check=False,
         )
-
-
-async def in_effect(api: Api, namespace: str, *, refused: bool, timeout: float = 10) -> None:  # noqa: ASYNC109
-    """Until a labelled pod created in ``namespace`` is refused by keyroute's webhook (``refused``),
-    or admitted (not ``refused``: no configuration that fails it applies any more).
-
-    The API server reads webhook configurations and namespaces' labels from its own informers: a
-    configuration just applied, deleted, or a namespace just labelled takes effect a moment later
-    (Kubernetes' own e2e tests wait for it the same way, with marker requests). The probe is a
-    server-side dry run (nothing stored; the chart's hook has ``sideEffects: None``, so it is called
-    for dry runs too) of a pod whose chain label no chain can have: a webhook that answers refuses
-    it before any ProviderChain lookup, so the probe opens no connection for the lookup client."""
-    probe = yaml.safe_load(pod_manifest("in-effect-probe", "Not_A_Chain"))
-
-    async def answered() -> bool:
-        try:
-            await api.request("POST", api_path("v1", "pods", namespace), probe, params={"dryRun": "All"})
-        except ApiStatusError as e:
-            return refused and "inject.keyroute.dev" in str(e)
-        return not refused
-
-    await eventually(answered, timeout=timeout, interval=0.1)
 
 
 def create_pod(control_plane: ControlPlane, namespace: str, name: str, chain: str | None) -> Any:
