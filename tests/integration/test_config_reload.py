@@ -141,7 +141,10 @@ spec:
     async with agent.post(sidecar.base_url + "/chat/completions", json=chat()) as resp:
         assert resp.status == 200
     assert fp.keys_seen() == ["manifest-key-one-000000", "manifest-key-two-000000"]
-    # A broken edit keeps the running config.
+    # A broken edit keeps the running config: once the sidecar read it (and rejected it), not after
+    # a guessed 0.3 s, which passed as well when the watcher had not looked at the file yet.
     path.write_text("kind: ProviderChain\nspec: [")
-    await asyncio.sleep(0.3)
+    await eventually(
+        lambda: sidecar.metrics.registry.get_sample_value("keyroute_config_reloads_total", {"result": "rejected"})
+    )
     assert sidecar.chain.pools["acme-keys"].credentials[0].key == "manifest-key-two-000000"

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import re
 import signal
 import time
 import urllib.request
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from typing import Any
 import yaml
 
 from keyroute.controller.election import ElectionConfig, LeaderElector
-from keyroute.core.election import Timings
+from keyroute.core.election import Timings, micro_time
 from keyroute.core.inject import CHAIN_LABEL, is_injected
 from keyroute.kube import Kube, from_kubeconfig
 from tests.chart.test_chart import HelmRunner, _helm_path
@@ -37,6 +39,7 @@ from tests.realapi.bursts import assert_written_before_events, create_burst, wri
 from tests.realapi.client import Api
 from tests.realapi.controlplane import ControlPlane, free_port
 from tests.realapi.processes import KeyrouteProcess, Processes
+from tests.realapi.test_webhook import in_effect
 
 cert_dir = _cert_dir
 API = "keyroute.dev/v1alpha1"
@@ -143,6 +146,26 @@ async def rendered_anew(api: Api, namespace: str, before: str | None, timeout: f
     return result
 
 
+@contextlib.asynccontextmanager
+async def renewed_as(api: Api, namespace: str, identity: str, every: float = 0.25) -> AsyncIterator[None]:
+    """While inside, the test renews the operators' Lease in ``identity``'s name, as a live leader
+    would: a standby sees the record change and waits a whole lease duration from its last change."""
+
+    async def renew() -> None:
+        while True:
+            renewed = {"holderIdentity": identity, "renewTime": micro_time(time.time())}
+            await api.patch(*LEASE, namespace, "keyroute-operator", {"spec": renewed})
+            await asyncio.sleep(every)
+
+    task = asyncio.create_task(renew())
+    try:
+        await asyncio.sleep(0)  # the first renewal is on its way before the block starts
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def setup_examples(cp: ControlPlane, api: Api, namespace: str) -> str:
     cp.kubectl("apply", "-n", namespace, "-f", "examples/")
     return await rendered_anew(api, namespace, None, timeout=30)
@@ -165,6 +188,9 @@ async def test_sigkill_the_leader_the_standby_admits_pods_takes_over_within_20s_
     hook_name = f"keyroute-{namespace}"
     control_plane.apply(webhook_configuration(hook_name, namespace, b.webhook_port or 0, cert_dir))
     try:
+        # The API server uses a webhook configuration once its informer brought it: the pod below is
+        # created in-process within milliseconds of the apply, so wait until the hook answers.
+        await in_effect(api, namespace, refused=True)
         killed = time.monotonic()
         await a.process.terminate(signal.SIGKILL)
         assert await holder(api, namespace) == "op-a"  # the dead leader still holds the Lease...
@@ -229,14 +255,21 @@ async def test_a_new_leader_reconciles_what_it_saw_as_a_standby_as_one_burst(
     listed by the standby, which does not reconcile them; when it takes the Lease it reconciles them
     all as a burst, as the handlers reconcile a listing: at most 16 at once, with every status and
     config written before the burst's Events (before, one at a time: 15-18 s for 1,000 pools where a
-    listing takes ~10 s, the Events interleaved with the statuses)."""
+    listing takes ~10 s, the Events interleaved with the statuses).
+
+    The dead leader's Lease is renewed in its name while the objects are created: with the 2 s lease
+    the standby could otherwise take over halfway through the 56 creates on a loaded machine, and
+    reconcile part of them as watch events instead of as the burst this test is about."""
     a = start(keyroute_process, control_plane, namespace, "op-a", *FAST)
     await a.process.wait_for("became the leader", timeout=30)
     b = start(keyroute_process, control_plane, namespace, "op-b", *FAST)
     await b.process.wait_for("standing by", timeout=30)
-    await a.process.terminate(signal.SIGKILL)  # the Lease stays op-a's until it expires
-    pools, chains = await create_burst(api, namespace)
-    assert b.writes() == 0
+    await a.process.terminate(signal.SIGKILL)
+    async with renewed_as(api, namespace, "op-a"):  # the Lease stays op-a's until the burst exists
+        began = time.monotonic()
+        pools, chains = await create_burst(api, namespace)
+        print(f"the burst's objects created in {time.monotonic() - began:.2f}s (the lease: 2 s)")
+        assert b.writes() == 0 and await holder(api, namespace) == "op-a"
     await b.process.wait_for("became the leader", timeout=20)
     got = await eventually(
         lambda: written_then_events(api, namespace, pools, chains, lambda: b.writes(what="event")),
@@ -570,7 +603,9 @@ async def test_two_whole_operators_in_one_process_share_nothing_but_the_lease(
         leader = next(n for n, op in ops.items() if op.is_leader())
         standby = "two" if leader == "one" else "one"
         first = await setup_examples(control_plane, api, namespace)
-        assert ops[standby].known["chains"] == {(namespace, "agents")}  # the standby's cache is warm
+        # The standby's cache is warm: its own watch brings the chain, on no schedule the leader's
+        # render can vouch for (two watch streams, two threads), so it is waited for.
+        await eventually(lambda: ops[standby].known["chains"] == {(namespace, "agents")}, timeout=5)
         assert ops[standby].metrics.writes.labels("status")._value.get() == 0
 
         stops[leader].set()  # a graceful stop: the Lease is released

@@ -34,6 +34,7 @@ from tests.realapi.objects import API, cond
 from tests.realapi.processes import Processes
 
 README = ROOT / "README.md"
+EXAMPLE_POOLS = ("openai", "openrouter", "anthropic")  # examples/pools.yaml
 KEY_VARIABLES = (
     "OPENAI_KEY_1",
     "OPENAI_KEY_2",
@@ -121,10 +122,10 @@ async def test_the_readme_install_commands_work_verbatim(
             outputs[command] = result.stdout
 
         # The operator made everything Ready; the README's `kubectl get` line shows it.
-        await eventually(lambda: _chain_ready(api, namespace), timeout=30)
+        await eventually(lambda: _examples_ready(api, namespace), timeout=30)
         get = next(c for c in commands if " get cpool,pchain" in c)
         table = run_line(get, env)
-        for name in ("openai", "openrouter", "anthropic", "agents"):
+        for name in (*EXAMPLE_POOLS, "agents"):
             assert re.search(rf"\b{name}\b.*\bTrue\b", table.stdout), table.stdout
 
         # The label patch rolled the Deployment: its new pods got the sidecar from the installed webhook.
@@ -197,9 +198,14 @@ def start_installed_operator(control_plane: ControlPlane, processes: Processes, 
     return process
 
 
-async def _chain_ready(api: Api, namespace: str) -> bool:
+async def _examples_ready(api: Api, namespace: str) -> bool:
+    """The examples' chain and each of its pools say Ready=True. The chain alone is not enough for
+    the pools' rows: each object's status is its own reconcile's write (controller/reconcile.py),
+    and a chain renders from the pools' specs and Secrets, not from their status, so it can be
+    Ready before a pool's status is written."""
     chain = await api.get(API, "providerchains", namespace, "agents")
-    return cond(chain, "Ready").get("status") == "True"
+    pools = [await api.get(API, "credentialpools", namespace, name) for name in EXAMPLE_POOLS]
+    return all(cond(obj, "Ready").get("status") == "True" for obj in (chain, *pools))
 
 
 async def test_the_readme_operator_section_commands_work_verbatim(
@@ -230,10 +236,10 @@ async def test_the_readme_operator_section_commands_work_verbatim(
             result = run_line(command, env)
             assert result.returncode == 0, f"README command failed: {command}\n{result.stderr}"
             outputs.append(result.stdout)
-        await eventually(lambda: _chain_ready(api, namespace), timeout=30)
+        await eventually(lambda: _examples_ready(api, namespace), timeout=30)
         pools = run_line(commands[2], env).stdout
         chains = run_line(commands[3], env).stdout
-    for name in ("openai", "openrouter", "anthropic"):
+    for name in EXAMPLE_POOLS:
         assert re.search(rf"^{name}\s.*\bTrue\b", pools, re.M), pools
     assert re.search(r"^agents\s.*\bTrue\b", chains, re.M), chains
     assert "openai-1" in outputs[5]  # describe: the per-credential rows

@@ -98,7 +98,9 @@ async def test_each_chain_is_rendered_once_at_start_up_and_a_restart_writes_noth
         return True
 
     await eventually(synced, timeout=30)
+    # Counted just after each reconcile's last write returned: a status read above can be ahead.
     await eventually(lambda: reconciles(port, "CredentialPool") >= len(POOLS), timeout=10)
+    await eventually(lambda: reconciles(port, "ProviderChain") >= len(CHAINS), timeout=10)
     rv = await versions(api, namespace)
     # A quiet second: a chain rendered again (a pool's or a Secret's listing fanning out) would show.
     await asyncio.sleep(1.0)
@@ -164,7 +166,11 @@ async def test_after_a_restart_a_benched_key_whose_event_expired_stays_benched_u
         obj = await api.get(API, "credentialpools", namespace, "openai")
         return obj if row(obj, "k1").get("state") == want else None
 
-    await eventually(lambda: api.get(API, "credentialpools", namespace, "openai"), timeout=20)
+    # The operator is up once it wrote the pool's first status (the pool itself exists already: the
+    # test created it). Then the 15 s until below is not eaten by the process's start-up.
+    began = time.monotonic()
+    await eventually(lambda: _with_status(api, "openai", namespace), timeout=30)
+    print(f"first operator up and reconciled in {time.monotonic() - began:.2f}s")
     until = time.time() + 15
     action = Action(
         kind=ActionKind.COOLED_DOWN,
@@ -196,6 +202,11 @@ async def test_after_a_restart_a_benched_key_whose_event_expired_stays_benched_u
     back = await eventually(lambda: state("Available"), timeout=until - time.time() + 10)
     assert time.time() >= until - 1 and cond(back, "Degraded")["status"] == "False"
     await second.terminate()
+
+
+async def _with_status(api: Api, name: str, namespace: str) -> dict | None:
+    obj = await api.get(API, "credentialpools", namespace, name)
+    return obj if (obj or {}).get("status") else None
 
 
 def _reconciled(port: int, pools: int) -> bool:

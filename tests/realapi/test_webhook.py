@@ -31,7 +31,7 @@ from tests.realapi.chart import (
     wait_serving,
     webhook_configuration,
 )
-from tests.realapi.client import Api
+from tests.realapi.client import Api, ApiStatusError, api_path
 from tests.realapi.controlplane import ControlPlane, free_port
 from tests.realapi.objects import chain, pool, secret
 from tests.realapi.processes import KeyrouteProcess, Processes
@@ -115,8 +115,32 @@ def path_of(chart_objects: list[dict[str, Any]]) -> str:
     return str(hook["webhooks"][0]["clientConfig"]["service"]["path"])
 
 
-def use(control_plane: ControlPlane, namespace: str, mode: str) -> None:
+async def use(control_plane: ControlPlane, api: Api, namespace: str, mode: str) -> None:
+    """Send the namespace's labelled pods to the ``mode`` operator's webhook, once that is in effect."""
     control_plane.kubectl("label", "namespace", namespace, f"{MODE_LABEL}={mode}")
+    await in_effect(api, namespace, refused=True)
+
+
+async def in_effect(api: Api, namespace: str, *, refused: bool, timeout: float = 10) -> None:  # noqa: ASYNC109
+    """Until a labelled pod created in ``namespace`` is refused by keyroute's webhook (``refused``),
+    or admitted (not ``refused``: no configuration that fails it applies any more).
+
+    The API server reads webhook configurations and namespaces' labels from its own informers: a
+    configuration just applied, deleted, or a namespace just labelled takes effect a moment later
+    (Kubernetes' own e2e tests wait for it the same way, with marker requests). The probe is a
+    server-side dry run (nothing stored; the chart's hook has ``sideEffects: None``, so it is called
+    for dry runs too) of a pod whose chain label no chain can have: a webhook that answers refuses
+    it before any ProviderChain lookup, so the probe opens no connection for the lookup client."""
+    probe = yaml.safe_load(pod_manifest("in-effect-probe", "Not_A_Chain"))
+
+    async def answered() -> bool:
+        try:
+            await api.request("POST", api_path("v1", "pods", namespace), probe, params={"dryRun": "All"})
+        except ApiStatusError as e:
+            return refused and "inject.keyroute.dev" in str(e)
+        return not refused
+
+    await eventually(answered, timeout=timeout, interval=0.1)
 
 
 def create_chain(control_plane: ControlPlane, namespace: str) -> None:
@@ -150,7 +174,7 @@ async def test_pods_of_a_labelled_deployment_get_the_native_sidecar(
     control_plane: ControlPlane, api: Api, namespace: str, webhooks: Webhooks
 ) -> None:
     """The controller manager creates the pods (``generateName``, no namespace in the pod's metadata)."""
-    use(control_plane, namespace, "native")
+    await use(control_plane, api, namespace, "native")
     create_chain(control_plane, namespace)
     deployment = {
         "apiVersion": "apps/v1",
@@ -183,7 +207,7 @@ async def test_pods_of_a_labelled_deployment_get_the_native_sidecar(
 async def test_a_pod_already_injected_is_left_alone_and_an_unlabelled_pod_never_reaches_the_webhook(
     control_plane: ControlPlane, api: Api, namespace: str, webhooks: Webhooks
 ) -> None:
-    use(control_plane, namespace, "native")
+    await use(control_plane, api, namespace, "native")
     create_chain(control_plane, namespace)
     control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=pod_manifest("plain", None))
     plain = await api.get("v1", "pods", namespace, "plain")
@@ -210,7 +234,7 @@ async def test_a_pod_already_injected_is_left_alone_and_an_unlabelled_pod_never_
 async def test_a_missing_chain_is_refused_with_the_message_the_user_sees(
     control_plane: ControlPlane, api: Api, namespace: str, webhooks: Webhooks
 ) -> None:
-    use(control_plane, namespace, "native")
+    await use(control_plane, api, namespace, "native")
     result = control_plane.kubectl(
         "apply", "-n", namespace, "-f", "-", input=pod_manifest("agent", "nowhere"), check=False
     )
@@ -234,11 +258,7 @@ async def test_a_missing_chain_is_refused_with_the_message_the_user_sees(
     )
     # A user's mistake, not the operator's: one warning each, no ERROR line to page anybody (kopf's
     # own error line for a refused admission is filtered out).
-    mine = [
-        json.loads(line)
-        for line in webhooks.native.output.splitlines()
-        if namespace in line and line.startswith("{")
-    ]
+    mine = decisions(webhooks.native, namespace)
     assert [r for r in mine if r["level"] in ("error", "critical")] == []
     assert sum(r["msg"] == "pod refused: chain not found" and r["level"] == "warning" for r in mine) == 1
     assert sum(r["msg"] == "pod refused: invalid chain label" and r["level"] == "warning" for r in mine) == 1
@@ -247,7 +267,7 @@ async def test_a_missing_chain_is_refused_with_the_message_the_user_sees(
 async def test_container_mode_injects_a_missing_chain_with_a_warning_when_the_policy_says_so(
     control_plane: ControlPlane, api: Api, namespace: str, webhooks: Webhooks
 ) -> None:
-    use(control_plane, namespace, "container")
+    await use(control_plane, api, namespace, "container")
     result = control_plane.kubectl(
         "apply",
         "-n",
@@ -270,6 +290,21 @@ async def test_container_mode_injects_a_missing_chain_with_a_warning_when_the_po
     assert "sidecar injected" in webhooks.container.output
 
 
+async def _refused_as(api: Api, namespace: str, pod: dict[str, Any], why: str) -> bool:
+    """Whether a server-side dry run (nothing stored) of ``pod`` is refused saying ``why``."""
+    try:
+        await api.request("POST", api_path("v1", "pods", namespace), pod, params={"dryRun": "All"})
+    except ApiStatusError as e:
+        return why in str(e)
+    return False
+
+
+def decisions(operator: KeyrouteProcess, namespace: str) -> list[dict[str, Any]]:
+    """The webhook's log lines about the namespace's pods, its in_effect() dry runs left out."""
+    lines = [json.loads(line) for line in operator.output.splitlines() if namespace in line and line.startswith("{")]
+    return [r for r in lines if not r.get("dryRun")]
+
+
 async def _at_least(getter: Any, n: int) -> Any:
     items = await getter
     return items if len(items) >= n else None
@@ -288,10 +323,14 @@ async def test_the_injected_sidecar_as_stored_keeps_a_restricted_namespace_admis
 ) -> None:
     """docs/injection.md's sidecar, field by field, as the API server stored it; and the API server's
     own Pod Security admission (``restricted``, enforced after the mutating webhooks) accepts it."""
-    use(control_plane, namespace, "native")
+    await use(control_plane, api, namespace, "native")
     control_plane.kubectl(
         "label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted", "--overwrite"
     )
+    # Pod Security reads the namespace's labels from the API server's informer too: wait until it
+    # enforces them (a dry run of a pod without the chain label, which no webhook sees).
+    plain = yaml.safe_load(pod_manifest("enforced-probe", None))
+    await eventually(lambda: _refused_as(api, namespace, plain, "violates PodSecurity"), timeout=10, interval=0.1)
     create_chain(control_plane, namespace)
     # Enforced here: a labelled pod whose own container is not restricted is refused.
     loose = control_plane.kubectl(
@@ -350,7 +389,7 @@ async def test_an_empty_label_and_a_pod_that_cannot_take_the_sidecar_are_refused
     """docs/injection.md's other refusals, as ``kubectl`` shows them: an empty ``keyroute.dev/chain``
     (the objectSelector's ``Exists`` sends it; it names no chain) and ``CannotInject`` (the pod has a
     volume named like keyroute's config volume)."""
-    use(control_plane, namespace, "native")
+    await use(control_plane, api, namespace, "native")
     create_chain(control_plane, namespace)
     empty = yaml.safe_load(pod_manifest("empty", None))
     empty["metadata"]["labels"][core.CHAIN_LABEL] = ""
@@ -367,9 +406,5 @@ async def test_an_empty_label_and_a_pod_that_cannot_take_the_sidecar_are_refused
     assert "the pod already has a volume named 'keyroute-config'" in result.stderr, result.stderr
     assert await api.get("v1", "pods", namespace, "empty") is None
     assert await api.get("v1", "pods", namespace, "clash") is None
-    mine = [
-        json.loads(line)
-        for line in webhooks.native.output.splitlines()
-        if namespace in line and line.startswith("{")
-    ]
+    mine = decisions(webhooks.native, namespace)
     assert sum(r["msg"] == "pod refused: cannot inject" and r["level"] == "warning" for r in mine) == 1

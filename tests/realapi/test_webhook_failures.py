@@ -33,7 +33,7 @@ from tests.realapi.chart import ChartRbac, Helm, WebhookTls, stop, wait_serving,
 from tests.realapi.client import Api
 from tests.realapi.controlplane import ControlPlane, free_port
 from tests.realapi.processes import Processes
-from tests.realapi.test_webhook import injection_settings, path_of, pod_manifest
+from tests.realapi.test_webhook import in_effect, injection_settings, path_of, pod_manifest
 
 SELECT_LABEL = "keyroute-test/failures"
 
@@ -76,6 +76,7 @@ async def test_with_no_operator_answering_fail_refuses_labelled_pods_and_ignore_
     ca = WebhookTls.make(tmp_path / "tls").ca_bundle
     with chart_webhook(control_plane, helm, chart_rbac, namespace, down, ca) as hook:
         assert hook["failurePolicy"] == "Fail"  # the chart's default
+        await in_effect(api, namespace, refused=True)
         refused = create_pod(control_plane, namespace, "labelled", "agents")
         assert refused.returncode != 0
         assert 'failed calling webhook "inject.keyroute.dev"' in refused.stderr, refused.stderr
@@ -87,6 +88,7 @@ async def test_with_no_operator_answering_fail_refuses_labelled_pods_and_ignore_
         control_plane, helm, chart_rbac, namespace, down, ca, {"webhook": {"failurePolicy": "Ignore"}}
     ) as hook:
         assert hook["failurePolicy"] == "Ignore"
+        await in_effect(api, namespace, refused=False)  # the Fail configuration above no longer applies
         admitted = create_pod(control_plane, namespace, "bare", "agents")
         assert admitted.returncode == 0, admitted.stderr
         pod = await api.get("v1", "pods", namespace, "bare")
@@ -187,6 +189,7 @@ async def test_a_slow_api_server_injects_with_a_warning_before_the_api_server_ti
             url = f"https://127.0.0.1:{port}{path_of(objects)}"
             with chart_webhook(control_plane, helm, chart_rbac, namespace, url, tls.ca_bundle) as hook:
                 assert (hook["timeoutSeconds"], hook["failurePolicy"]) == (5, "Fail")  # the chart's defaults
+                await in_effect(api, namespace, refused=True)
                 proxy.stalled.set()
                 started = time.monotonic()
                 result = create_pod(control_plane, namespace, "agent", "agents")
@@ -239,6 +242,7 @@ async def test_the_charts_namespace_selector_keeps_system_and_unwatched_namespac
     created: list[str] = []
     try:
         with chart_selector_webhook(control_plane, helm, chart_rbac, down, ca, {}):
+            await in_effect(api, namespace, refused=True)
             assert create_pod(control_plane, namespace, name, "agents").returncode != 0  # seen: refused
             for system in ("kube-system", "kube-node-lease"):
                 result = create_pod(control_plane, system, name, "agents")
@@ -247,6 +251,10 @@ async def test_the_charts_namespace_selector_keeps_system_and_unwatched_namespac
         with chart_selector_webhook(
             control_plane, helm, chart_rbac, down, ca, {"watchNamespaces": [namespace]}
         ):
+            # The first configuration (every namespace but the system ones) is gone from the API
+            # server's view once a pod in "default" is admitted: only the new one can then refuse one.
+            await in_effect(api, "default", refused=False)
+            await in_effect(api, namespace, refused=True)
             assert create_pod(control_plane, namespace, name, "agents").returncode != 0  # watched: refused
             result = create_pod(control_plane, "default", name, "agents")  # not watched: never sent
             assert result.returncode == 0, result.stderr
