@@ -500,7 +500,9 @@ async def posted(api: Api, namespace: str, *wanted: tuple[str, str]) -> list[dic
         assert set(wanted) <= seen, f"not yet posted: {set(wanted) - seen}; posted: {seen}"
         return events
 
-    return await eventually(all_posted, timeout=10)  # type: ignore[no-any-return]
+    # The lane may hold an Event up to 30 s (events.MAX_HOLD) while watch-started reconciles keep
+    # coming, e.g. other tests' namespaces being torn down: a wait shorter than that could fail.
+    return await eventually(all_posted, timeout=35)  # type: ignore[no-any-return]
 
 
 async def _where(getter, ok):  # type: ignore[no-untyped-def]
