@@ -198,5 +198,9 @@ async def test_a_failing_object_is_retried_after_doubling_delays_and_each_line_s
     before = len(caplog.records)
     assert op.retry_later("pool", "ns", "openai") == 5 and op.backoff.failures(("pool", "ns", "openai")) == 0
     assert len(caplog.records) == before
+    # A deposed leader's write refused by its own fence: no retry, no count, no error line.
+    assert op.retry_later("pool", "ns", "other", NotLeader("PATCH /x: not the leader")) == 0
+    assert ("pool", "ns", "other") not in op._retries and op.backoff.failures(("pool", "ns", "other")) == 0
+    assert len(caplog.records) == before
     op._stopped_leading()  # losing the Lease drops every retry and streak
     assert op._retries == {}

@@ -329,6 +329,9 @@ class Operator:
         event's reconcile) is the same streak, not a longer one.
         """
         key = (kind, namespace, name)
+        if isinstance(error, NotLeader):  # deposed mid-reconcile: the next leader reconciles it
+            log.debug("not the leader: reconcile dropped", extra={"kr": {"kind": kind, "namespace": namespace, "name": name}})
+            return 0.0
         loop = asyncio.get_running_loop()
         pending = self._retries.get(key)
         if pending is not None:
