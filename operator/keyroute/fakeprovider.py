@@ -45,7 +45,7 @@ from typing import Any, Final, Literal, Self
 
 from aiohttp import web
 
-__all__ = ["Behaviour", "FakeProvider", "Received", "main", "serve_forever"]
+__all__ = ["Behaviour", "FakeProvider", "Hangup", "Received", "main", "serve_forever"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,16 @@ class Received:
     def body_json(self) -> Any:
         """The body parsed as JSON (raises ``ValueError`` if it is not JSON)."""
         return json.loads(self.body)
+
+
+@dataclass(frozen=True)
+class Hangup:
+    """A client that closed its connection before its answer was complete (a silence, a stall or a
+    stream still being sent): when the provider saw it go, so a test can tell how long a proxy held
+    an upstream request open after its own client had left."""
+
+    request: Received
+    time: float  # time.monotonic() when the connection was seen closed
 
 
 _Kind = Literal["ok", "status", "model_not_found", "reset", "silence", "stream"]
@@ -297,6 +307,7 @@ class FakeProvider:
         self.host = host
         self.models: tuple[str, ...] = tuple(models) if models is not None else ("fake-model",)
         self.received: list[Received] = []
+        self.hangups: list[Hangup] = []
         self._port = port
         self._queues: dict[_Match, deque[Behaviour]] = {}
         self._rules: dict[_Match, Behaviour] = {}
@@ -428,16 +439,24 @@ class FakeProvider:
         task = asyncio.current_task()
         if task is not None:
             self._handlers.add(task)
+        seen: list[Received] = []
         try:
-            return await self._answer(request)
+            return await self._answer(request, seen)
+        except asyncio.CancelledError:
+            # handler_cancellation: the client closed the connection mid-answer. stop() cancels the
+            # handlers too, but only after clearing _runner: that is the server going, not a client.
+            if self._runner is not None and seen:
+                self.hangups.append(Hangup(seen[0], time.monotonic()))
+            raise
         finally:
             if task is not None:
                 self._handlers.discard(task)
 
-    async def _answer(self, request: web.Request) -> web.StreamResponse:
+    async def _answer(self, request: web.Request, seen: list[Received]) -> web.StreamResponse:
         arrived = time.monotonic()
         body = await request.read()
         rec = _record(request, body, arrived)
+        seen.append(rec)
         self.received.append(rec)
         self._arrived.set()
 
@@ -632,7 +651,9 @@ class FakeProvider:
                 if events[i]:
                     await resp.write(events[i])
         except ConnectionError:
-            pass  # the client went away mid-body; aiohttp finishes quietly
+            # The client went away mid-body (a write noticed it before the cancellation did);
+            # aiohttp finishes quietly.
+            self.hangups.append(Hangup(rec, time.monotonic()))
         return resp
 
 

@@ -239,6 +239,42 @@ async def test_client_going_away_mid_stream_is_quiet(
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+async def test_a_client_closing_during_a_stall_is_recorded_as_a_hangup_when_it_goes(
+    fake_provider: MakeFakeProvider, http: aiohttp.ClientSession
+) -> None:
+    fp = await fake_provider(default=Behaviour.stream(5, stall_after=2))
+    async with http.post(f"{fp.base_url}/chat/completions", json={**CHAT, "model": "m1"}) as resp:
+        for _ in range(2):
+            assert (await resp.content.readline()).startswith(b"data: ")
+            assert await resp.content.readline() == b"\n"
+        assert fp.hangups == []  # still held: the stall is not a hangup
+        closed = time.monotonic()
+        resp.close()
+    await fp.wait_for_requests(1)
+    for _ in range(100):
+        if fp.hangups:
+            break
+        await asyncio.sleep(0.01)
+    [hangup] = fp.hangups
+    assert hangup.request is fp.received[0] and hangup.request.model == "m1"
+    assert closed <= hangup.time < closed + 0.5
+
+
+async def test_answers_sent_whole_and_requests_held_at_stop_are_not_hangups(
+    fake_provider: MakeFakeProvider, http: aiohttp.ClientSession
+) -> None:
+    fp = await fake_provider(default=Behaviour.stream(3))
+    async with http.post(f"{fp.base_url}/chat/completions", json=CHAT) as resp:
+        await resp.read()
+    fp.set(Behaviour.silence())
+    held = asyncio.create_task(http.post(f"{fp.base_url}/chat/completions", json=CHAT))
+    await fp.wait_for_requests(2, within=1)
+    await fp.stop()
+    with pytest.raises(aiohttp.ClientError):
+        await held
+    assert fp.hangups == []  # the server went, not the client
+
+
 async def test_wrong_key_is_rejected(fake_provider: MakeFakeProvider, http: aiohttp.ClientSession) -> None:
     fp = await fake_provider("alpha", keys=["k1"])
     fp.script(Behaviour.server_error())

@@ -8,13 +8,17 @@ the upstream did send (a malformed chunk inside a complete answer, a finished an
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 
+import aiohttp
+
 from keyroute.fakeprovider import Behaviour, FakeProvider
 from tests.builders import config, cred, entry, pool
 from tests.integration.conftest import chat
+from tests.polling import eventually
 
 
 def key(name: str) -> str:
@@ -306,3 +310,97 @@ async def test_an_agent_leaving_while_the_stream_starts_is_one_debug_line_and_se
     request = {"chain": "agents", "provider": "acme", "class": "OK"}
     assert registry.get_sample_value("keyroute_requests_total", request) == 1
     assert len(primary.received) == 1
+
+
+# --- the agent leaving a committed stream ------------------------------------------------------------
+
+
+async def read_events(resp: aiohttp.ClientResponse, n: int) -> bytes:
+    """Read until ``n`` whole events are in."""
+    body = b""
+    while len(events(body)) < n or not body.endswith(b"\n\n"):
+        chunk = await resp.content.readany()
+        assert chunk, body
+        body += chunk
+    return body
+
+
+def accounting(sidecar) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every counter, count and gauge of the sidecar's registry (not durations, not creation times)."""
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for metric in sidecar.metrics.registry.collect()
+        for s in metric.samples
+        if not s.name.endswith(("_created", "_sum", "_bucket"))
+    }
+
+
+async def leave_after_two_events(sidecar) -> float:
+    """An agent that reads two events of a stream and closes its connection; when it closed."""
+    async with aiohttp.ClientSession() as client:
+        resp = await client.post(sidecar.base_url + "/chat/completions", json=chat(stream=True))
+        assert resp.status == 200
+        assert len(events(await read_events(resp, 2))) == 2
+        left = time.monotonic()
+        resp.close()
+    return left
+
+
+async def test_an_agent_leaving_during_an_upstream_silence_closes_the_upstream_at_once(
+    fake_provider, start_sidecar, caplog
+):
+    """Two events reach the agent, which closes its connection while the upstream is silent (a model
+    reasoning mid-answer) under a 30 s idle bound: the sidecar closes the upstream request within
+    about a second, not when idle passes, and counts it as an agent that leaves while chunks flow
+    (a failed write tells the sidecar then): served, not StreamBroken, nothing at warning level,
+    no traceback, no key in the logs."""
+    caplog.set_level(logging.DEBUG, logger="keyroute")
+    caplog.set_level(logging.DEBUG, logger="aiohttp")
+    # For comparison: the agent leaves while chunks flow (every 50 ms), so a write finds it gone.
+    flowing, _, reference = await setup(fake_provider, start_sidecar, idle=30)
+    flowing.set(Behaviour.stream(60, interval=0.05))
+    await leave_after_two_events(reference)
+    await eventually(lambda: flowing.hangups)
+    primary, backup, sidecar = await setup(fake_provider, start_sidecar, idle=30)
+    primary.set(Behaviour.stream(5, stall_after=2))  # two events, then silence
+    left = await leave_after_two_events(sidecar)
+    [hangup] = await eventually(lambda: primary.hangups, timeout=3.0)
+    assert hangup.time - left < 1.5  # AGENT_CHECK (0.5 s) and scheduling, not idle (30 s)
+    await asyncio.sleep(0.1)  # whatever would be logged after the handler returned
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert not [r for r in caplog.records if r.exc_info]
+    for record in caplog.records:
+        text = record.getMessage() + repr(getattr(record, "kr", ""))
+        assert "sk-test-" not in text, record
+    labels = {"chain": "agents", "provider": "acme", "credential": "p1"}
+    registry = sidecar.metrics.registry
+    assert registry.get_sample_value("keyroute_upstream_attempts_total", {**labels, "class": "OK"}) == 1
+    assert (
+        registry.get_sample_value("keyroute_upstream_attempts_total", {**labels, "class": "StreamBroken"})
+        is None
+    )
+    request = {"chain": "agents", "provider": "acme", "class": "OK"}
+    assert registry.get_sample_value("keyroute_requests_total", request) == 1
+    assert sidecar.seen == [] and len(primary.received) == 1 and backup.received == []
+    # The same accounting, series by series, as the agent that left while chunks flowed.
+    assert accounting(sidecar) == accounting(reference)
+
+
+async def test_an_agent_that_stays_through_silences_longer_than_the_check_gets_the_whole_stream(
+    fake_provider, start_sidecar, agent
+):
+    """The check for a departed agent ends only streams whose agent is gone: silences of twice its
+    period (1.1 s between events) with the agent connected reach the end as sent."""
+    primary, _, sidecar = await setup(fake_provider, start_sidecar, idle=30)
+    primary.set(Behaviour.stream(2, interval=1.1))
+    status, _, body = await stream(agent, sidecar)
+    assert status == 200 and body.endswith(b"data: [DONE]\n\n")
+    assert len(events(body)) == 3 and b"keyroute_stream_error" not in body
+    assert primary.hangups == []
+    labels = {"chain": "agents", "provider": "acme", "credential": "p1"}
+    registry = sidecar.metrics.registry
+    assert registry.get_sample_value("keyroute_upstream_attempts_total", {**labels, "class": "OK"}) == 1
+    assert (
+        registry.get_sample_value("keyroute_upstream_attempts_total", {**labels, "class": "StreamBroken"})
+        is None
+    )

@@ -47,8 +47,15 @@ MAX_FIRST_EVENT = 64 * 1024
 #: The largest request body the sidecar takes (the proxy app's ``client_max_size``): above what
 #: providers accept (Anthropic 32 MB, OpenAI ~50 MB with images), so only a runaway body meets it.
 MAX_REQUEST_BODY = 64 * 1024 * 1024
+#: How often the agents of committed streams are looked at for having left (:meth:`_Deadlines.watch_agent`):
+#: an agent that closes its connection while the upstream is silent is noticed within this, not at the
+#: next chunk (which may be ``idle`` seconds away, with the provider generating and billing meanwhile).
+AGENT_CHECK = 0.5
 _perf = time.perf_counter
 _clock = time.time
+#: Why an :class:`_IdleTimer` expired (its ``expired``; ``""`` while it has not).
+_DUE = "due"
+_AGENT_GONE = "agent gone"
 
 
 class _Retry(Exception):
@@ -360,6 +367,9 @@ class Proxy:
         deadlines = self._deadlines()
         loop = deadlines.loop
         timer = _IdleTimer(deadlines, attempt.idle, route.deadline - _clock())
+        # Once per stream, not per chunk: the shared timer looks at the agent's connection every
+        # AGENT_CHECK seconds and ends the stream (as below) if it is gone.
+        deadlines.watch_agent(timer, request)
         try:
             try:
                 while True:
@@ -370,13 +380,20 @@ class Proxy:
                     watch.feed(chunk)
                     await out.write(chunk)
             except asyncio.CancelledError:
-                timer.cancelled()  # raises TimeoutError if the stall cancelled the task, else re-raises
+                # Raises TimeoutError if the stall or the agent's leaving cancelled the task, else re-raises.
+                timer.cancelled()
                 if self._draining():
                     await self._cut(out, attempt)
                 raise
             finally:
                 timer.close()
+                deadlines.unwatch_agent(timer)
         except TimeoutError:
+            if timer.expired == _AGENT_GONE:
+                # The agent left while the upstream was silent: what a failed write to it does below,
+                # only sooner. Returning releases the upstream response unread, which closes its
+                # connection: the provider stops generating for nobody.
+                return out
             why = "request deadline reached" if loop.time() >= timer.deadline else f"no data for {attempt.idle:g}s"
             reason = f"upstream stream stalled: {why}"
             ending = error_event(ErrorClass.TIMEOUT, reason, attempt.entry.name)
@@ -441,13 +458,19 @@ class _Deadlines:
     set; the one handle is due at the earliest due time it has seen and, when it fires, expires what is
     due and re-arms for the earliest of the rest. With the same bounds on every request, a later request's
     due time is later, so the handle is replaced only when a due time moves earlier than it.
+
+    The same handle also looks, every :data:`AGENT_CHECK` seconds while a committed stream is open, at
+    whether that stream's agent is still connected (:meth:`watch_agent`): aiohttp (3.14) tells a handler
+    that its client left only when it next reads or writes, and a stream whose upstream is silent
+    does neither.
     """
 
-    __slots__ = ("_armed", "_handle", "_timers", "loop")
+    __slots__ = ("_agents", "_armed", "_handle", "_timers", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self._timers: set[_IdleTimer] = set()
+        self._agents: dict[_IdleTimer, web.BaseRequest] = {}
         self._handle: asyncio.TimerHandle | None = None
         self._armed = math.inf  # when the handle fires
 
@@ -455,6 +478,24 @@ class _Deadlines:
         """Watch ``timer``, due at ``when`` for now."""
         self._timers.add(timer)
         self.due(when)
+
+    def watch_agent(self, timer: _IdleTimer, request: web.BaseRequest) -> None:
+        """Expire ``timer`` (``expired`` is ``_AGENT_GONE``) once ``request``'s agent has closed its
+        connection, looked at every :data:`AGENT_CHECK` seconds until :meth:`unwatch_agent`.
+
+        Once per stream, nothing per chunk. The check is public aiohttp API, the one the relay already
+        makes after a failed write: ``request.transport`` is None once aiohttp's protocol has seen the
+        connection lost (``RequestHandler.connection_lost`` → ``force_close``), and closing once aiohttp
+        closes it on the agent's EOF. aiohttp has no public callback for it: its private signal
+        (``BaseRequest._cancel`` setting an exception on the request's body reader) reaches no waiter
+        once the body has been read, and ``handler_cancellation`` would cancel every handler in every
+        phase, which the attempt accounting and the shutdown grace do not allow.
+        """
+        self._agents[timer] = request
+        self.due(timer.last + AGENT_CHECK)
+
+    def unwatch_agent(self, timer: _IdleTimer) -> None:
+        self._agents.pop(timer, None)
 
     def discard(self, timer: _IdleTimer) -> None:
         # The handle stays armed when the set empties: it fires once for nothing, where a cancel and a
@@ -474,11 +515,22 @@ class _Deadlines:
         self._armed = math.inf
         now = self.loop.time()
         soonest = math.inf
+        agents = self._agents
+        if agents:
+            for timer, request in list(agents.items()):
+                transport = request.transport
+                if transport is None or transport.is_closing():
+                    del agents[timer]
+                    if not timer.expired:  # else it stalled first: its own ending is under way
+                        self._timers.discard(timer)
+                        timer.expire(_AGENT_GONE)
+            if agents:
+                soonest = now + AGENT_CHECK
         for timer in list(self._timers):
             when = timer.due()
             if when <= now:
                 self._timers.discard(timer)
-                timer.expire()
+                timer.expire(_DUE)
             elif when < soonest:
                 soonest = when
         if soonest < math.inf:
@@ -486,7 +538,8 @@ class _Deadlines:
 
 
 class _IdleTimer:
-    """One attempt's bound: ``idle`` seconds without progress, or the request deadline, whichever comes first.
+    """One attempt's bound: ``idle`` seconds without progress, or the request deadline, whichever comes first
+    (or, for a committed stream, the agent's leaving: :meth:`_Deadlines.watch_agent`).
 
     A stream moves many small chunks; rescheduling an event-loop timer for each (what ``asyncio.timeout``'s
     ``reschedule`` does: a cancel and a new handle) cost more than relaying the chunk. Here a chunk only
@@ -509,7 +562,7 @@ class _IdleTimer:
         self.idle = idle
         self.last = now = deadlines.loop.time()
         self.deadline = deadline = now + left
-        self.expired = False
+        self.expired = ""  # why it expired, once it has: _DUE or _AGENT_GONE
         self._seen = False
         # due(), written out here and in restart(): these run for every attempt, and a method call
         # costs more than the two lines.
@@ -528,14 +581,15 @@ class _IdleTimer:
         when = now + idle  # due(), written out: see __init__
         self._deadlines.due(when if when < self.deadline else self.deadline)
 
-    def expire(self) -> None:
-        """Called by :class:`_Deadlines` once the due time has passed."""
-        self.expired = True
+    def expire(self, why: str) -> None:
+        """Called by :class:`_Deadlines` once the due time has passed (``_DUE``) or the agent of a
+        watched stream has gone (``_AGENT_GONE``)."""
+        self.expired = why
         self._task.cancel()
 
     def cancelled(self) -> None:
-        """Called on ``CancelledError``: raise ``TimeoutError`` if the stall was the cause (and nobody
-        else cancelled the task too); return (the caller re-raises) otherwise."""
+        """Called on ``CancelledError``: raise ``TimeoutError`` if this timer was the cause (a stall, or
+        the agent gone; and nobody else cancelled the task too); return (the caller re-raises) otherwise."""
         if self.expired and not self._seen:
             self._seen = True
             if self._task.uncancel() <= self._cancelling:
