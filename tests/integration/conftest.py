@@ -55,3 +55,12 @@ async def agent() -> AsyncIterator[aiohttp.ClientSession]:
 
 def chat(model: str = "gpt-4o", stream: bool = False, **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream, **extra}
+
+
+def assert_served_not_broken(sidecar: Sidecar, credential: str = "p1") -> None:
+    """The one attempt of chain ``agents`` on ``acme`` (``credential``) counted as served (``OK``),
+    not as a broken stream: what an agent that leaves a stream leaves behind."""
+    labels = {"chain": "agents", "provider": "acme", "credential": credential}
+    registry = sidecar.metrics.registry
+    assert registry.get_sample_value("keyroute_upstream_attempts_total", {**labels, "class": "OK"}) == 1
+    assert registry.get_sample_value("keyroute_upstream_attempts_total", {**labels, "class": "StreamBroken"}) is None

@@ -25,7 +25,7 @@ from keyroute.core.config import SidecarConfig
 from keyroute.fakeprovider import Behaviour, FakeProvider
 from keyroute.sidecar.sources import RenderedConfigFile
 from tests.builders import config, cred, entry, pool
-from tests.integration.conftest import chat
+from tests.integration.conftest import assert_served_not_broken, chat
 from tests.polling import eventually
 
 
@@ -467,13 +467,7 @@ async def test_an_agent_leaving_mid_stream_is_quiet_and_lets_go_of_the_upstream(
     await asyncio.sleep(0.1)  # whatever would be logged after the handler returned
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert not [r for r in caplog.records if r.exc_info]
-    labels = {"chain": "agents", "provider": "acme", "credential": "p1"}
-    registry = sidecar.metrics.registry
-    assert registry.get_sample_value("keyroute_upstream_attempts_total", {**labels, "class": "OK"}) == 1
-    assert (
-        registry.get_sample_value("keyroute_upstream_attempts_total", {**labels, "class": "StreamBroken"})
-        is None
-    )
+    assert_served_not_broken(sidecar)
 
 
 # --- Config and reloads ---------------------------------------------------------------------------
