@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from keyroute.controller.events import EventLane
+from keyroute.controller.events import CAPACITY, EventLane
 
 
 class Sink:
@@ -161,3 +161,23 @@ async def test_cancel_while_held_drops_the_events_quietly() -> None:
     await ticks()
     assert sink.started == []
     assert len(lane) == 0
+
+
+async def test_the_default_lane_holds_a_first_sync_of_thousands_of_objects() -> None:
+    """events.CAPACITY: at an operator's first start on 2,000 pools and 600 chains (bench/startup_bench.py's
+    larger size) some 3,200 Events are posted while the burst holds them; every one is kept and sent
+    once the burst ends. Past the capacity, new ones are dropped (client-go's DropIfChannelFull)."""
+    sink = Sink()
+    idle = asyncio.Event()  # the start-up burst is under way: everything is held
+    dropped: list[int] = []
+    lane = EventLane(sink, idle=idle, max_hold=3600, on_drop=lambda: dropped.append(1))
+    for i in range(CAPACITY):
+        lane.post("ns", ev(f"e{i}"), "Ready")
+    await ticks()
+    assert (len(lane), dropped, sink.started) == (CAPACITY, [], [])
+    lane.post("ns", ev("one-too-many"), "Ready")
+    assert len(dropped) == 1
+    idle.set()
+    await lane.drain()
+    assert sink.started == [f"e{i}" for i in range(CAPACITY)] and len(sink.sent) == CAPACITY  # in order, all
+    assert CAPACITY >= 3200
