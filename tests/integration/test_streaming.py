@@ -298,7 +298,8 @@ async def test_an_agent_leaving_while_the_stream_starts_is_one_debug_line_and_se
     await writer.wait_closed()
     gone = "agent went away before the stream started"
     await eventually(lambda: any(r.getMessage() == gone for r in caplog.records))
-    await asyncio.sleep(0.05)  # whatever aiohttp would log after the handler returned
+    await eventually(lambda: sidecar.in_flight == 0)  # the handler returned: what it logs is logged
+    await asyncio.sleep(0.05)  # and what aiohttp logs as it finishes the response
     left = [r for r in caplog.records if r.getMessage() == gone]
     assert len(left) == 1 and left[0].levelno == logging.DEBUG and left[0].exc_info is None
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
@@ -364,9 +365,11 @@ async def test_an_agent_leaving_during_an_upstream_silence_closes_the_upstream_a
     primary, backup, sidecar = await setup(fake_provider, start_sidecar, idle=30)
     primary.set(Behaviour.stream(5, stall_after=2))  # two events, then silence
     left = await leave_after_two_events(sidecar)
+    assert sidecar.in_flight == 1  # the sidecar (same event loop) has not run since the agent left
     [hangup] = await eventually(lambda: primary.hangups, timeout=3.0)
     assert hangup.time - left < 1.5  # AGENT_CHECK (0.5 s) and scheduling, not idle (30 s)
-    await asyncio.sleep(0.1)  # whatever would be logged after the handler returned
+    await eventually(lambda: sidecar.in_flight == 0)  # the handler returned: what it logs is logged
+    await asyncio.sleep(0.05)  # and what aiohttp logs as it finishes the response
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert not [r for r in caplog.records if r.exc_info]
     for record in caplog.records:

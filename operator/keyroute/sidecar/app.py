@@ -303,6 +303,11 @@ class Sidecar:
         await self.stop()
 
     @property
+    def in_flight(self) -> int:
+        """Agent requests whose handler has not returned yet (a stream counts until it has ended)."""
+        return len(self._in_flight)
+
+    @property
     def base_url(self) -> str:
         """What an agent uses as ``OPENAI_BASE_URL``."""
         return f"http://{self.listen.host}:{self.port}/v1"
