@@ -251,11 +251,7 @@ async def test_a_client_closing_during_a_stall_is_recorded_as_a_hangup_when_it_g
         closed = time.monotonic()
         resp.close()
     await fp.wait_for_requests(1)
-    for _ in range(100):
-        if fp.hangups:
-            break
-        await asyncio.sleep(0.01)
-    [hangup] = fp.hangups
+    [hangup] = await eventually(lambda: fp.hangups, timeout=1, interval=0.01)
     assert hangup.request is fp.received[0] and hangup.request.model == "m1"
     assert closed <= hangup.time < closed + 0.5
 
