@@ -223,6 +223,21 @@ def webhook_configuration(
     return hook  # type: ignore[no-any-return]
 
 
+def delete_webhook_configuration(control_plane: ControlPlane, name: str) -> None:
+    """Delete the MutatingWebhookConfiguration ``name`` if it is there (a test's cleanup: never fails)."""
+    control_plane.kubectl("delete", "mutatingwebhookconfiguration", name, "--ignore-not-found", check=False)
+
+
+@contextlib.contextmanager
+def applied_webhook(control_plane: ControlPlane, hook: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """``hook`` (a MutatingWebhookConfiguration) applied while inside, deleted after; yields its webhook."""
+    control_plane.apply(hook)
+    try:
+        yield hook["webhooks"][0]
+    finally:
+        delete_webhook_configuration(control_plane, hook["metadata"]["name"])
+
+
 def wait_serving(port: int, ca: bytes, timeout: float = 30) -> None:
     """Until the webhook answers HTTPS on ``port`` with a certificate ``ca`` signed."""
     ctx = ssl.create_default_context(cadata=ca.decode())

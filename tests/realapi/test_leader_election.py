@@ -36,6 +36,7 @@ from tests.chart.test_chart import HelmRunner, _helm_path
 from tests.e2e.test_webhook import cert_dir as _cert_dir  # the fixture, by name
 from tests.polling import eventually
 from tests.realapi.bursts import assert_written_before_events, create_burst, written_then_events
+from tests.realapi.chart import delete_webhook_configuration
 from tests.realapi.client import Api
 from tests.realapi.controlplane import ControlPlane, free_port
 from tests.realapi.processes import KeyrouteProcess, Processes
@@ -206,7 +207,7 @@ async def test_sigkill_the_leader_the_standby_admits_pods_takes_over_within_20s_
         print(f"takeover after SIGKILL: {took:.1f}s")
         assert took <= 20
     finally:
-        control_plane.kubectl("delete", "mutatingwebhookconfiguration", hook_name, check=False)
+        delete_webhook_configuration(control_plane, hook_name)
 
     await b.process.wait_for("became the leader", timeout=5)
     await rotate(api, namespace, "REPLACE-ME-rotated-after-the-takeover")

@@ -26,6 +26,7 @@ from tests.realapi.chart import (
     ChartRbac,
     Helm,
     WebhookTls,
+    delete_webhook_configuration,
     forbidden_lines,
     run_operator,
     wait_serving,
@@ -100,13 +101,7 @@ def webhooks(
             yield Webhooks(native, container)
     finally:
         for hook in hooks:
-            control_plane.kubectl(
-                "delete",
-                "mutatingwebhookconfiguration",
-                hook["metadata"]["name"],
-                "--ignore-not-found",
-                check=False,
-            )
+            delete_webhook_configuration(control_plane, hook["metadata"]["name"])
         control_plane.kubectl("delete", "namespace", quiet, "--wait=false", check=False)
 
 

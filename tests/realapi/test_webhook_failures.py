@@ -29,7 +29,15 @@ from urllib.parse import urlparse
 import yaml
 
 from keyroute.core import inject as core
-from tests.realapi.chart import ChartRbac, Helm, WebhookTls, stop, wait_serving, webhook_configuration
+from tests.realapi.chart import (
+    ChartRbac,
+    Helm,
+    WebhookTls,
+    applied_webhook,
+    stop,
+    wait_serving,
+    webhook_configuration,
+)
 from tests.realapi.client import Api
 from tests.realapi.controlplane import ControlPlane, free_port
 from tests.realapi.processes import Processes
@@ -50,17 +58,8 @@ def chart_webhook(
     hook = webhook_configuration(
         objects, f"{rbac.release}-failures-{tag}", url, ca_bundle, {"matchLabels": {SELECT_LABEL: tag}}
     )
-    control_plane.apply(hook)
-    try:
-        yield hook["webhooks"][0]
-    finally:
-        control_plane.kubectl(
-            "delete",
-            "mutatingwebhookconfiguration",
-            hook["metadata"]["name"],
-            "--ignore-not-found",
-            check=False,
-        )
+    with applied_webhook(control_plane, hook) as webhook:
+        yield webhook
 
 
 def create_pod(control_plane: ControlPlane, namespace: str, name: str, chain: str | None) -> Any:
@@ -219,13 +218,8 @@ def chart_selector_webhook(
         hook = webhook_configuration(
             objects, f"{rbac.release}-selector-{secrets.token_hex(3)}", url, ca_bundle, selector
         )
-        control_plane.apply(hook)
-        try:
-            yield hook["webhooks"][0]
-        finally:
-            control_plane.kubectl(
-                "delete", "mutatingwebhookconfiguration", hook["metadata"]["name"], "--ignore-not-found", check=False
-            )  # fmt: skip
+        with applied_webhook(control_plane, hook) as webhook:
+            yield webhook
 
     return applied()
 
